@@ -1,0 +1,23 @@
+# `make demo`: set up .venv if needed, then run the main job on the embedded default (tiny models on CPU).
+# `make test`: set up .venv if needed, then run the test suite (what .ci/run calls).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.setup-done: pyproject.toml scripts/setup_cpu.sh
+	bash scripts/setup_cpu.sh
+
+setup: $(VENV)/.setup-done
+
+demo: setup
+	$(PY) -m openrlhf_infalign.cli plan --inference bon:4 --kl 0.5 --plot demo_plan.png
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info
