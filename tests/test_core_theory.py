@@ -1,0 +1,253 @@
+import dataclasses
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from openrlhf_infalign.core import theory as th
+from openrlhf_infalign.core.theory import InferenceProcedure
+from openrlhf_infalign.core.transforms import parse_transform
+
+# ---------------------------------------------------------------------------------------------------------------
+# an independent reference: uniform 200k-point grid, plain numpy trapezoid, no code shared with theory.py
+
+N_FINE = 200_001
+
+
+def _reference(spec: str, beta: float, inference: str) -> tuple[float, float]:
+    u = np.linspace(0.0, 1.0, N_FINE)
+    with np.errstate(divide="ignore"):
+        phi = parse_transform(spec).phi(u)
+    logit = phi / beta
+    logit -= logit.max()
+    e = np.exp(logit)
+    g = e / np.trapezoid(e, u)
+    pos = g > 0
+    kl = np.trapezoid(np.where(pos, g * np.log(np.where(pos, g, 1.0)), 0.0), u)
+    G = np.concatenate([[0.0], np.cumsum((g[1:] + g[:-1]) / 2 * np.diff(u))])
+    G = np.clip(G / G[-1], 0, 1)
+    kind, _, n = inference.partition(":")
+    if kind == "standard":
+        wr = np.trapezoid(u * g, u)
+    elif kind == "bon":
+        n = int(n)
+        wr = 1 - n * np.trapezoid(u ** (n - 1) * G**n, u)
+    else:
+        n = int(n)
+        wr = n * np.trapezoid((1 - u) ** (n - 1) * (1 - G) ** n, u)
+    return float(kl), float(wr)
+
+
+CASES = [
+    ("identity", 0.05),
+    ("identity", 1.0),
+    ("exp:t=10", 0.3),
+    ("exp:t=10", 0.05),
+    ("exp:t=30", 0.2),
+    ("negexp:t=10", 0.1),
+    ("negexp:t=20", 0.02),
+    ("log", 0.02),
+    ("power:k=3", 0.2),
+]
+
+
+@pytest.mark.parametrize("spec,beta", CASES)
+@pytest.mark.parametrize("inference", ["standard", "bon:4", "bon:16", "won:4"])
+def test_kl_and_win_rate_match_fine_grid_integration(spec, beta, inference):
+    kl_ref, wr_ref = _reference(spec, beta, inference)
+    assert th.kl_divergence(spec, beta) == pytest.approx(kl_ref, abs=1e-3)
+    assert th.win_rate(inference, spec, beta) == pytest.approx(wr_ref, abs=1e-3)
+
+
+def test_optimum_density_is_a_normalised_density():
+    u, g = th.optimum_density(parse_transform("exp:t=10"), 0.3)
+    assert u[0] == 0 and u[-1] == 1 and np.all(np.diff(u) > 0)
+    assert np.trapezoid(g, u) == pytest.approx(1.0, abs=1e-9)
+    assert np.all(np.diff(g) >= 0)  # a monotone transform tilts mass upward
+    u2, g2 = th.optimum_density("identity", 1.0, grid=np.linspace(0, 1, 11))
+    assert len(u2) == 11 and np.trapezoid(g2, u2) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("inference", ["standard", "bon:2", "bon:8", "won:2", "won:8"])
+@pytest.mark.parametrize("spec", ["identity", "exp:t=10", "negexp:t=10", "log"])
+def test_uniform_gives_one_half(inference, spec):
+    # beta -> inf: the optimum is pi_ref itself, calibrated reward uniform.
+    assert th.win_rate(inference, spec, math.inf) == pytest.approx(0.5, abs=1e-6)
+    assert th.win_rate(inference, spec, 1e7) == pytest.approx(0.5, abs=1e-6)
+    assert th.kl_divergence(spec, 1e7) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_log_transform_reproduces_best_of_n_policy(n):
+    # Phi = log u with (raw) beta = 1/(N-1): g = N u^{N-1}, the Best-of-N policy itself.
+    tr = parse_transform("log")
+    beta = tr.scale / (n - 1)  # normalised beta = raw beta * scale
+    assert th.kl_divergence(tr, beta) == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-6)
+    assert th.win_rate("standard", tr, beta) == pytest.approx(n / (n + 1), abs=1e-6)
+    # BoN_N policy against BoN_N of itself: G = u^N, so 1 - N int u^{N-1+N^2} = N/(N+1) as well.
+    assert th.win_rate(f"bon:{n}", tr, beta) == pytest.approx(n / (n + 1), abs=1e-6)
+    # and beta_for_kl inverts it
+    assert th.beta_for_kl(tr, math.log(n) - (n - 1) / n) == pytest.approx(beta, rel=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["identity", "exp:t=10", "exp:t=200", "negexp:t=10", "log", "power:k=2"])
+@pytest.mark.parametrize("kl", [0.01, 0.25, 1.0, 3.0])
+def test_beta_for_kl_inverts_kl(spec, kl):
+    beta = th.beta_for_kl(spec, kl)
+    assert beta > 0
+    assert th.kl_divergence(spec, beta) == pytest.approx(kl, rel=1e-7)
+
+
+def test_kl_is_monotone_in_beta_and_win_rate_grows_with_kl():
+    betas = np.geomspace(10, 0.01, 30)
+    kls = [th.kl_divergence("exp:t=10", b) for b in betas]
+    wins = [th.win_rate("bon:4", "exp:t=10", b) for b in betas]
+    assert np.all(np.diff(kls) > 0) and np.all(np.diff(wins) > 0)
+
+
+def test_unreachable_kl_says_how_far_it_goes():
+    coarse = th.Grid.uniform(11)  # a grid this coarse cannot hold a sharp optimum: max KL = log(1/w_last)
+    with pytest.raises(ValueError, match=r"tops out at KL 2\.99"):
+        th.beta_for_kl("identity", 5.0, grid=coarse)
+    for bad in (0, -1, math.nan, "x"):
+        with pytest.raises(ValueError, match="KL budget"):
+            th.beta_for_kl("identity", bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inference procedures
+
+
+def test_inference_procedure_parse_and_spec():
+    assert InferenceProcedure.parse("bon:4") == InferenceProcedure("bon", 4)
+    assert InferenceProcedure.parse(" WON:16 ").spec == "won:16"
+    assert InferenceProcedure.parse("standard") == InferenceProcedure("standard", 1)
+    assert InferenceProcedure.parse("standard").spec == "standard"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        InferenceProcedure.parse("bon:4").n = 3
+    for bad, frag in [("bon:0", ">= 1"), ("bon:x", "not an integer"), ("bon", "bon:N"), ("best:4", "bon:N")]:
+        with pytest.raises(ValueError, match=frag) as e:
+            InferenceProcedure.parse(bad)
+        assert "\n" not in str(e.value)
+
+
+def test_bon1_is_standard():
+    assert th.win_rate("bon:1", "exp:t=5", 0.2) == pytest.approx(th.win_rate("standard", "exp:t=5", 0.2), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the optimal transform
+
+
+@pytest.mark.parametrize("inference", ["bon:8", "bon:32", "won:8"])
+@pytest.mark.parametrize("beta", [10.0, 1.0, 0.3])
+def test_fixed_point_converges_with_damping_09(inference, beta):
+    tr, info = th.optimal_transform(inference, beta, damping=0.9)
+    assert info["converged"] and info["residual"] < 1e-8 and info["iterations"] < 400
+    # it is a fixed point: the RLHF optimum of the returned transform regenerates the same transform
+    u, g = th.optimum_density(tr, info["beta"])
+    grid = th._grid(None)
+    phi, _ = th._win_gradient_phi(grid, InferenceProcedure.parse(inference), *th._cdfs(grid, g))
+    np.testing.assert_allclose(phi, tr.phi(u), atol=1e-6)
+    assert th.win_rate(inference, tr, info["beta"]) == pytest.approx(info["win_rate"])
+
+
+def test_damping_05_oscillates_and_is_reported():
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        _, info = th.optimal_transform("bon:8", 0.3, damping=0.5, max_iter=300)
+    assert not info["converged"] and info["iterations"] == 300 and info["residual"] > 1e-3
+
+
+def test_standard_optimum_is_identity():
+    tr, info = th.optimal_transform("standard", 0.5)
+    u = np.linspace(0, 1, 501)
+    np.testing.assert_allclose(tr(u), u, atol=1e-9)
+    assert info["converged"] and info["beta"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("inference", ["bon:4", "won:4"])
+def test_optimal_for_kl_sits_at_kl_and_beats_every_fixed_transform(inference):
+    tr, info = th.optimal_transform_for_kl(inference, 0.5)
+    assert info["converged"] and info["kl"] == pytest.approx(0.5, rel=1e-6) and not info["saturated"]
+    for spec in ["identity", "log", "exp:t=5", "exp:t=12", "negexp:t=5", "negexp:t=10", "power:k=3"]:
+        assert info["win_rate"] >= th.win_rate(inference, spec, th.beta_for_kl(spec, 0.5)) - 1e-6
+
+
+def test_optimal_saturates_instead_of_failing():
+    # Worst-of-32 wins almost surely long before KL 2: the optimum spends less KL and says so.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, info = th.optimal_transform_for_kl("won:32", 2.0)
+    assert info["saturated"] and info["kl"] < 2.0 and info["win_rate"] > 0.9999
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plan and frontier
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+@pytest.mark.parametrize("kl", [0.25, 0.5, 1.0])
+def test_plan_exp_is_near_optimal_for_bon(n, kl):
+    p = th.plan(f"bon:{n}", kl)
+    rec = p["recommended"]
+    assert rec["transform"].startswith("exp:t=")
+    assert p["optimal"]["win_rate"] - rec["win_rate"] < 0.005
+    assert p["optimal"]["win_rate"] >= rec["win_rate"] - 1e-6
+    assert rec["win_rate"] > p["baselines"]["identity"]["win_rate"]
+    assert rec["win_rate"] > p["baselines"]["log"]["win_rate"]
+    # the recommended spec and beta really put the optimum at the budget with that win rate
+    assert th.kl_divergence(rec["transform"], rec["beta"]) == pytest.approx(kl, rel=1e-6)
+    assert th.win_rate(f"bon:{n}", rec["transform"], rec["beta"]) == pytest.approx(rec["win_rate"], abs=1e-12)
+
+
+def test_plan_t_grows_with_n_and_kl():
+    t = {(n, kl): th.plan(f"bon:{n}", kl, with_optimal=False)["recommended"]["t"] for n in (2, 8) for kl in (0.25, 1)}
+    assert t[(2, 0.25)] < t[(8, 0.25)] and t[(2, 0.25)] < t[(2, 1)] and t[(8, 0.25)] < t[(8, 1)]
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_plan_worst_of_n_recommends_negexp(n):
+    p = th.plan(f"won:{n}", 0.25)
+    rec = p["recommended"]
+    assert rec["transform"].startswith("negexp:t=")
+    assert rec["win_rate"] > p["baselines"]["identity"]["win_rate"] + 0.01
+    assert p["optimal"]["win_rate"] - rec["win_rate"] < 0.005
+    # a BoN-shaped exp transform is worse than identity for WoN
+    assert (
+        th.win_rate(f"won:{n}", "exp:t=10", th.beta_for_kl("exp:t=10", 0.25)) < p["baselines"]["identity"]["win_rate"]
+    )
+
+
+def test_plan_json_shape_and_args():
+    p = th.plan("bon:4", 0.5)
+    assert p["inference"] == "bon:4" and p["kl"] == 0.5
+    assert set(p["recommended"]) >= {"transform", "beta", "win_rate"}
+    assert set(p["baselines"]) == {"identity", "log"}
+    assert set(p["baselines"]["log"]) >= {"beta", "win_rate"}
+    args = p["openrlhf_args"]
+    assert args[args.index("--infalign.transform") + 1] == p["recommended"]["transform"]
+    assert float(args[args.index("--algo.kl.init_coef") + 1]) == pytest.approx(p["recommended"]["beta"], rel=1e-3)
+    assert args[args.index("--infalign.inference") + 1] == "bon:4"
+
+
+def test_plan_standard_recommends_identity_which_is_optimal():
+    p = th.plan("standard", 0.5)
+    assert p["recommended"]["transform"] == "identity"
+    assert p["optimal"]["win_rate"] == pytest.approx(p["recommended"]["win_rate"], abs=1e-6)
+
+
+def test_frontier_shape_and_monotone():
+    f = th.frontier("bon:4", "exp:t=10", [0.25, 0.5, 1])
+    assert f["inference"] == "bon:4" and f["transform"] == "exp:t=10"
+    assert [p["kl"] for p in f["points"]] == [0.25, 0.5, 1]
+    wins = [p["win_rate"] for p in f["points"]]
+    assert wins == sorted(wins) and wins[0] > 0.5
+    assert f["points"][1]["beta"] == pytest.approx(th.beta_for_kl("exp:t=10", 0.5))
+    opt = th.frontier("bon:4", "optimal", [0.25, 0.5])
+    auto = th.frontier("bon:4", "auto", [0.25, 0.5])
+    for o, a, e in zip(opt["points"], auto["points"], f["points"]):
+        assert o["win_rate"] >= a["win_rate"] - 1e-6 and a["win_rate"] >= e["win_rate"] - 1e-9
+    assert auto["points"][0]["transform"].startswith("exp:t=")
+    with pytest.raises(ValueError, match="KL budget"):
+        th.frontier("bon:4", "exp:t=10", [0.5, -1])
