@@ -203,9 +203,7 @@ def win_rates(policy_rewards: Sequence, reference_rewards: Sequence, ns: Sequenc
     for g, (mg, kg) in enumerate(shapes):
         idx = np.flatnonzero(group == g)
         n_fit = [n for n in all_ns if n <= min(mg, kg)]
-        b_g, w_g = per_prompt_win_rates(
-            np.stack([pol[i] for i in idx]), np.stack([ref[i] for i in idx]), n_fit
-        )
+        b_g, w_g = per_prompt_win_rates(np.stack([pol[i] for i in idx]), np.stack([ref[i] for i in idx]), n_fit)
         for n in n_fit:
             bon[n][idx] = b_g[n]
             won[n][idx] = w_g[n]

@@ -1,0 +1,332 @@
+"""Plots and Markdown for inference-time win rates: used by `infalign evaluate --plot` and `infalign report`.
+
+The training hook appends one JSON object per evaluation (and one at step 0, before any update) to
+``<save_path>/infalign_eval.jsonl``. Schema (one object per line; extra keys are allowed and ignored):
+
+    {
+      "step": 0,                          # int, global training step of the evaluation (0 = before any update)
+      "kl": 0.0,                          # float or null: KL(pi || pi_ref) per SEQUENCE (summed over tokens), mean
+                                          #   over the eval samples; null at step 0 is read as 0, null elsewhere
+                                          #   leaves the point off the KL plot
+      "inference": "bon:4",               # the run's inference procedure: standard | bon:N | won:N
+      "transform": "exp:t=10",            # the RESOLVED transform spec the run trains with (not "auto"), or null
+      "beta": 0.05,                       # float or null: KL coefficient (normalised-transform convention)
+      "num_prompts": 512,                 # int, eval prompts
+      "standard": {"win_rate": 0.5, "stderr": 0.01},
+      "bon": {"1": {"win_rate": ..., "stderr": ..., "num_prompts": ...}, "2": {...}, ...},
+      "won": {"1": {...}, ...}
+    }
+
+``standard``/``bon``/``won``/``num_prompts`` are exactly the output of
+`openrlhf_infalign.core.winrate.win_rates` (policy eval samples vs the reference store's rewards), so the hook
+can write ``{"step": ..., "kl": ..., "inference": ..., "transform": ..., "beta": ..., **win_rates(...)}``.
+Lines that repeat a step (a resumed run re-evaluating) replace the earlier record of that step.
+
+The theory curve on the KL plot is the calibrated-space frontier (core/theory.py) of the run's transform: the win
+rate the RLHF optimum reaches at each KL. KL in calibrated space is at most the sequence KL, so a run sits at or
+below the curve; the gap is what training left on the table. This module never imports openrlhf.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+EVAL_LOG = "infalign_eval.jsonl"
+
+__all__ = [
+    "EVAL_LOG",
+    "load_eval_log",
+    "run_metric",
+    "plot_winrate_vs_n",
+    "plot_winrate_vs_kl",
+    "summary_markdown",
+    "winrate_table",
+    "save_figure",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading the evaluation log
+
+
+def _check_stat(d, where: str, what: str) -> None:
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), (int, float)) for k in ("win_rate", "stderr")):
+        raise ValueError(f"{where}: {what} must be {{'win_rate': float, 'stderr': float}}, got {d!r}")
+
+
+def load_eval_log(path) -> list[dict]:
+    """Records of an infalign_eval.jsonl, validated, one per step (the last line for a step wins), by step."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: it is written by the training hook at each evaluation "
+            f"(train with --reward_wrapper infalign.ctrl and --eval.steps), or pass the run's save path"
+        )
+    by_step: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg}); a crashed run may leave a cut line: delete it")
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            step = rec.get("step")
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                raise ValueError(f"{where}: 'step' must be a non-negative integer, got {step!r}")
+            kl = rec.get("kl")
+            if kl is not None and (not isinstance(kl, (int, float)) or not math.isfinite(kl)):
+                raise ValueError(f"{where}: 'kl' must be a finite number or null, got {kl!r}")
+            if kl is None and step == 0:
+                rec["kl"] = 0.0  # before any update the policy is the reference
+            _check_stat(rec.get("standard"), where, "'standard'")
+            for key in ("bon", "won"):
+                table = rec.get(key)
+                if not isinstance(table, dict) or not table:
+                    raise ValueError(f"{where}: {key!r} must be a non-empty object keyed by N, got {table!r}")
+                for n, stat in table.items():
+                    if not str(n).isdigit() or int(n) < 1:
+                        raise ValueError(f"{where}: {key!r} has key {n!r}; keys are N as strings: '1', '2', ...")
+                    _check_stat(stat, where, f"{key}[{n!r}]")
+            by_step[step] = rec
+    if not by_step:
+        raise ValueError(f"{path} has no evaluation records")
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def run_metric(records: list[dict]) -> tuple[str, int, str | None]:
+    """(kind, N, transform) of the run from its latest record: kind is bon, won or standard."""
+    last = records[-1]
+    spec = str(last.get("inference") or "").strip().lower()
+    kind, _, n = spec.partition(":")
+    if kind in ("bon", "won") and n.isdigit() and int(n) >= 1:
+        return kind, int(n), last.get("transform")
+    if kind in ("standard", "std"):
+        return "standard", 1, last.get("transform")
+    # No (or an unknown) inference procedure recorded: show the largest N both tables have.
+    common = set(last["bon"]) & set(last["won"])
+    return "bon", max(int(x) for x in common) if common else 1, last.get("transform")
+
+
+def _stat(rec: dict, kind: str, n: int) -> dict | None:
+    if kind == "standard":
+        return rec["standard"]
+    return rec[kind].get(str(n))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path) -> Path:
+    """Write a PNG via a temporary file + os.replace: an interrupted write never leaves half a plot."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        _pyplot().close(fig)
+    return path
+
+
+def _ns(result: dict, key: str) -> list[int]:
+    return sorted(int(n) for n in result[key])
+
+
+def _theory_vs_n(transform: str | None, kl: float | None, ns: list[int]) -> dict[str, list[float]] | None:
+    """Theory win rates at this KL for every N (None when there is no transform / KL to predict from)."""
+    if not transform or kl is None or kl <= 0:
+        return None
+    from openrlhf_infalign.core import theory
+
+    try:
+        beta = theory.beta_for_kl(transform, kl)
+        return {key: [theory.win_rate(f"{key}:{n}", transform, beta) for n in ns] for key in ("bon", "won")}
+    except ValueError:
+        return None  # e.g. a transform spec theory cannot parse, or a KL beyond its reach: plot the data alone
+
+
+def plot_winrate_vs_n(
+    result: dict,
+    path,
+    title: str | None = None,
+    baseline: dict | None = None,
+    baseline_label: str = "step 0",
+    result_label: str | None = None,
+    transform: str | None = None,
+    kl: float | None = None,
+) -> Path:
+    """Best-of-N and Worst-of-N win rate vs N with +-1.96 stderr error bars (95%), log2 N axis.
+
+    result: the `win_rates` dict. baseline: an earlier result drawn faint for comparison. transform/kl: also draw
+    the calibrated-space theory prediction of the RLHF optimum at that KL (dotted).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    styles = {"bon": ("tab:blue", "o", "Best-of-N"), "won": ("tab:red", "s", "Worst-of-N")}
+    # Nudge the two series apart on the log2 axis so their error bars do not hide each other.
+    dodge = {"bon": 2**-0.03, "won": 2**0.03}
+    if baseline is not None:
+        for key, (color, marker, label) in styles.items():
+            ns = _ns(baseline, key)
+            ax.errorbar(
+                [n * dodge[key] for n in ns],
+                [baseline[key][str(n)]["win_rate"] for n in ns],
+                yerr=[1.96 * baseline[key][str(n)]["stderr"] for n in ns],
+                color=color,
+                marker=marker,
+                alpha=0.3,
+                linestyle="--",
+                capsize=2,
+                label=f"{label} ({baseline_label})",
+            )
+    for key, (color, marker, label) in styles.items():
+        ns = _ns(result, key)
+        ax.errorbar(
+            [n * dodge[key] for n in ns],
+            [result[key][str(n)]["win_rate"] for n in ns],
+            yerr=[1.96 * result[key][str(n)]["stderr"] for n in ns],
+            color=color,
+            marker=marker,
+            capsize=3,
+            label=f"{label} ({result_label})" if result_label else label,
+        )
+    ns_all = sorted(set(_ns(result, "bon")) | set(_ns(result, "won")))
+    theory = _theory_vs_n(transform, kl, ns_all)
+    if theory is not None:
+        for key, (color, _, label) in styles.items():
+            ax.plot(ns_all, theory[key], color=color, linestyle=":", label=f"{label}, theory at KL {kl:.3g}")
+    ax.axhline(0.5, color="gray", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns_all, [str(n) for n in ns_all])
+    ax.set_xlabel("N (samples per side)")
+    ax.set_ylabel("win rate vs reference policy")
+    ax.set_title(title or f"Win rate vs N ({result.get('num_prompts', '?')} prompts; bars: 95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never hides a point
+    return save_figure(fig, path)
+
+
+def plot_winrate_vs_kl(records: list[dict], path, kind: str, n: int, transform: str | None) -> Path:
+    """The run's inference-time win rate vs training KL across evaluations, over the calibrated-space frontier of
+    its transform (and of the optimal transform, the ceiling for this inference procedure)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    label = {"bon": f"BoN_{n}", "won": f"WoN_{n}", "standard": "standard"}[kind]
+    inference = "standard" if kind == "standard" else f"{kind}:{n}"
+    pts = [(r["step"], r["kl"], _stat(r, kind, n)) for r in records if r.get("kl") is not None]
+    pts = [(s, k, st) for s, k, st in pts if st is not None]
+    kls = np.array([k for _, k, _ in pts], dtype=float)
+    kl_top = max(float(kls.max()) if kls.size else 0.0, 1e-3) * 1.3
+    notes = []
+    if transform:
+        from openrlhf_infalign.core import theory
+
+        curves = [(transform, "tab:green", "-")]
+        if str(transform).strip().lower() != "optimal":
+            curves.append(("optimal", "black", "--"))
+        for spec, color, ls in curves:
+            try:
+                if spec == "optimal":
+                    ck, cw = theory.frontier_curve(inference, "optimal")
+                else:
+                    # Sweep beta from ~0 KL to just past the largest observed KL.
+                    b_end = theory.beta_for_kl(spec, kl_top * 1.05)
+                    ck, cw = theory.frontier_curve(inference, spec, betas=np.geomspace(b_end * 1e3, b_end, 80))
+            except ValueError as e:
+                notes.append(f"no theory curve for {spec}: {e}")
+                continue
+            keep = ck <= kl_top * 1.5  # a little past the axis so the line reaches the edge; far points off autoscale
+            ck, cw = np.concatenate([[0.0], ck[keep]]), np.concatenate([[0.5], cw[keep]])
+            order = np.argsort(ck)
+            name = "optimal transform (ceiling)" if spec == "optimal" else f"theory: {spec}"
+            ax.plot(ck[order], cw[order], color=color, linestyle=ls, linewidth=1.2, label=name)
+    if pts:
+        ax.errorbar(
+            kls,
+            [st["win_rate"] for _, _, st in pts],
+            yerr=[1.96 * st["stderr"] for _, _, st in pts],
+            color="tab:blue",
+            marker="o",
+            capsize=3,
+            linestyle="-",
+            linewidth=0.8,
+            label=f"run: {label} win rate",
+        )
+        for step, k, st in pts:
+            ax.annotate(str(step), (k, st["win_rate"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.axhline(0.5, color="gray", linewidth=0.8, linestyle="--")
+    ax.set_xlim(0, kl_top)
+    ax.set_xlabel("KL(policy || reference) [nats per sequence]")
+    ax.set_ylabel(f"{label} win rate vs reference policy")
+    ax.set_title(f"{label} win rate vs KL ({len(pts)} evaluations; labels: step)")
+    if notes:
+        ax.text(0.01, 0.01, "\n".join(notes)[:200], transform=ax.transAxes, fontsize=6, va="bottom")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tables
+
+
+def _fmt(stat: dict | None, digits: int = 4) -> str:
+    if stat is None:
+        return "-"
+    return f"{stat['win_rate']:.{digits}f} ± {stat['stderr']:.{digits}f}"
+
+
+def summary_markdown(records: list[dict], kind: str, n: int) -> str:
+    """Markdown table: step, KL, standard, BoN_N, WoN_N (win rate ± stderr) per evaluation."""
+    lines = [
+        f"| step | KL | prompts | standard | BoN_{n} | WoN_{n} |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        kl = "-" if r.get("kl") is None else f"{r['kl']:.4f}"
+        lines.append(
+            f"| {r['step']} | {kl} | {r.get('num_prompts', '-')} | {_fmt(r['standard'])} "
+            f"| {_fmt(r['bon'].get(str(n)))} | {_fmt(r['won'].get(str(n)))} |"
+        )
+    return "\n".join(lines)
+
+
+def winrate_table(result: dict) -> str:
+    """Plain-text table of one `win_rates` result, for terminals."""
+    std = result["standard"]
+    lines = [
+        f"prompts: {result['num_prompts']}",
+        f"standard win rate: {_fmt(std)}",
+        "",
+        f"{'N':>5}  {'Best-of-N win rate':>20}  {'Worst-of-N win rate':>20}  {'prompts':>8}",
+    ]
+    for n in sorted(set(_ns(result, "bon")) | set(_ns(result, "won"))):
+        b, w = result["bon"].get(str(n)), result["won"].get(str(n))
+        count = (b or w)["num_prompts"] if (b or w) and "num_prompts" in (b or w) else result["num_prompts"]
+        lines.append(f"{n:>5}  {_fmt(b):>20}  {_fmt(w):>20}  {count:>8}")
+    lines.append("(win rate ± prompt-level standard error; ties count 1/2; 0.5 = no better than the reference)")
+    return "\n".join(lines)
