@@ -398,11 +398,12 @@ def optimal_transform_for_kl(
 ) -> tuple[Transform, dict]:
     """The optimal transform whose RLHF optimum sits at KL(pi || pi_ref) = kl; info as in optimal_transform
     (info['beta_win_rate_units'] is the beta in optimal_transform's convention that gives the same optimum)."""
-    inf = InferenceProcedure.coerce(inference)
-    kl = _check_kl(kl)
-    gr = _grid(grid)
-    # Warm start from the identity optimum at this KL: already the answer for standard, close for small N.
-    g0 = _beta_for_kl_phi(gr, gr.u.copy(), kl, "identity")[1].g
+    return _optimal_for_kl(InferenceProcedure.coerce(inference), _check_kl(kl), _grid(grid), damping, tol, max_iter)
+
+
+def _optimal_for_kl(inf, kl, gr, damping=0.9, tol=1e-8, max_iter=3000, start=None):
+    # Warm start (default: the identity optimum at this KL, the answer for standard and close for small N).
+    g0 = start if start is not None else _beta_for_kl_phi(gr, gr.u.copy(), kl, "identity")[1].g
     phi, beta_n, beta_raw, info = _fixed_point(inf, gr, g0, None, kl, damping, tol, max_iter)
     tr, info = _optimal_result(inf, gr, phi, beta_n, beta_raw, info, kl_target=kl)
     # Past saturation the optimum uses less KL than the budget (info['kl'] says how much): more KL cannot help.
@@ -493,8 +494,10 @@ def plan(inference, kl: float, with_optimal: bool = True, grid=None) -> dict:
     for b in baselines.values():
         b.pop("transform")
     out = {"inference": inf.spec, "kl": kl, "recommended": rec}
+    notes: list[str] = []
     if with_optimal:
-        _, info = optimal_transform_for_kl(inf, kl, grid=gr)
+        start = _Density(gr, parse_transform(rec["transform"]).phi(gr.u), rec["beta"]).g  # near the optimum
+        _, info = _optimal_for_kl(inf, kl, gr, start=start)
         out["optimal"] = {
             "win_rate": info["win_rate"],
             "beta": info["beta"],
@@ -502,10 +505,22 @@ def plan(inference, kl: float, with_optimal: bool = True, grid=None) -> dict:
             "iterations": info["iterations"],
             "residual": info["residual"],
             "kl": info["kl"],
+            "saturated": info["saturated"],
         }
         out["gap_to_optimal"] = info["win_rate"] - rec["win_rate"]
+        if not info["converged"]:
+            notes.append(
+                f"the exact optimum did not converge (residual {info['residual']:.1e}); its win rate is approximate"
+            )
+        if info["saturated"]:
+            notes.append(
+                f"the win rate saturates: the exact optimum needs only KL {info['kl']:.3g}; a smaller budget suffices"
+            )
     out["baselines"] = baselines
     out["openrlhf_args"] = openrlhf_args(inf, rec["transform"], rec["beta"], kl)
+    if rec["win_rate"] > 1 - 1e-6:
+        notes.append("the recommended win rate is 1 to 6 digits: any t works here; a smaller KL budget suffices")
+    out["notes"] = notes
     return out
 
 
@@ -522,8 +537,10 @@ def frontier(inference, transform, kls, grid=None) -> dict:
     name = spec.partition(":")[0].lower()
     points = []
     if name == "optimal" and not isinstance(transform, Transform):
+        start = None
         for k in kls:
-            _, info = optimal_transform_for_kl(inf, k, grid=gr)
+            tr, info = _optimal_for_kl(inf, k, gr, start=start)
+            start = _Density(gr, tr.phi(gr.u), info["beta"]).g  # neighbouring KLs have neighbouring optima
             points.append(
                 {"kl": k, "beta": info["beta"], "win_rate": info["win_rate"], "converged": info["converged"]}
             )

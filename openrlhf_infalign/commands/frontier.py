@@ -1,0 +1,87 @@
+"""Win rate against KL for one transform: the beta that puts the RLHF optimum at each KL budget and its win rate.
+
+Calibrated-space theory, no model needed. --transform takes identity, exp:t=T, negexp:t=T, log, power:k=K, or
+optimal / auto (re-solved at every KL: the exact optimum / the plan's recommended transform).
+"""
+
+from __future__ import annotations
+
+from openrlhf_infalign.cli import UserError
+from openrlhf_infalign.commands.plan import dumps, procedure_words, pyplot, save_figure, win_rate_meaning
+from openrlhf_infalign.core import theory
+
+
+def _kl_list(text: str) -> list[float]:
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise UserError(f"--kl: {part!r} is not a number (give comma-separated KL budgets, e.g. 0.25,0.5,1)")
+    if not out:
+        raise UserError("--kl: give at least one KL budget, e.g. 0.25,0.5,1")
+    return out
+
+
+def add_arguments(p) -> None:
+    p.add_argument(
+        "--inference",
+        default="bon:4",
+        help="inference procedure: standard, bon:N (Best-of-N), won:N (Worst-of-N)",
+    )
+    p.add_argument(
+        "--transform",
+        default="auto",
+        help="identity | exp:t=T | negexp:t=T | log | power:k=K | optimal | auto (the plan's pick per KL)",
+    )
+    p.add_argument("--kl", default="0.1,0.25,0.5,1,2", help="comma-separated KL budgets in nats (each > 0)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", metavar="FILE.png", default=None, help="also plot win rate vs KL to this PNG")
+
+
+def format_table(f: dict) -> str:
+    inf = theory.InferenceProcedure.parse(f["inference"])
+    per_point = any("transform" in q for q in f["points"])
+    lines = [
+        f"InfAlign frontier: transform {f['transform']} under {procedure_words(inf)} ({f['inference']})",
+        f"win rate = {win_rate_meaning(inf)}, at the RLHF optimum for each KL",
+        "",
+        f"  {'KL':>8}  {'beta':>10}  {'win rate':>9}" + ("  transform" if per_point else ""),
+    ]
+    for q in f["points"]:
+        extra = f"  {q['transform']}" if per_point else ""
+        lines.append(f"  {q['kl']:>8g}  {q['beta']:>10.4g}  {q['win_rate']:>9.4f}{extra}")
+    return "\n".join(lines)
+
+
+def plot_frontier(f: dict, path: str) -> None:
+    inf = theory.InferenceProcedure.parse(f["inference"])
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs = [q["kl"] for q in f["points"]]
+    ys = [q["win_rate"] for q in f["points"]]
+    ax.plot(xs, ys, "o-", label=f["transform"])
+    for q in f["points"]:
+        ax.annotate(
+            f"beta={q['beta']:.3g}", (q["kl"], q["win_rate"]), fontsize=8, xytext=(4, -10), textcoords="offset points"
+        )
+    ax.set_xlabel("KL(pi || pi_ref)  [nats]")
+    ax.set_ylabel(f"{procedure_words(inf)} win rate vs reference")
+    ax.set_title(f"infalign frontier --inference {f['inference']} --transform {f['transform']}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    f = theory.frontier(args.inference, args.transform, _kl_list(args.kl))
+    if args.plot:
+        plot_frontier(f, args.plot)
+    print(dumps(f) if args.json else format_table(f))
+    if args.plot and not args.json:
+        print(f"plot: {args.plot}")
+    return 0

@@ -1,0 +1,142 @@
+"""Plan a CTRL run: the transform and KL coefficient beta that maximise the inference-time win rate at a KL budget.
+
+For the inference procedure (standard, bon:N = Best-of-N, won:N = Worst-of-N) and the KL budget, searches the
+exp:t (Best-of-N) or negexp:t (Worst-of-N) transform family in the calibrated-space theory, and prints the best t,
+its beta (= --algo.kl.init_coef for the normalised transform), its win rate, the exact optimum beside it, the
+identity / log baselines, and the OpenRLHF flags to train with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+from openrlhf_infalign.core import theory
+
+
+def add_arguments(p) -> None:
+    p.add_argument(
+        "--inference",
+        default="bon:4",
+        help="inference procedure the policy will be used with: standard, bon:N (Best-of-N), won:N (Worst-of-N)",
+    )
+    p.add_argument("--kl", type=float, default=0.5, help="KL budget KL(pi || pi_ref) in nats (> 0)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        default=None,
+        help="also write win rate vs KL curves (recommended exp/negexp, identity, log, optimal) to this PNG",
+    )
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, allow_nan=False)
+
+
+def procedure_words(inf: theory.InferenceProcedure) -> str:
+    if inf.kind == "bon":
+        return f"Best-of-{inf.n}"
+    if inf.kind == "won":
+        return f"Worst-of-{inf.n}"
+    return "standard sampling"
+
+
+def win_rate_meaning(inf: theory.InferenceProcedure) -> str:
+    if inf.kind == "bon":
+        return f"P(best of {inf.n} policy samples beats best of {inf.n} reference samples)"
+    if inf.kind == "won":
+        return f"P(worst of {inf.n} policy samples beats worst of {inf.n} reference samples)"
+    return "P(a policy sample beats a reference sample)"
+
+
+def format_table(p: dict) -> str:
+    inf = theory.InferenceProcedure.parse(p["inference"])
+    rec = p["recommended"]
+    rows = [(rec["transform"], rec["beta"], rec["win_rate"], "recommended")]
+    if "optimal" in p:
+        rows.append(("optimal", p["optimal"]["beta"], p["optimal"]["win_rate"], "exact optimum (tabulated)"))
+    for name, b in p["baselines"].items():
+        rows.append((name, b["beta"], b["win_rate"], "baseline"))
+    best = p["optimal"]["win_rate"] if "optimal" in p else rec["win_rate"]
+    w = max(len(r[0]) for r in rows) + 2
+    lines = [
+        f"InfAlign plan: {procedure_words(inf)} ({p['inference']}), KL budget {p['kl']:g} nats",
+        f"win rate = {win_rate_meaning(inf)}, at the RLHF optimum (calibrated-space theory)",
+        "",
+        f"  {'transform':<{w}}{'beta':>10}  {'win rate':>9}  {'vs optimal':>10}",
+    ]
+    for name, beta, wr, what in rows:
+        lines.append(f"  {name:<{w}}{beta:>10.4g}  {wr:>9.4f}  {wr - best:>+10.4f}  {what}")
+    lines += ["", "Train with (add to your OpenRLHF command):", "  " + " ".join(p["openrlhf_args"])]
+    for note in p.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a figure atomically: a reader never sees half a PNG where a good one was."""
+    path = os.path.abspath(path)
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_plan(p: dict, path: str) -> None:
+    import numpy as np
+
+    inf = theory.InferenceProcedure.parse(p["inference"])
+    kl, rec = p["kl"], p["recommended"]
+    kls = np.unique(np.concatenate([np.linspace(kl / 25, 2.5 * kl, 26), [kl]]))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = [(rec["transform"], rec["transform"] + " (recommended)", "-", 2.2)]
+    curves += [("identity", "identity", "--", 1.5), ("log", "log", ":", 1.8)]
+    for spec, label, style, lw in curves:
+        pts = theory.frontier(inf, spec, kls)["points"]
+        ax.plot([q["kl"] for q in pts], [q["win_rate"] for q in pts], style, lw=lw, label=label)
+    if "optimal" in p:
+        ks = np.linspace(kls[0], kls[-1], 9)  # each optimum is a fixed-point solve: fewer points
+        pts = theory.frontier(inf, "optimal", ks)["points"]
+        ax.plot([q["kl"] for q in pts], [q["win_rate"] for q in pts], "k-", lw=0.9, alpha=0.7, label="optimal")
+    ax.axvline(kl, color="grey", lw=0.8, ls="-.")
+    ax.plot(
+        [kl], [rec["win_rate"]], "r*", ms=14, label=f"plan: beta={rec['beta']:.3g}, win rate={rec['win_rate']:.3f}"
+    )
+    ax.set_xlabel("KL(pi || pi_ref)  [nats]")
+    ax.set_ylabel(f"{procedure_words(inf)} win rate vs reference")
+    ax.set_title(f"infalign plan --inference {p['inference']} --kl {kl:g}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    p = theory.plan(args.inference, args.kl)
+    if args.plot:
+        plot_plan(p, args.plot)
+    print(dumps(p) if args.json else format_table(p))
+    if args.plot and not args.json:
+        print(f"plot: {args.plot}")
+    for note in p["notes"] if args.json else []:
+        print(f"note: {note}", file=sys.stderr)
+    return 0

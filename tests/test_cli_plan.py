@@ -1,0 +1,102 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from openrlhf_infalign.cli import main
+from openrlhf_infalign.core import theory
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_json(capsys):
+    p = _json(capsys, ["plan", "--inference", "bon:4", "--kl", "0.5", "--json"])
+    assert p["inference"] == "bon:4" and p["kl"] == 0.5
+    rec = p["recommended"]
+    assert rec["transform"].startswith("exp:t=") and rec["beta"] > 0 and 0.5 < rec["win_rate"] < 1
+    assert p["optimal"]["win_rate"] >= rec["win_rate"] - 1e-6 and p["optimal"]["converged"] is True
+    assert rec["win_rate"] > p["baselines"]["identity"]["win_rate"] > 0.5
+    assert p["baselines"]["log"]["beta"] > 0
+    args = p["openrlhf_args"]
+    assert args[args.index("--infalign.transform") + 1] == rec["transform"]
+    assert float(args[args.index("--algo.kl.init_coef") + 1]) == pytest.approx(rec["beta"], rel=1e-3)
+    # the CLI prints what the library computes
+    assert p == json.loads(json.dumps(theory.plan("bon:4", 0.5)))
+
+
+def test_plan_table(capsys):
+    assert main(["plan", "--inference", "won:4", "--kl", "0.25"]) == 0
+    out = capsys.readouterr().out
+    p = theory.plan("won:4", 0.25)
+    assert "Worst-of-4" in out and p["recommended"]["transform"] in out
+    assert f"{p['recommended']['win_rate']:.4f}" in out
+    for name in ("optimal", "identity", "log"):
+        assert f"\n  {name} " in out
+    assert " ".join(p["openrlhf_args"]) in out
+
+
+def test_frontier_json_and_table(capsys):
+    f = _json(capsys, ["frontier", "--inference", "bon:4", "--transform", "exp:t=10", "--kl", "0.25,0.5,1", "--json"])
+    assert f["inference"] == "bon:4" and f["transform"] == "exp:t=10"
+    assert [q["kl"] for q in f["points"]] == [0.25, 0.5, 1.0]
+    for q in f["points"]:
+        assert theory.kl_divergence("exp:t=10", q["beta"]) == pytest.approx(q["kl"], rel=1e-6)
+        assert theory.win_rate("bon:4", "exp:t=10", q["beta"]) == pytest.approx(q["win_rate"])
+    assert main(["frontier", "--inference", "won:2", "--transform", "auto", "--kl", "0.1,0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "Worst-of-2" in out and out.count("negexp:t=") == 2
+
+
+def test_plots_are_written_atomically(tmp_path, capsys):
+    png = tmp_path / "sub" / "plan.png"
+    assert main(["plan", "--inference", "bon:2", "--kl", "0.3", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
+    fpng = tmp_path / "frontier.png"
+    assert main(["frontier", "--transform", "log", "--kl", "0.2,0.4", "--plot", str(fpng), "--json"]) == 0
+    assert fpng.read_bytes()[:8] == PNG_MAGIC
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["plan", "--inference", "bon:0"], "N must be >= 1"),
+        (["plan", "--inference", "bon:x"], "not an integer"),
+        (["plan", "--kl", "0"], "KL budget must be a positive"),
+        (["plan", "--kl", "-1"], "KL budget must be a positive"),
+        (["frontier", "--transform", "exp:t=-1", "--kl", "0.5"], "t must be a positive"),
+        (["frontier", "--transform", "sigmoid", "--kl", "0.5"], "unknown transform"),
+        (["frontier", "--kl", "0.5,abc"], "not a number"),
+        (["frontier", "--kl", "0.5,-2"], "KL budget must be a positive"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line(capsys, argv, fragment):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"infalign {argv[0]}: error:") and fragment in err and "\n" not in err
+
+
+def test_console_entry_point_subprocess():
+    r = subprocess.run(
+        [sys.executable, "-m", "openrlhf_infalign", "plan", "--inference", "bon:8", "--kl", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    assert p["inference"] == "bon:8" and p["recommended"]["transform"].startswith("exp:t=")
+    bad = subprocess.run(
+        [sys.executable, "-m", "openrlhf_infalign", "plan", "--inference", "bon:0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "bon:0" in bad.stderr
