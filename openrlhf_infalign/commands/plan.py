@@ -85,6 +85,9 @@ def save_figure(fig, path: str) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a plot should get the usual file mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -105,7 +108,7 @@ def plot_plan(p: dict, path: str) -> None:
 
     inf = theory.InferenceProcedure.parse(p["inference"])
     kl, rec = p["kl"], p["recommended"]
-    kls = np.unique(np.concatenate([np.linspace(kl / 25, 2.5 * kl, 26), [kl]]))
+    kls = np.unique(np.concatenate([np.geomspace(kl / 25, 2.5 * kl, 30), [kl]]))
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     curves = [(rec["transform"], rec["transform"] + " (recommended)", "-", 2.2)]
@@ -114,9 +117,9 @@ def plot_plan(p: dict, path: str) -> None:
         pts = theory.frontier(inf, spec, kls)["points"]
         ax.plot([q["kl"] for q in pts], [q["win_rate"] for q in pts], style, lw=lw, label=label)
     if "optimal" in p:
-        ks = np.linspace(kls[0], kls[-1], 9)  # each optimum is a fixed-point solve: fewer points
-        pts = theory.frontier(inf, "optimal", ks)["points"]
-        ax.plot([q["kl"] for q in pts], [q["win_rate"] for q in pts], "k-", lw=0.9, alpha=0.7, label="optimal")
+        # Each optimum is a fixed-point solve: fewer points, drawn as dots (a chord would dip under the curve).
+        pts = theory.frontier(inf, "optimal", np.geomspace(kls[0], kls[-1], 10))["points"]
+        ax.plot([q["kl"] for q in pts], [q["win_rate"] for q in pts], "ko", ms=4, label="optimal (exact)")
     ax.axvline(kl, color="grey", lw=0.8, ls="-.")
     ax.plot(
         [kl], [rec["win_rate"]], "r*", ms=14, label=f"plan: beta={rec['beta']:.3g}, win rate={rec['win_rate']:.3f}"

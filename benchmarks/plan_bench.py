@@ -1,0 +1,91 @@
+"""Benchmark: `infalign plan` for one case (t search + the exact optimum + baselines), in-process and as a process.
+
+Baselines in the same run: one frontier point (beta_for_kl + win rate for exp:t=10 at the same KL: the unit of work
+the t search repeats) and the bare start of a Python process that imports numpy (what any CLI pays). Prints a table
+and one JSON line: {"bench": "plan", "seconds": ..., "subprocess_seconds": ..., "baseline_seconds": ..., "ratio": ...}.
+The issue's target is < 2 s for one case on a 2-core machine, process start included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from openrlhf_infalign.core import theory
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def run_cli(argv: list[str]) -> None:
+    r = subprocess.run([sys.executable, "-m", "openrlhf_infalign", *argv], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"infalign {' '.join(argv)} failed: {r.stderr.strip()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument(
+        "--cases",
+        default="bon:4@0.5,bon:2@0.25,bon:8@1,bon:32@0.5,won:4@0.5,standard@0.5",
+        help="comma-separated inference@kl cases timed in-process; the first is also timed as a subprocess",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (the best is reported)")
+    args = parser.parse_args()
+    cases = [(c.split("@")[0], float(c.split("@")[1])) for c in args.cases.split(",")]
+
+    theory.plan(*cases[0])  # first call builds the grid; not what a user waits for twice, but counted below too
+    inf0, kl0 = cases[0]
+    point = best_of(lambda: theory.frontier(inf0, "exp:t=10", [kl0]), args.repeats * 3)
+    rows = []
+    for inf, kl in cases:
+        full = best_of(lambda: theory.plan(inf, kl), args.repeats)
+        fast = best_of(lambda: theory.plan(inf, kl, with_optimal=False), args.repeats)
+        p = theory.plan(inf, kl)
+        rows.append((inf, kl, full, fast, p))
+
+    argv = ["plan", "--inference", inf0, "--kl", str(kl0), "--json"]
+    sub = best_of(lambda: run_cli(argv), args.repeats)
+    start = best_of(
+        lambda: subprocess.run([sys.executable, "-c", "import numpy"], check=True, capture_output=True), args.repeats
+    )
+
+    print(f"one frontier point (exp:t=10, {inf0}, KL {kl0}): {point * 1e3:7.2f} ms   <- baseline")
+    print(f"{'case':>16}  {'plan (s)':>9}  {'no optimum':>10}  {'x point':>8}  {'recommended':>16}  {'gap':>7}  iters")
+    for inf, kl, full, fast, p in rows:
+        print(
+            f"{inf + '@' + format(kl, 'g'):>16}  {full:9.3f}  {fast:10.3f}  {full / point:8.0f}  "
+            f"{p['recommended']['transform']:>16}  {p['gap_to_optimal']:7.4f}  {p['optimal']['iterations']}"
+        )
+    print(f"`infalign plan --inference {inf0} --kl {kl0:g} --json` as a process: {sub:.3f} s")
+    print(f"bare `python -c 'import numpy'` process:                    {start:.3f} s")
+    full0 = rows[0][2]
+    print(
+        json.dumps(
+            {
+                "bench": "plan",
+                "case": f"{inf0}@{kl0:g}",
+                "seconds": round(full0, 4),
+                "subprocess_seconds": round(sub, 4),
+                "process_start_seconds": round(start, 4),
+                "baseline_seconds": round(point, 5),
+                "ratio": round(full0 / point, 1),
+                "all_cases_seconds": {f"{i}@{k:g}": round(f, 4) for i, k, f, _, _ in rows},
+                "target_seconds": 2.0,
+                "within_target": sub < 2.0 and max(r[2] for r in rows) < 2.0,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
