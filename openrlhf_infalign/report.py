@@ -230,7 +230,12 @@ def plot_winrate_vs_n(
     return save_figure(fig, path)
 
 
-def plot_winrate_vs_kl(records: list[dict], path, kind: str, n: int, transform: str | None) -> Path:
+_BASELINE_NAMES = {"optimal": "theory: optimal transform (ceiling)", "identity": "theory: identity (calibration only)"}
+
+
+def plot_winrate_vs_kl(
+    records: list[dict], path, kind: str, n: int, transform: str | None, with_optimal: bool = True
+) -> Path:
     """The run's inference-time win rate vs training KL across evaluations, over the calibrated-space frontier of
     its transform (and of the optimal transform, the ceiling for this inference procedure)."""
     plt = _pyplot()
@@ -246,12 +251,15 @@ def plot_winrate_vs_kl(records: list[dict], path, kind: str, n: int, transform: 
         from openrlhf_infalign.core import theory
 
         curves = [(transform, "tab:green", "-")]
-        if str(transform).strip().lower() != "optimal":
+        if str(transform).strip().lower() != "identity":  # the calibration-only baseline: what CTRL's transform adds
+            curves.append(("identity", "gray", ":"))
+        if with_optimal and str(transform).strip().lower() != "optimal":
             curves.append(("optimal", "black", "--"))
         for spec, color, ls in curves:
             try:
                 if spec == "optimal":
-                    ck, cw = theory.frontier_curve(inference, "optimal")
+                    # 24 betas from KL ~0.01 to ~3.5: smooth enough, and the fixed point is the slow part (~1 s).
+                    ck, cw = theory.frontier_curve(inference, "optimal", betas=np.geomspace(3.0, 0.003, 24))
                 else:
                     # Sweep beta from ~0 KL to just past the largest observed KL.
                     b_end = theory.beta_for_kl(spec, kl_top * 1.05)
@@ -262,7 +270,7 @@ def plot_winrate_vs_kl(records: list[dict], path, kind: str, n: int, transform: 
             keep = ck <= kl_top * 1.5  # a little past the axis so the line reaches the edge; far points off autoscale
             ck, cw = np.concatenate([[0.0], ck[keep]]), np.concatenate([[0.5], cw[keep]])
             order = np.argsort(ck)
-            name = "optimal transform (ceiling)" if spec == "optimal" else f"theory: {spec}"
+            name = f"theory: {spec} (this run)" if spec == transform else _BASELINE_NAMES[spec]
             ax.plot(ck[order], cw[order], color=color, linestyle=ls, linewidth=1.2, label=name)
     if pts:
         ax.errorbar(
