@@ -164,6 +164,8 @@ def test_default_ns_and_bad_input():
         win_rates([[1.0]], [[1.0]], [0])
     with pytest.raises(ValueError, match="prompts"):
         win_rates([[1.0]], [[1.0], [2.0]], [1])
+    with pytest.raises(ValueError, match="no prompts"):
+        win_rates_dense(np.zeros((0, 3)), np.zeros((0, 3)), [1])
 
 
 def test_single_prompt_stderr_is_zero_and_output_shape():

@@ -115,6 +115,8 @@ def per_prompt_win_rates(policy, reference, ns: Sequence[int]) -> tuple[dict[int
     b = _as_2d(reference, "reference rewards")
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"policy has {a.shape[0]} prompts but reference has {b.shape[0]}")
+    if a.shape[0] == 0:
+        raise ValueError("no prompts")
     p, m = a.shape
     k = b.shape[1]
     ns = _check_ns(ns)
