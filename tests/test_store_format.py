@@ -77,7 +77,9 @@ def test_round_trip_and_exact_midrank(tmp_path, quiet):
     assert t.column_names == ["prompt_key", "prompt", "rewards"]
     rtype = t.schema.field("rewards").type
     assert pa.types.is_list(rtype) and rtype.value_type == pa.float32()
-    for k, p, r in zip(t.column("prompt_key").to_pylist(), t.column("prompt").to_pylist(), t.column("rewards").to_pylist()):
+    for k, p, r in zip(
+        t.column("prompt_key").to_pylist(), t.column("prompt").to_pylist(), t.column("rewards").to_pylist()
+    ):
         assert k == prompt_key(p)
         assert r == sorted(r)
 
@@ -102,6 +104,12 @@ def test_ragged_csr_and_dense_inputs_agree(tmp_path, quiet):
     c = ReferenceStore.open(write_store(tmp_path / "c", keys, dense))
     for i, k in enumerate(keys):
         np.testing.assert_array_equal(c.rewards_for_key(k), np.sort(dense[i]))
+    # Uniform-K stores take a strided fast path in calibrate: still the exact mid-rank, ties included.
+    r = np.concatenate([dense[:, 2], dense[:, 0] - 1, dense[:, 4] + 1]).astype(np.float64)
+    idx = np.tile(np.arange(30), 3)
+    want = np.array([midrank(r[j], dense[i]) for j, i in enumerate(idx)])
+    np.testing.assert_array_equal(c.calibrate([keys[i] for i in idx], r), want)
+    assert c._uniform_k == 5 and a._uniform_k == 0
     # A 2-tuple is a sequence of 2 lists, not CSR: a clear hint when the count does not match.
     with pytest.raises(StoreError, match="Ragged"):
         write_store(tmp_path / "d", keys, (np.concatenate(refs), offsets))
@@ -286,3 +294,14 @@ def test_empty_store(tmp_path):
     assert s.num_prompts == 0
     assert s.rows_for_keys([prompt_key("a")], on_missing="raw").tolist() == [-1]
     assert s.calibrate([], []).shape == (0,)
+
+
+def test_keys_sharing_their_first_8_bytes(tmp_path, quiet):
+    # The lookup searches on the first 8 bytes, then checks all 20: neighbours with equal prefixes must resolve.
+    prefix = "ab" * 8
+    keys = [prefix + f"{i:024x}" for i in (5, 1, 9, 3)] + ["00" * 20, "ff" * 20]
+    s = ReferenceStore.open(write_store(tmp_path / "s", keys, [[float(i)] for i in range(6)]))
+    for i, k in enumerate(keys):
+        np.testing.assert_array_equal(s.rewards_for_key(k), [float(i)])
+    assert s.rows_for_keys([prefix + f"{2:024x}", prefix + f"{10:024x}"], on_missing="raw").tolist() == [-1, -1]
+    s.verify()

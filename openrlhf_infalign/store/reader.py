@@ -137,6 +137,13 @@ class ReferenceStore:
         self.offsets = offsets
         self.path = Path(path) if path is not None else None
         self.num_prompts = int(keys.shape[0])
+        # Every row has the same K (the usual case): rows are then fixed-stride slices of values.
+        k = manifest.get("k")
+        self._uniform_k = (
+            int(k)
+            if isinstance(k, int) and k > 0 and self.num_prompts and values.shape[0] == k * self.num_prompts
+            else 0
+        )
 
     # ---- opening -------------------------------------------------------------------------------------------
     @classmethod
@@ -269,12 +276,32 @@ class ReferenceStore:
         if rows.shape[0] != r.shape[0]:
             raise ValueError(f"{rows.shape[0]} prompt keys but {r.shape[0]} rewards")
         if on_missing == "error" or (rows >= 0).all():
-            return calibrated_reward(r, self.values, self.offsets, rows)
+            return self._calibrate_rows(r, rows)
         out = np.full(r.shape[0], np.nan)
         ok = rows >= 0
         if ok.any():
-            out[ok] = calibrated_reward(r[ok], self.values, self.offsets, rows[ok])
+            out[ok] = self._calibrate_rows(r[ok], rows[ok])
         return out
+
+    def _calibrate_rows(self, r: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        # calibrated_reward compares in float64 and converts the values it is given: hand it only this batch's rows
+        # (B*K values, gathered once) rather than the whole store, so cost and memory scale with the batch.
+        if r.shape[0] == 0:
+            return np.zeros(0, dtype=np.float64)
+        uniq, inv = np.unique(rows, return_inverse=True)
+        k = self._uniform_k
+        if k:
+            sub = self.values.reshape(-1, k)[uniq].astype(np.float64).reshape(-1)
+            sub_offsets = np.arange(uniq.size + 1, dtype=np.int64) * k
+        else:
+            lo = self.offsets[uniq]
+            lengths = self.offsets[uniq + 1] - lo
+            sub_offsets = np.zeros(uniq.size + 1, dtype=np.int64)
+            np.cumsum(lengths, out=sub_offsets[1:])
+            idx = np.repeat(lo - sub_offsets[:-1], lengths)
+            idx += np.arange(int(sub_offsets[-1]), dtype=np.int64)
+            sub = self.values[idx].astype(np.float64)
+        return calibrated_reward(r, sub, sub_offsets, inv.reshape(-1))
 
     def calibrate_prompts(self, prompts: Sequence[str], rewards, on_missing: str = "error") -> np.ndarray:
         from .format import prompt_digests

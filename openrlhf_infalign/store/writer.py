@@ -104,7 +104,11 @@ def _gather_rows(values: np.ndarray, offsets: np.ndarray, perm: np.ndarray, dtyp
     new_offsets = np.zeros(perm.shape[0] + 1, dtype=np.int64)
     np.cumsum(lengths, out=new_offsets[1:])
     out = np.empty(int(new_offsets[-1]), dtype=dtype)
-    if lengths.size and (lengths == lengths[0]).all() and np.array_equal(offsets, np.arange(offsets.size) * lengths[0]):
+    if (
+        lengths.size
+        and (lengths == lengths[0]).all()
+        and np.array_equal(offsets, np.arange(offsets.size) * lengths[0])
+    ):
         k = int(lengths[0])
         if k:
             out.reshape(-1, k)[:] = values.reshape(-1, k)[perm]
@@ -232,6 +236,7 @@ def write_store(
     overwrite: bool = False,
     row_name: Callable[[int], str] | None = None,
     k_min: int = 1,
+    verify_prompts: bool = True,
 ) -> Path:
     """Write a reference reward store atomically; returns its path.
 
@@ -245,7 +250,8 @@ def write_store(
     Duplicated prompt keys: identical reward sets (as multisets) are merged into one row; different sets raise
     StoreError naming both rows. NaN/inf rewards, an empty reward list, or fewer than `k_min` rewards raise
     StoreError naming the row (`row_name(i)` describes input row i in messages, default "row i").
-    K below 16 warns. Existing ``out_dir``: StoreError unless overwrite=True.
+    K below 16 warns. Existing ``out_dir``: StoreError unless overwrite=True. verify_prompts=False skips the
+    prompt -> key hash check (for callers that checked it already).
     """
     row_name = row_name or _default_row_name
     out_dir = Path(out_dir)
@@ -262,7 +268,7 @@ def write_store(
         prompts = list(prompts)
         if len(prompts) != n:
             raise StoreError(f"got {len(prompts)} prompts for {n} prompt keys")
-        if prompt_keys is not None:
+        if prompt_keys is not None and verify_prompts:
             _check_prompts_match(digests, prompts, row_name)
         if all(p is None for p in prompts):
             prompts = None

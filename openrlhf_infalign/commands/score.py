@@ -1,0 +1,192 @@
+"""Calibrate and transform sample rewards against a reference store: what the CTRL training wrapper computes.
+
+Input rows {"prompt": str | "prompt_key": sha1hex, "reward": float}; output, in input order,
+{"rows": [{"prompt_key", "reward", "calibrated", "transformed"}, ...]}. calibrated is the mid-rank of the reward
+among the prompt's K reference rewards (ties count 1/2), transformed is the transform applied to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="reference store directory (infalign calibrate / store import)")
+    p.add_argument("--jsonl", required=True, help='samples: rows {"prompt"|"prompt_key": ..., "reward": float}')
+    p.add_argument(
+        "--transform",
+        default="identity",
+        help="transform of the calibrated reward: identity, exp:t=T, negexp:t=T, log, power:k=K, "
+        "or auto/optimal (need --inference and --kl-budget)",
+    )
+    p.add_argument("--inference", default=None, help="inference procedure for auto/optimal: bon:N, won:N, standard")
+    p.add_argument("--kl-budget", type=float, default=None, help="KL budget (nats) for auto/optimal")
+    p.add_argument(
+        "--on-missing",
+        choices=("error", "raw"),
+        default="error",
+        help="a prompt without reference rewards: error, or raw (row gets calibrated/transformed null, missing true)",
+    )
+    p.add_argument("--json", action="store_true", help="print the JSON result to stdout instead of a table")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file (atomically)")
+    p.add_argument("--head", type=int, default=20, help="rows shown in the table (text mode)")
+
+
+def _bad(src: Path, lineno: int, msg: str) -> ValueError:
+    return ValueError(f"{src}:{lineno}: {msg}")
+
+
+def read_samples(src: Path):
+    """(digests (B,20) uint8, hex keys, rewards float64, line numbers, prompts or None per row)."""
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such file")
+    digests = bytearray()
+    rewards: list[float] = []
+    lines: list[int] = []
+    prompts: list[str | None] = []
+    with open(src, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise _bad(src, lineno, f"not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise _bad(src, lineno, f"expected a JSON object, got {type(row).__name__}")
+            prompt, key = row.get("prompt"), row.get("prompt_key")
+            if prompt is not None and not isinstance(prompt, str):
+                raise _bad(src, lineno, '"prompt" must be a string')
+            if key is not None:
+                try:
+                    d = bytes.fromhex(key) if isinstance(key, str) and len(key) == 40 else None
+                except ValueError:
+                    d = None
+                if d is None:
+                    raise _bad(src, lineno, f'"prompt_key" must be a 40-character sha1 hex string, got {key!r}')
+                if prompt is not None and hashlib.sha1(prompt.encode("utf-8")).digest() != d:
+                    raise _bad(src, lineno, f'"prompt_key" {key} is not sha1 of "prompt"')
+            elif prompt is not None:
+                d = hashlib.sha1(prompt.encode("utf-8")).digest()
+            else:
+                raise _bad(src, lineno, 'row needs "prompt" (exact prompt string) or "prompt_key" (its sha1 hex)')
+            r = row.get("reward")
+            if isinstance(r, bool) or not isinstance(r, (int, float)):
+                raise _bad(src, lineno, f'"reward" must be a number, got {r!r}')
+            if not np.isfinite(r):
+                raise _bad(src, lineno, f'"reward" is {r}: NaN/inf rewards have no calibrated rank')
+            digests += d
+            rewards.append(float(r))
+            lines.append(lineno)
+            prompts.append(prompt)
+    dig = np.frombuffer(bytes(digests), dtype=np.uint8).reshape(-1, 20)
+    return dig, np.asarray(rewards, dtype=np.float64), lines, prompts
+
+
+def _transform(args):
+    from openrlhf_infalign.core.transforms import resolve_transform
+
+    tr, _beta = resolve_transform(args.transform, args.inference, args.kl_budget)
+    return tr
+
+
+def score(args) -> dict:
+    import warnings
+
+    from openrlhf_infalign.store import ReferenceStore
+
+    tr = _transform(args)
+    src = Path(args.jsonl)
+    dig, rewards, lines, prompts = read_samples(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small K is reported in the result instead
+        store = ReferenceStore.open(args.store)
+    rows = store.rows_for_keys(dig, on_missing="raw")
+    missing = np.flatnonzero(rows < 0)
+    if missing.size and args.on_missing == "error":
+        shown = []
+        for i in missing[:3].tolist():
+            p = prompts[i]
+            txt = f"line {lines[i]} prompt_key {dig[i].tobytes().hex()}"
+            if p is not None:
+                txt += f" (prompt {p[:60] + '...' if len(p) > 60 else p!r})"
+            shown.append(txt)
+        raise ValueError(
+            f"{src}: {missing.size} row(s) have no reference rewards in {args.store}: {'; '.join(shown)}"
+            f"{' ...' if missing.size > 3 else ''}. Add these prompts with `infalign calibrate`, or pass "
+            "--on-missing raw"
+        )
+    cal = store.calibrate(dig, rewards, on_missing="raw")
+    ok = ~np.isnan(cal)
+    transformed = np.full_like(cal, np.nan)
+    if ok.any():
+        transformed[ok] = tr(cal[ok])
+    out_rows = []
+    for i in range(rewards.shape[0]):
+        row = {
+            "prompt_key": dig[i].tobytes().hex(),
+            "reward": float(rewards[i]),
+            "calibrated": float(cal[i]) if ok[i] else None,
+            "transformed": float(transformed[i]) if ok[i] else None,
+        }
+        if not ok[i]:
+            row["missing"] = True
+        out_rows.append(row)
+    ks = store.k_stats()
+    return {
+        "store": str(args.store),
+        "samples": str(src),
+        "transform": tr.spec,
+        "num_rows": len(out_rows),
+        "num_missing": int(missing.size),
+        "k": ks,
+        "mean_calibrated": float(cal[ok].mean()) if ok.any() else None,
+        "mean_transformed": float(transformed[ok].mean()) if ok.any() else None,
+        "rows": out_rows,
+    }
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def run(args) -> int:
+    res = score(args)
+    if args.out:
+        _write_json_atomic(Path(args.out), res)
+    if args.json:
+        json.dump(res, sys.stdout, allow_nan=False)
+        sys.stdout.write("\n")
+        return 0
+    print(
+        f"scored {res['num_rows']} samples of {res['samples']} against {res['store']} "
+        f"(K {res['k']['min']}..{res['k']['max']}), transform {res['transform']}"
+    )
+    if res["num_missing"]:
+        print(f"  {res['num_missing']} sample(s) without reference rewards (calibrated/transformed: null)")
+    print(f"  {'prompt_key':<14}{'reward':>12}{'calibrated':>12}{'transformed':>13}")
+    for r in res["rows"][: max(args.head, 0)]:
+        c = "-" if r["calibrated"] is None else f"{r['calibrated']:.4f}"
+        t = "-" if r["transformed"] is None else f"{r['transformed']:.4f}"
+        print(f"  {r['prompt_key'][:12]:<14}{r['reward']:>12.5g}{c:>12}{t:>13}")
+    if res["num_rows"] > args.head:
+        print(f"  ... {res['num_rows'] - args.head} more rows (use --json or --out for all)")
+    if res["mean_calibrated"] is not None:
+        print(f"  mean calibrated {res['mean_calibrated']:.4f}, mean transformed {res['mean_transformed']:.4f}")
+    return 0

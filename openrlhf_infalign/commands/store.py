@@ -1,0 +1,179 @@
+"""Reference reward stores: import from JSONL, show info, export to JSONL.
+
+`import` builds a store from rows {"prompt": str, "rewards": [float, ...]} or {"prompt_key": sha1 hex, "rewards":
+[...]}; `info` prints counts, K min/median/max and the manifest; `export` writes the rows back as JSONL (it
+round-trips with import). See `infalign store ACTION --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _kv(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        val = json.loads(v)  # numbers, true/false, null, quoted strings
+    except json.JSONDecodeError:
+        val = v
+    return k.strip(), val
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="store_command", metavar="ACTION")
+    sub.required = True
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("import", help="build a store from a JSONL file of reference rewards", formatter_class=fmt)
+    p.add_argument("--jsonl", required=True, help='input rows {"prompt"|"prompt_key": ..., "rewards": [float, ...]}')
+    p.add_argument("--out", required=True, help="store directory to create (written atomically)")
+    p.add_argument("--k-min", type=int, default=1, help="error on a prompt with fewer reference rewards than this")
+    p.add_argument("--policy-model", default=None, help="base (reference) policy the rewards were sampled from")
+    p.add_argument("--reward-source", default=None, help="reward model / URL / reward_func file that scored them")
+    p.add_argument(
+        "--template",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="prompt template setting recorded in the manifest (input_key, apply_chat_template, input_template, ...)"
+        "; training compares these against its own flags; repeatable",
+    )
+    p.add_argument(
+        "--sampling",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="sampling parameter recorded in the manifest (temperature, top_p, max_new_tokens, ...); repeatable",
+    )
+    p.add_argument(
+        "--manifest",
+        default=None,
+        help="JSON file of extra manifest fields (e.g. another store's manifest.json, to carry its settings over)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+    p = sub.add_parser("info", help="counts, K min/median/max and manifest of a store", formatter_class=fmt)
+    p.add_argument("store", help="store directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--verify", action="store_true", help="also check every row (reads the whole store)")
+
+    p = sub.add_parser("export", help="write a store back out as JSONL", formatter_class=fmt)
+    p.add_argument("store", help="store directory")
+    p.add_argument("--jsonl", required=True, help="output file (written via a temp file, then renamed)")
+    p.add_argument("--no-prompts", action="store_true", help="write prompt_key only, not the prompt text")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def run(args) -> int:
+    return {"import": _import, "info": _info, "export": _export}[args.store_command](args)
+
+
+def _import(args) -> int:
+    from openrlhf_infalign.store.jsonl import import_jsonl
+
+    man: dict = {}
+    if args.manifest:
+        with open(args.manifest) as f:
+            man = json.load(f)
+        if not isinstance(man, dict):
+            raise ValueError(f"{args.manifest}: expected a JSON object")
+    if args.policy_model is not None:
+        man["policy_model"] = args.policy_model
+    if args.reward_source is not None:
+        man["reward_source"] = args.reward_source
+    if args.template:
+        man["template"] = {**(man.get("template") or {}), **dict(args.template)}
+    if args.sampling:
+        man["sampling"] = {**(man.get("sampling") or {}), **dict(args.sampling)}
+    for k in ("format_version", "created"):  # this new store's, not the source's
+        man.pop(k, None)
+    man["source"] = {"imported_from": str(Path(args.jsonl).resolve())}
+    out = import_jsonl(
+        args.jsonl, args.out, manifest=man, k_min=args.k_min, overwrite=args.overwrite, progress=not args.no_progress
+    )
+    from openrlhf_infalign.store import read_manifest
+
+    m = read_manifest(out)
+    print(f"wrote {out}: {m['num_prompts']} prompts, {m['num_rewards']} rewards, K {_k_text(m['k_stats'])}")
+    return 0
+
+
+def _k_text(ks: dict) -> str:
+    return f"min {ks['min']} / median {ks['median']} / max {ks['max']}"
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _info(args) -> int:
+    import warnings
+
+    from openrlhf_infalign.store import ReferenceStore
+    from openrlhf_infalign.store.format import K_WARN
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported below as a field
+        s = ReferenceStore.open(args.store)
+    if args.verify:
+        s.verify()
+    ks = s.k_stats()
+    info = {
+        "store": str(Path(args.store)),
+        "num_prompts": s.num_prompts,
+        "num_rewards": int(s.values.shape[0]),
+        "k": ks,
+        "small_k": bool(s.num_prompts and ks["min"] < K_WARN),
+        "has_prompts": bool(s.manifest.get("has_prompts")),
+        "disk_bytes": _dir_size(Path(args.store)),
+        "verified": bool(args.verify),
+        "manifest": s.manifest,
+    }
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    m = s.manifest
+    print(f"reference store {info['store']} (format {m.get('format_version')}, created {m.get('created')})")
+    print(f"  prompts      {info['num_prompts']}")
+    print(f"  rewards      {info['num_rewards']}")
+    print(f"  K            {_k_text(ks)}, mean {ks['mean']:.2f}")
+    if info["small_k"]:
+        print(f"  warning      K below {K_WARN}: calibrated rewards move in coarse steps of 1/K")
+    print(f"  prompts text {'stored' if info['has_prompts'] else 'not stored (keys only)'}")
+    print(f"  disk         {_human(info['disk_bytes'])}")
+    print(f"  policy model {m.get('policy_model')}")
+    print(f"  reward       {m.get('reward_source')}")
+    print(f"  sampling     {json.dumps(m.get('sampling') or {})}")
+    print(f"  template     {json.dumps(m.get('template') or {})}")
+    if args.verify:
+        print("  verify       ok (every row checked)")
+    return 0
+
+
+def _export(args) -> int:
+    from openrlhf_infalign.store.jsonl import export_jsonl
+
+    out = Path(args.jsonl)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    n = export_jsonl(args.store, out, include_prompts=not args.no_prompts, progress=not args.no_progress)
+    print(f"wrote {out}: {n} prompts")
+    return 0
