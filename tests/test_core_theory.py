@@ -108,7 +108,7 @@ def test_kl_is_monotone_in_beta_and_win_rate_grows_with_kl():
 
 def test_unreachable_kl_says_how_far_it_goes():
     coarse = th.Grid.uniform(11)  # a grid this coarse cannot hold a sharp optimum: max KL = log(1/w_last)
-    with pytest.raises(ValueError, match=r"tops out at KL 2\.99"):
+    with pytest.raises(ValueError, match=r"reaches at most KL 2\.99"):
         th.beta_for_kl("identity", 5.0, grid=coarse)
     for bad in (0, -1, math.nan, "x"):
         with pytest.raises(ValueError, match="KL budget"):

@@ -262,8 +262,9 @@ def _beta_for_kl_phi(grid: Grid, phi: np.ndarray, kl: float, name: str, x0: floa
     kl_max = d_lo.kl()
     if kl >= kl_max:
         raise ValueError(
-            f"KL {kl:g} is out of reach for transform {name}: its RLHF optimum tops out at KL {kl_max:.4g} "
-            f"(beta -> 0, all mass on the top of the calibrated scale); use a smaller KL budget"
+            f"KL {kl:g} is out of reach for transform {name}: its RLHF optimum reaches at most KL {kl_max:.4g} "
+            f"(beta >= {BETA_MIN:g} on a {len(grid.u)}-point grid: all mass on the top of the calibrated scale); "
+            f"use a smaller KL budget"
         )
     if x0 is None:
         fin = phi[np.isfinite(phi)]
