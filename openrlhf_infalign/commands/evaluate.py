@@ -10,6 +10,7 @@ prompts, with a prompt-level standard error. A prompt counts for N only if both 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -26,19 +27,26 @@ _SHOW = 5  # missing prompts listed in an error
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--policy", required=True, metavar="P.jsonl", help="policy rewards, one JSON row per prompt")
+    parser.add_argument(
+        "--policy",
+        required=True,
+        default=argparse.SUPPRESS,
+        metavar="P.jsonl",
+        help="policy rewards, one JSON row per prompt",
+    )
     parser.add_argument(
         "--reference",
         required=True,
+        default=argparse.SUPPRESS,
         metavar="R.jsonl|STORE",
         help="reference (base policy) rewards: a JSONL file like --policy, or a reference store directory",
     )
     parser.add_argument(
         "--n",
-        default=None,
+        default="auto",
         metavar="N1,N2,...",
-        help="comma-separated N for Best-of-N / Worst-of-N (default: powers of two up to the largest N that every "
-        "prompt has samples for on both sides)",
+        help="comma-separated N for Best-of-N / Worst-of-N; auto = powers of two up to the largest N that every "
+        "prompt has samples for on both sides",
     )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
     parser.add_argument("--plot", default=None, metavar="OUT.png", help="also plot win rate vs N (PNG)")
@@ -193,7 +201,11 @@ def run(args) -> int:
     keys, policy, reference, info = load_pairs(args.policy, args.reference, args.skip_missing)
     m = np.array([len(x) for x in policy])
     k = np.array([len(x) for x in reference])
-    ns = _parse_ns(args.n) if args.n else default_ns(int(np.minimum(m, k).min()), int(np.minimum(m, k).min()))
+    ns = (
+        _parse_ns(args.n)
+        if args.n.strip().lower() != "auto"
+        else default_ns(int(np.minimum(m, k).min()), int(np.minimum(m, k).min()))
+    )
     result = win_rates(policy, reference, ns)
     partial = [n for n in ns if result["bon"][str(n)]["num_prompts"] < len(keys)]
     if partial:

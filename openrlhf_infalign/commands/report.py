@@ -1,15 +1,16 @@
 """Plot a training run's inference-time win rates from RUN_DIR/infalign_eval.jsonl (PNG plots + Markdown summary).
 
-Writes to --out (default RUN_DIR/infalign_report/):
-  winrate_vs_n.png   Best-of-N and Worst-of-N win rate vs N at the last evaluation (step 0 drawn faint beside it)
-  bon_vs_kl.png      the run's BoN_N (or WoN_N) win rate vs training KL across evaluations, over the
-                     calibrated-space theory frontier of the run's transform and of the optimal transform
-  summary.md         a table of step, KL, standard, BoN_N, WoN_N win rates (± standard error)
-The record schema the training hook writes is documented in openrlhf_infalign/report.py.
+Writes three files to --out. winrate_vs_n.png: Best-of-N and Worst-of-N win rate vs N at the last evaluation, with
+the first evaluation drawn faint beside it. bon_vs_kl.png: the run's BoN_N (or WoN_N) win rate vs training KL
+across evaluations, over the calibrated-space theory frontier of the run's transform, the identity (calibration
+only) baseline and the optimal-transform ceiling. summary.md: step, KL, standard, BoN_N and WoN_N win rates with
+standard errors (also printed). The record schema the training hook writes is documented in
+openrlhf_infalign/report.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -20,7 +21,7 @@ from openrlhf_infalign.cli import UserError
 
 def add_arguments(parser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the training run's save path (holds infalign_eval.jsonl)")
-    parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/infalign_report)")
+    parser.add_argument("--out", default=argparse.SUPPRESS, help="output directory (default: RUN_DIR/infalign_report)")
     parser.add_argument(
         "--no-optimal",
         action="store_true",
@@ -49,7 +50,7 @@ def run(args) -> int:
     # RUN_DIR is the run's save path; the log file itself is accepted too.
     log = run_dir if run_dir.is_file() else run_dir / report.EVAL_LOG
     records = report.load_eval_log(log)
-    out = Path(args.out) if args.out else log.parent / "infalign_report"
+    out = Path(args.out) if getattr(args, "out", None) else log.parent / "infalign_report"
     out.mkdir(parents=True, exist_ok=True)
     kind, n, transform = report.run_metric(records)
     label = {"bon": f"BoN_{n}", "won": f"WoN_{n}", "standard": "standard"}[kind]
