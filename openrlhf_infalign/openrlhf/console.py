@@ -1,0 +1,155 @@
+"""The ``openrlhf`` console: ``openrlhf train_ppo ...`` runs OpenRLHF's own ``openrlhf.cli.train_ppo_ray``.
+
+Upstream builds its parser inline under ``if __name__ == "__main__":``, validates the parsed arguments there and
+calls ``train(args)``. We run that very module as ``__main__`` (``runpy``), so its parser, its validation and its
+``train()`` are the real ones, and step in at two points only:
+
+* ``ArgumentParser.parse_args`` of that one parser (the call made from the module's ``__main__`` code): InfAlign's
+  flags are added first (:mod:`.flags`), so ``--help`` lists upstream's flags and ours and every upstream flag passes
+  through unchanged; then our argv is parsed.
+* ``train`` in the module's namespace, looked up when the ``__main__`` block calls it, is wrapped by
+  :func:`openrlhf_infalign.openrlhf.plugin.run_train` (the plugin's preparation around upstream's ``train``).
+
+``python -m openrlhf_infalign.train_ppo ...`` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import runpy
+import sys
+from typing import Callable, Optional, Sequence
+
+__all__ = ["main", "run_train_ppo", "UPSTREAM_MODULE"]
+
+UPSTREAM_MODULE = "openrlhf.cli.train_ppo_ray"
+PROG = "openrlhf train_ppo"
+
+COMMANDS = {"train_ppo": "OpenRLHF's Ray PPO trainer (openrlhf.cli.train_ppo_ray) with InfAlign's reward wrappers"}
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
+    """Dests the user actually gave (parse again with every default suppressed)."""
+    saved = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        ns, _ = parser.parse_known_args(list(argv))
+    except SystemExit:  # pragma: no cover - the real parse below reports the error
+        return set()
+    finally:
+        for a, d in saved:
+            a.default = d
+    return set(vars(ns))
+
+
+def _wants_help(argv: Sequence[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
+@contextlib.contextmanager
+def _intercept(argv: Sequence[str], prog: str, train: Optional[Callable]):
+    """Patch ArgumentParser.parse_args for the upstream module's own call (identified by its calling frame)."""
+    from openrlhf_infalign.openrlhf import plugin
+    from openrlhf_infalign.openrlhf.flags import add_infalign_arguments
+
+    real_parse_args = argparse.ArgumentParser.parse_args
+    done = []
+
+    def parse_args(self, args=None, namespace=None):
+        frame = sys._getframe(1)
+        g = frame.f_globals
+        if done or g.get("__name__") != "__main__" or g.get("__spec__") is None or g["__spec__"].name != UPSTREAM_MODULE:
+            return real_parse_args(self, args, namespace)
+        done.append(True)
+        self.prog = prog
+        add_infalign_arguments(self)
+        given = list(argv) if args is None else list(args)
+        plugin._explicit_dests = _explicit_dests(self, given)
+        ns = real_parse_args(self, given, namespace)
+        upstream_train = g["train"]
+        inner = train or upstream_train
+
+        def train_with_infalign(hargs):
+            return plugin.run_train(inner, hargs)
+
+        train_with_infalign.__wrapped__ = upstream_train
+        g["train"] = train_with_infalign  # the __main__ block calls train(args) by this global name
+        return ns
+
+    argparse.ArgumentParser.parse_args = parse_args
+    try:
+        yield done
+    finally:
+        argparse.ArgumentParser.parse_args = real_parse_args
+        plugin._explicit_dests = None
+
+
+def run_train_ppo(argv: Sequence[str], prog: str = PROG, train: Optional[Callable] = None) -> int:
+    """Run upstream's ``train_ppo_ray`` as ``__main__`` with InfAlign loaded. ``train`` replaces upstream's
+    ``train(args)`` at that exact boundary (tests); by default upstream's own runs."""
+    argv = list(argv)
+    if "--infalign.cpu" in argv:
+        # Before upstream is imported: the CPU module installs the flash_attn stand-in and the CUDA no-ops.
+        from openrlhf_infalign.openrlhf import cpu
+
+        cpu.apply()
+        argv = cpu.with_cpu_flags(argv)
+    elif _wants_help(argv):
+        # Help never trains: let it show on a machine without flash-attn (no-op where the real one is installed).
+        from openrlhf_infalign.openrlhf.standins import install_flash_attn
+
+        install_flash_attn()
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        print(
+            f"{prog}: error: OpenRLHF needs flash-attn (`pip install flash-attn==2.8.3 --no-build-isolation` on a "
+            "GPU machine); on a CPU-only machine pass --infalign.cpu",
+            file=sys.stderr,
+        )
+        return 2
+    with _intercept(argv, prog, train) as done:
+        try:
+            runpy.run_module(UPSTREAM_MODULE, run_name="__main__", alter_sys=False)
+        except SystemExit as e:  # argparse errors / --help
+            code = e.code
+            return code if isinstance(code, int) else (0 if code is None else 1)
+        except (ValueError, FileNotFoundError, LookupError) as e:
+            if not done:
+                raise
+            from openrlhf_infalign.store import StoreError
+
+            if isinstance(e, (StoreError, FileNotFoundError)) or _is_ours(e):
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                return 2
+            raise
+    return 0
+
+
+def _is_ours(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    mod = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return mod.startswith("openrlhf_infalign")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: openrlhf COMMAND [ARGS...]\n\ncommands:")
+        for name, help_ in COMMANDS.items():
+            print(f"  {name:<12} {help_}")
+        print("\n`openrlhf COMMAND --help` lists a command's flags (upstream's and InfAlign's).")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"openrlhf: error: unknown command {cmd!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return run_train_ppo(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
