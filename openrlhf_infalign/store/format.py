@@ -80,6 +80,16 @@ def digests_from_keys(keys) -> np.ndarray:
             bad = np.flatnonzero(np.fromiter((len(k) != DIGEST_BYTES for k in keys), bool, len(keys)))
             raise _bad_key_error(keys, bad, "prompt digest")
         return np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+    if isinstance(keys, (list, tuple)) and keys and isinstance(keys[0], str):
+        # Fast path for the common case (a list of hex str): one C-level hex decode of the joined string.
+        # bytes.fromhex skips whitespace, hence the length checks; anything odd goes to the checked path below.
+        try:
+            if set(map(len, keys)) == {HEX_CHARS}:
+                raw = bytes.fromhex("".join(keys))
+                if len(raw) == DIGEST_BYTES * len(keys):
+                    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+        except (TypeError, ValueError):
+            pass
     arr = np.asarray(keys)
     if arr.ndim == 0:
         raise StoreError(f"expected a sequence of prompt keys, got {type(keys).__name__}")

@@ -137,6 +137,7 @@ class ReferenceStore:
         self.offsets = offsets
         self.path = Path(path) if path is not None else None
         self.num_prompts = int(keys.shape[0])
+        self._keys32 = np.ascontiguousarray(keys).view(np.uint32)  # (P, 5) view of the same bytes for compares
         # Every row has the same K (the usual case): rows are then fixed-stride slices of values.
         k = manifest.get("k")
         self._uniform_k = (
@@ -223,10 +224,15 @@ class ReferenceStore:
             rows = np.full(b, -1, dtype=np.int64)
         else:
             qh = key_hi(q)
-            pos = np.searchsorted(self._hi, qh)
+            # Searching the queries in ascending order lets numpy's binary search reuse the previous bounds: ~3x
+            # faster than random order on a million keys (the sort of B keys is cheap next to it).
+            order = np.argsort(qh)
+            pos = np.empty(b, dtype=np.int64)
+            pos[order] = np.searchsorted(self._hi, qh[order])
             pos_c = np.minimum(pos, self.num_prompts - 1)
-            cand = self._keys[pos_c]
-            found = (self._hi[pos_c] == qh) & (cand == q).all(axis=1)
+            found = self._hi[pos_c] == qh
+            # Full 20-byte check, compared as 5 uint32 words per key.
+            found &= (self._keys32[pos_c] == np.ascontiguousarray(q).view(np.uint32)).all(axis=1)
             rows = np.where(found, pos_c, -1).astype(np.int64)
             # Two stored keys sharing their first 8 bytes (~1e-8 chance per million prompts): finish by a scan.
             retry = np.flatnonzero(~found & (self._hi[pos_c] == qh))
