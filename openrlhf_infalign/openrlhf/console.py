@@ -44,6 +44,20 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set
     return set(vars(ns))
 
 
+def _hide_local_rm_eval_dataset(ns: argparse.Namespace) -> Optional[str]:
+    """Upstream asserts that --eval.dataset comes with a remote RM or reward_func, because its evaluate() only reads
+    rewards the rollout workers computed. InfAlign's evaluation hook scores eval samples with the local reward model
+    too, so when the plugin is active the dataset is kept out of that one check and handed back to train()."""
+    d = vars(ns)
+    active = d.get("reward.wrapper") or d.get("infalign.eval_store")
+    if not (active and d.get("eval.dataset")) or d.get("reward.remote_url") or d.get("train.agent_func_path"):
+        return None
+    if d.get("train.async_enable"):
+        return None  # async evaluation runs in upstream's generator actor, without the hook: keep upstream's check
+    dataset, d["eval.dataset"] = d["eval.dataset"], None
+    return dataset
+
+
 def _wants_help(argv: Sequence[str]) -> bool:
     return any(a in ("-h", "--help") for a in argv)
 
@@ -68,10 +82,13 @@ def _intercept(argv: Sequence[str], prog: str, train: Optional[Callable]):
         given = list(argv) if args is None else list(args)
         plugin._explicit_dests = _explicit_dests(self, given)
         ns = real_parse_args(self, given, namespace)
+        eval_dataset = _hide_local_rm_eval_dataset(ns)
         upstream_train = g["train"]
         inner = train or upstream_train
 
         def train_with_infalign(hargs):
+            if eval_dataset is not None:
+                hargs.eval.dataset = eval_dataset
             return plugin.run_train(inner, hargs)
 
         train_with_infalign.__wrapped__ = upstream_train
