@@ -305,3 +305,61 @@ def test_keys_sharing_their_first_8_bytes(tmp_path, quiet):
         np.testing.assert_array_equal(s.rewards_for_key(k), [float(i)])
     assert s.rows_for_keys([prefix + f"{2:024x}", prefix + f"{10:024x}"], on_missing="raw").tolist() == [-1, -1]
     s.verify()
+
+
+KILL_SCRIPT = r"""
+import sys, time, warnings
+from pathlib import Path
+import numpy as np
+from openrlhf_infalign.store import writer, prompt_key
+
+def stall(index_dir, *a, **k):
+    # The Parquet file is written; signal the parent and wait to be killed mid-write.
+    Path(sys.argv[2]).write_text("parquet written")
+    time.sleep(60)
+
+writer.write_index = stall
+warnings.simplefilter("ignore")
+writer.write_store(sys.argv[1], [prompt_key("new")], [[9.0, 8.0]], overwrite=True)
+"""
+
+
+def test_sigkill_midway_leaves_old_store_complete(tmp_path, quiet):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = write_store(tmp_path / "s", [prompt_key("old")], [[1.0, 2.0]])
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), str(flag)])
+    try:
+        deadline = time.time() + 60
+        while not flag.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert flag.exists(), "writer did not reach the midpoint"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The complete old store is where it was; the half-written new one only in a hidden temp dir beside it.
+    s = ReferenceStore.open(out)
+    assert s.keys() == [prompt_key("old")]
+    s.verify()
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".s.partial-")]
+    assert len(partial) == 1 and (partial[0] / "rewards.parquet").exists()
+    # The next write to that place removes the leftover of the dead writer.
+    write_store(out, [prompt_key("newer")], [[3.0]], overwrite=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name != "flag"] == ["s"]
+    assert ReferenceStore.open(out).keys() == [prompt_key("newer")]
+
+
+def test_ragged_rows_permuted_in_chunks(tmp_path, monkeypatch, quiet):
+    # Force the chunked gather (normally 1M values per chunk) to cross many chunk boundaries.
+    monkeypatch.setattr(store_writer, "_GATHER_CHUNK", 7)
+    prompts, refs = make_data(60, seed=5)
+    s = ReferenceStore.open(write_store(tmp_path / "s", None, refs, prompts=prompts))
+    for p, r in zip(prompts, refs):
+        np.testing.assert_array_equal(s.rewards_for_key(prompt_key(p)), np.sort(r))
+    s.verify()
