@@ -78,7 +78,10 @@ def _to_ragged(rewards, n_rows: int) -> Ragged:
     np.cumsum(lengths, out=offsets[1:])
     values = np.empty(int(offsets[-1]), dtype=np.float64)
     for i, r in enumerate(rewards):
-        values[offsets[i] : offsets[i + 1]] = np.asarray(r, dtype=np.float64).reshape(-1)
+        try:
+            values[offsets[i] : offsets[i + 1]] = np.asarray(r, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"row {i}: rewards must be numbers ({e})") from None
     return Ragged(values, offsets)
 
 
