@@ -110,7 +110,7 @@ def group_rewards_by_prompt(samples: Sequence) -> tuple[list[str], list[np.ndarr
 
 
 def reference_rewards(store, prompts: Sequence[str]) -> tuple[list[np.ndarray | None], list[str]]:
-    """The K reference rewards of each prompt from a ``ReferenceStore`` (None where missing) and the missing prompts."""
+    """Per prompt its K reference rewards from a ``ReferenceStore`` (None where missing), and the missing prompts."""
     rows = store.rows_for_prompts(list(prompts), on_missing="raw")
     refs, missing = [], []
     for prompt, row in zip(prompts, rows.tolist()):
@@ -416,7 +416,7 @@ class InfAlignEvalMixin:
             return
         self._infalign_sampling_checked = True
         sampling = (getattr(store, "manifest", None) or {}).get("sampling") or {}
-        ours = {"temperature": generate_kwargs.get("temperature"), "max_new_tokens": generate_kwargs.get("max_new_tokens")}
+        ours = {k: generate_kwargs.get(k) for k in ("temperature", "max_new_tokens")}
         diffs = [
             f"{k}: store={sampling[k]!r} eval={v!r}"
             for k, v in ours.items()
