@@ -23,19 +23,21 @@ def test_store_through_ray_object_store(tmp_path):
     rewards = rng.normal(size=len(keys))
     want = store.calibrate(keys, rewards)
 
-    ray.init(
-        num_cpus=1,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        object_store_memory=256 * 1024 * 1024,
-        log_to_driver=False,
-    )
+    started = not ray.is_initialized()  # reuse a Ray another test of this session started
+    if started:
+        ray.init(
+            num_cpus=1,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            object_store_memory=256 * 1024 * 1024,
+            log_to_driver=False,
+        )
     try:
         ref = ray.put(store)
         del store
         shutil.rmtree(out)  # the worker must not need the directory (no shared filesystem)
 
-        @ray.remote
+        @ray.remote(num_cpus=0)
         def calibrate_remote(s, keys, rewards):
             import os
 
@@ -43,6 +45,7 @@ def test_store_through_ray_object_store(tmp_path):
 
         got, dir_gone, n = ray.get(calibrate_remote.remote(ref, keys, rewards))
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     assert dir_gone and n == 200
     np.testing.assert_array_equal(got, want)
