@@ -59,6 +59,7 @@ def _settings(models, out, **kw):
         k=K,
         backend="hf",
         max_new_tokens=8,
+        max_len=256,
         shard_size=4,
         batch_size=4,
         progress=False,
@@ -237,6 +238,8 @@ def test_kill_mid_run_then_resume(models, tmp_path):
         str(K),
         "--rollout.max_new_tokens",
         "8",
+        "--data.max_len",
+        "256",
         "--shard-size",
         "1",
         "--batch-size",
@@ -292,6 +295,7 @@ def test_cli_errors(models, tmp_path, capsys):
     from openrlhf_infalign.cli import main
 
     base = ["calibrate", "--pretrain", models["policy"], "--out", str(tmp_path / "o"), "--backend", "hf"]
+    base += ["--data.max_len", "256"]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     rc = main(base + ["--data.prompt_dataset", models["prompts"]])
@@ -311,3 +315,46 @@ def test_cli_errors(models, tmp_path, capsys):
     assert rc == 2 and "no column 'q'" in capsys.readouterr().err
     rc = main(base + ["--data.prompt_dataset", str(empty), "--reward.remote_url", models["rf"]])
     assert rc == 2 and "empty" in capsys.readouterr().err
+    rc = main(base + ["--data.prompt_dataset", models["prompts"], "--reward.remote_url", models["rf"], "--data.max_len", "4096"])
+    assert rc == 2 and "exceeds the policy's max_position_embeddings 512" in capsys.readouterr().err
+
+
+def test_remote_http_reward(models, tmp_path):
+    """--reward.remote_url http://...: OpenRLHF's own HTTP helper posts {query, prompts, labels} to a live server."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(len(body["query"]))
+            # Reward = number of tokens in prompt + response (the query is their decode, joined by spaces).
+            rewards = [float(len(q.split())) for q in body["query"]]
+            data = json.dumps({"rewards": rewards, "scores": rewards}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "refs_http"
+        url = f"http://127.0.0.1:{server.server_address[1]}/get_reward"
+        run_calibration(_settings(models, out, reward_url=url, rm_batch_size=6), log=lambda m: None)
+    finally:
+        server.shutdown()
+    assert sum(seen) == N_PROMPTS * K and max(seen) <= 6  # every sample scored, requests capped at the batch size
+    store = ReferenceStore.open(out, warn_small_k=False)
+    man = read_manifest(out)
+    assert man["reward_source"] == {"kind": "remote_url", "urls": [url]}
+    for p in tiny.make_prompts(N_PROMPTS, seed=1):
+        n_prompt = len(tiny.INPUT_TEMPLATE.format(p).split())
+        r = store.rewards_for_key(prompt_key(tiny.INPUT_TEMPLATE.format(p)))
+        assert len(r) == K and ((r >= n_prompt + 1) & (r <= n_prompt + 8)).all()  # 1..8 new tokens each

@@ -682,6 +682,21 @@ def _describe_reward_source(s: CalibrateSettings) -> Dict:
     return {"kind": "remote_url", "urls": s.reward_urls}
 
 
+def _check_max_len(settings: CalibrateSettings) -> None:
+    # vLLM refuses (after a minute of engine start-up) and HF degrades past the policy's positions: fail early.
+    from transformers import AutoConfig
+
+    try:
+        limit = getattr(AutoConfig.from_pretrained(settings.policy, trust_remote_code=True), "max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return
+    if limit and settings.max_len > limit:
+        raise CalibrationError(
+            f"--data.max_len {settings.max_len} exceeds the policy's max_position_embeddings {limit} "
+            f"({settings.policy}); pass --data.max_len {limit} or less (and the same to train_ppo_ray)"
+        )
+
+
 def run_calibration(settings: CalibrateSettings, log: Callable[[str], None] = print) -> Dict:
     """Run (or resume) the calibration job; returns a summary dict (also what `infalign calibrate` prints)."""
     from tqdm import tqdm
@@ -692,6 +707,7 @@ def run_calibration(settings: CalibrateSettings, log: Callable[[str], None] = pr
     work = Path(str(out) + WORK_SUFFIX)
 
     tokenizer = load_tokenizer(settings)
+    _check_max_len(settings)
     all_prompts, all_labels = load_prompts(settings, tokenizer)
     prompts, labels, keys, dups = _unique(all_prompts, all_labels)
     if dups:
@@ -754,7 +770,8 @@ def run_calibration(settings: CalibrateSettings, log: Callable[[str], None] = pr
         except (OSError, json.JSONDecodeError):
             old = {}
         if old.get("settings_hash") != settings_hash:
-            if not settings.overwrite:
+            # Only finished shards are worth protecting; a work dir without any is simply restarted.
+            if not settings.overwrite and any(work.glob("shard-*.json")):
                 diffs = sorted(
                     k for k in hashed if _canonical_hash(hashed[k]) != _canonical_hash((old.get("settings") or {}).get(k))
                 )
