@@ -102,6 +102,11 @@ def test_import_info_export_round_trip(tmp_path, capsys):
         ('{"prompt": "x", "prompt_key": "' + "0" * 40 + '", "rewards": [1.0]}', "is not sha1 of"),
         ('{"rewards": [1.0]}', 'needs "prompt"'),
         ("[1, 2]", "expected a JSON object"),
+        ('{"prompt": "x", "rewards": [true, 1.0]}', "must hold numbers, found True"),
+        ('{"prompt": "x", "rewards": [1.0, "2"]}', "must hold numbers, found '2'"),
+        ('{"prompt": "x", "rewards": [1.0, null]}', "must hold numbers, found None"),
+        ('{"prompt": "x", "rewards": [1' + "0" * 400 + "]}", "out of range"),
+        ('{"prompt": 7, "rewards": [1.0]}', '"prompt" must be a string'),
     ],
 )
 def test_bad_row_is_named_by_file_and_line(tmp_path, capsys, bad_line, pattern):
@@ -114,18 +119,35 @@ def test_bad_row_is_named_by_file_and_line(tmp_path, capsys, bad_line, pattern):
     assert not (tmp_path / "st").exists()
 
 
+def test_fast_reader_matches_checked_reader(tmp_path):
+    from openrlhf_infalign.store.jsonl import _read_fast, read_reference_jsonl
+
+    rows = ref_rows(40) + ["", '{"prompt": "ints", "rewards": [3, 1, 2], "extra": {"ignored": [1]}}', "   "]
+    rows += [{"prompt": "both", "prompt_key": prompt_key("both"), "rewards": [0.25]}]
+    src = write_jsonl(tmp_path / "refs.jsonl", rows)
+    fast = _read_fast(src, False, 1)  # raises _Fallback if it could not judge the file itself
+    slow = read_reference_jsonl(src, progress=False, fast=False)
+    np.testing.assert_array_equal(fast[0], slow[0])
+    np.testing.assert_array_equal(fast[1].values, slow[1].values)
+    np.testing.assert_array_equal(fast[1].offsets, slow[1].offsets)
+    assert fast[2] == slow[2]
+    np.testing.assert_array_equal(fast[3], slow[3])  # line numbers, blank lines skipped
+    assert fast[3][-1] == 44 and fast[3][-2] == 42
+
+
 def test_duplicate_prompts(tmp_path, capsys):
     rows = [
         {"prompt": "a", "rewards": [1.0, 2.0]},
         {"prompt": "b", "rewards": [1.0]},
         {"prompt_key": prompt_key("a"), "rewards": [2.0, 1.0]},  # same multiset: merged
         {"prompt": "c", "rewards": [0.0]},
+        "",  # blank line: line numbers still count it
         {"prompt": "b", "rewards": [5.0]},  # different: error naming both lines
     ]
     src = write_jsonl(tmp_path / "refs.jsonl", rows)
     assert main(["store", "import", "--jsonl", str(src), "--out", str(tmp_path / "st"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"{src}:5 (prompt 'b') repeats the prompt of {src}:2 with a different reward set" in err
+    assert f"{src}:6 (prompt 'b') repeats the prompt of {src}:2 with a different reward set" in err
     src = write_jsonl(tmp_path / "refs2.jsonl", rows[:4])
     with pytest.warns(UserWarning, match="merged 1 duplicated"):
         assert main(["store", "import", "--jsonl", str(src), "--out", str(tmp_path / "st"), "--no-progress"]) == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -18,6 +19,8 @@ from .format import DIGEST_BYTES, StoreError
 from .writer import Ragged, write_store
 
 _CHUNK_ROWS = 8192
+logger = logging.getLogger(__name__)
+_F32_MAX = float(np.finfo(np.float32).max)  # a Python float: compares exactly with huge JSON ints
 
 
 def _progress(total: int, enabled: bool, desc: str, unit: str = "B"):
@@ -58,31 +61,136 @@ def _parse_key(src: Path, lineno: int, row: dict) -> tuple[bytes, str | None]:
 
 def _check_chunk(src: Path, flat: list, lengths: list, lines: list) -> np.ndarray:
     """The chunk's rewards as float32, or a StoreError naming the first bad line."""
-    try:
-        vals = np.array(flat, dtype=np.float64)
-        if vals.ndim != 1:
-            raise TypeError
-    except (TypeError, ValueError):
-        vals = None
     off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    if vals is None or vals.shape[0] != len(flat):
+
+    def first_bad(test, msg):
         for i, ln in enumerate(lines):
             for x in flat[off[i] : off[i + 1]]:
-                if isinstance(x, bool) or not isinstance(x, (int, float)):
-                    raise _bad(src, ln, f'"rewards" must hold numbers, found {x!r}')
-        raise _bad(src, lines[0], '"rewards" must hold numbers')  # pragma: no cover
-    bad = np.flatnonzero(~np.isfinite(vals) | (np.abs(vals) > np.finfo(np.float32).max))
+                if test(x):
+                    raise _bad(src, ln, msg(x))
+
+    # json.loads gives int/float for numbers; anything else (bool, str, None, list, dict) is not a reward, and
+    # np.array would quietly turn True or "2" into a number.
+    if not set(map(type, flat)) <= {float, int}:
+        first_bad(lambda x: type(x) not in (float, int), lambda x: f'"rewards" must hold numbers, found {x!r}')
+    try:
+        vals = np.array(flat, dtype=np.float64)
+    except OverflowError:
+        first_bad(
+            lambda x: isinstance(x, int) and abs(x) > _F32_MAX,
+            lambda x: f"reward {str(x)[:12]}... ({len(str(x))} digits) is not a finite float32 number (out of range)",
+        )
+        raise
+    bad = np.flatnonzero(~np.isfinite(vals) | (np.abs(vals) > _F32_MAX))
     if bad.size:
         i = int(np.searchsorted(off, bad[0], side="right") - 1)
         raise _bad(src, lines[i], f"reward {vals[bad[0]]} is not a finite float32 number (NaN/inf or out of range)")
     return vals.astype(np.float32)
 
 
-def read_reference_jsonl(src, *, progress: bool = True, k_min: int = 1):
-    """Stream a reference JSONL file into (digests (P,20) uint8, Ragged float32, prompts or None, line numbers)."""
+class _Fallback(Exception):
+    """The fast reader met something it does not judge itself: re-read with the line-by-line checked parser."""
+
+
+_FAST_BLOCK = 1 << 24  # bytes per pyarrow JSON block
+
+
+def _read_fast(src: Path, progress: bool, k_min: int):
+    """pyarrow's C JSON reader (several times faster than json.loads per line). Any parse error or invalid row
+    raises _Fallback, so every error message comes from the one checked parser, with its line number."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    from .format import digests_from_keys
+
+    schema = pa.schema([("prompt", pa.string()), ("prompt_key", pa.string()), ("rewards", pa.list_(pa.float64()))])
+    size = os.path.getsize(src)
+    digest_chunks, value_chunks, length_chunks, prompt_chunks = [], [], [], []
+    any_prompt = False
+    try:
+        reader = pj.open_json(
+            src,
+            read_options=pj.ReadOptions(block_size=_FAST_BLOCK, use_threads=True),
+            parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+        )
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise _Fallback(str(e)) from None
+    with _progress(size, progress, f"import {src.name}") as bar:
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            except (pa.ArrowException, ValueError) as e:
+                raise _Fallback(str(e)) from None
+            bar.update(min(_FAST_BLOCK, max(size - bar.n, 0)))
+            rewards = batch.column("rewards")
+            if rewards.null_count:
+                raise _Fallback("a row without a rewards list")
+            lengths = np.diff(np.asarray(rewards.offsets, dtype=np.int64))
+            if lengths.size and lengths.min() < max(k_min, 1):
+                raise _Fallback("a short rewards list")
+            vals = rewards.flatten().to_numpy(zero_copy_only=False)
+            if vals.size and (~np.isfinite(vals) | (np.abs(vals) > _F32_MAX)).any():
+                raise _Fallback("a non-finite reward")
+            prompts = batch.column("prompt").to_pylist()
+            keys = batch.column("prompt_key")
+            if keys.null_count == len(keys):
+                if any(p is None for p in prompts):
+                    raise _Fallback("a row without prompt or prompt_key")
+                dig = b"".join(hashlib.sha1(p.encode("utf-8")).digest() for p in prompts)
+            else:
+                key_list = keys.to_pylist()
+                parts = []
+                for p, k in zip(prompts, key_list):
+                    if k is None:
+                        if p is None:
+                            raise _Fallback("a row without prompt or prompt_key")
+                        parts.append(hashlib.sha1(p.encode("utf-8")).digest())
+                    else:
+                        try:
+                            d = digests_from_keys([k]).tobytes()
+                        except StoreError:
+                            raise _Fallback("a bad prompt_key") from None
+                        if p is not None and hashlib.sha1(p.encode("utf-8")).digest() != d:
+                            raise _Fallback("a prompt_key that is not sha1 of its prompt")
+                        parts.append(d)
+                dig = b"".join(parts)
+            any_prompt = any_prompt or any(p is not None for p in prompts)
+            digest_chunks.append(dig)
+            value_chunks.append(vals.astype(np.float32))
+            length_chunks.append(lengths)
+            prompt_chunks.append(prompts)
+        bar.update(max(size - bar.n, 0))
+    # Row i sits on the i-th non-blank line (one JSON object per line, or pyarrow would have failed).
+    with open(src, "rb") as f:
+        lines = np.fromiter((n for n, raw in enumerate(f, start=1) if raw.strip()), dtype=np.int64)
+    n_rows = sum(len(x) for x in length_chunks)
+    if lines.size != n_rows:
+        raise _Fallback("row/line count mismatch")
+    all_lengths = np.concatenate(length_chunks) if length_chunks else np.zeros(0, np.int64)
+    offsets = np.zeros(all_lengths.size + 1, dtype=np.int64)
+    np.cumsum(all_lengths, out=offsets[1:])
+    values = np.concatenate(value_chunks) if value_chunks else np.zeros(0, np.float32)
+    dig = np.frombuffer(b"".join(digest_chunks), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+    prompts = [p for chunk in prompt_chunks for p in chunk] if any_prompt else None
+    return dig, Ragged(values, offsets), prompts, lines
+
+
+def read_reference_jsonl(src, *, progress: bool = True, k_min: int = 1, fast: bool = True):
+    """Stream a reference JSONL file into (digests (P,20) uint8, Ragged float32, prompts or None, line numbers).
+
+    fast: try pyarrow's JSON reader first; on anything unusual the file is re-read line by line with json.loads,
+    which checks every row and names the bad line.
+    """
     src = Path(src)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such file")
+    if fast:
+        try:
+            return _read_fast(src, progress, k_min)
+        except _Fallback as e:
+            logger.info("%s: checked line-by-line read (%s)", src, e)
     digests = bytearray()
     prompts: list[str | None] = []
     any_prompt = False
