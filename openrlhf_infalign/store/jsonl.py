@@ -262,11 +262,6 @@ def import_jsonl(
     )
 
 
-def _float_list(vals: np.ndarray) -> str:
-    # float32 -> Python float -> shortest repr: parses back to the identical float32.
-    return json.dumps(vals.tolist())
-
-
 def export_jsonl(store_dir, out_path, *, include_prompts: bool = True, progress: bool = True) -> int:
     """`infalign store export`: store -> JSONL (rows in store order), written via a temp file. Returns row count."""
     import pyarrow.parquet as pq
@@ -291,19 +286,22 @@ def export_jsonl(store_dir, out_path, *, include_prompts: bool = True, progress:
                 keys = t.column("prompt_key").to_pylist()
                 col = t.column("rewards").combine_chunks()
                 off = np.asarray(col.offsets, dtype=np.int64)
-                vals = col.flatten().to_numpy()
-                off = off - off[0]
-                texts = t.column("prompt").to_pylist() if has_prompt else None
+                off = (off - off[0]).tolist()
+                # float32 -> Python float (exact) -> shortest repr: parses back to the identical float32.
+                vals = col.flatten().to_numpy().astype(np.float64).tolist()
+                texts = t.column("prompt").to_pylist() if has_prompt else [None] * len(keys)
+                dumps = json.dumps
+                out = []
                 for i, key in enumerate(keys):
-                    f.write('{"prompt_key": "')
-                    f.write(key)
-                    f.write('"')
-                    if texts is not None and texts[i] is not None:
-                        f.write(', "prompt": ')
-                        f.write(json.dumps(texts[i], ensure_ascii=False))
-                    f.write(', "rewards": ')
-                    f.write(_float_list(vals[off[i] : off[i + 1]]))
-                    f.write("}\n")
+                    rewards = dumps(vals[off[i] : off[i + 1]])
+                    if texts[i] is None:
+                        out.append(f'{{"prompt_key": "{key}", "rewards": {rewards}}}\n')
+                    else:
+                        out.append(
+                            f'{{"prompt_key": "{key}", "prompt": {dumps(texts[i], ensure_ascii=False)}, '
+                            f'"rewards": {rewards}}}\n'
+                        )
+                f.write("".join(out))
                 n += len(keys)
                 bar.update(len(keys))
             f.flush()
