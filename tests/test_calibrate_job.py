@@ -146,8 +146,12 @@ def test_hf_reward_func_end_to_end_keys_match_training(models, tmp_path):
     assert store.check_template(man["template"]) == []
 
     # Re-running the same command is a no-op; a different one refuses to clobber the store.
+    # A kill between publishing the store and clearing the work dir leaves both: the re-run just clears it.
+    leftover = Path(str(out) + ".partial")
+    leftover.mkdir()
+    (leftover / "settings.json").write_text("{}")
     again = run_calibration(_settings(models, out), log=lambda m: None)
-    assert again["up_to_date"]
+    assert again["up_to_date"] and not leftover.exists()
     with pytest.raises(CalibrationError, match="already exists"):
         run_calibration(_settings(models, out, k=K + 1), log=lambda m: None)
 
@@ -158,7 +162,9 @@ def test_hf_reward_model_chat_template_end_to_end(models, tmp_path):
     from transformers import AutoTokenizer
 
     out = tmp_path / "refs_rm"
-    s = _settings(models, out, input_template=None, apply_chat_template=True, reward_url=None, reward_model=models["rm"])
+    s = _settings(
+        models, out, input_template=None, apply_chat_template=True, reward_url=None, reward_model=models["rm"]
+    )
     summary = run_calibration(s, log=lambda m: None)
     assert summary["num_prompts"] == N_PROMPTS
     store = ReferenceStore.open(out, warn_small_k=False)
@@ -279,11 +285,14 @@ def test_nan_reward_names_the_prompt(models, tmp_path):
     bad.write_text(
         "import torch\n"
         "def reward_func(queries, prompts, labels):\n"
-        "    return {'rewards': torch.tensor([float('nan') if 'fox' in q.split(' A :')[0] else 1.0 for q in queries])}\n"
+        "    bad = [float('nan') if 'fox' in q.split(' A :')[0] else 1.0 for q in queries]\n"
+        "    return {'rewards': torch.tensor(bad)}\n"
     )
     # Make sure some prompt mentions a fox.
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"input": "describe the red cat"}) + "\n" + json.dumps({"input": "tell me about a fox"}))
+    prompts.write_text(
+        json.dumps({"input": "describe the red cat"}) + "\n" + json.dumps({"input": "tell me about a fox"})
+    )
     out = tmp_path / "refs"
     s = _settings(models, out, prompt_dataset=str(prompts), reward_url=str(bad))
     with pytest.raises(CalibrationError, match=r"nan .*prompt 'Q : tell me about a fox A :'"):
@@ -315,7 +324,10 @@ def test_cli_errors(models, tmp_path, capsys):
     assert rc == 2 and "no column 'q'" in capsys.readouterr().err
     rc = main(base + ["--data.prompt_dataset", str(empty), "--reward.remote_url", models["rf"]])
     assert rc == 2 and "empty" in capsys.readouterr().err
-    rc = main(base + ["--data.prompt_dataset", models["prompts"], "--reward.remote_url", models["rf"], "--data.max_len", "4096"])
+    rc = main(
+        base
+        + ["--data.prompt_dataset", models["prompts"], "--reward.remote_url", models["rf"], "--data.max_len", "4096"]
+    )
     assert rc == 2 and "exceeds the policy's max_position_embeddings 512" in capsys.readouterr().err
 
 

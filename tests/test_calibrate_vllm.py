@@ -41,7 +41,12 @@ def test_vllm_backend_matches_hf_backend(tmp_path):
     cpu = not torch.cuda.is_available()
     vllm_sum = run_calibration(
         CalibrateSettings(
-            out=str(tmp_path / "vllm"), backend="vllm", cpu=cpu, enforce_eager=True, gpu_memory_utilization=0.5, **common
+            out=str(tmp_path / "vllm"),
+            backend="vllm",
+            cpu=cpu,
+            enforce_eager=True,
+            gpu_memory_utilization=0.5,
+            **common,
         ),
         log=lambda m: None,
     )

@@ -44,7 +44,12 @@ def test_policy_generates_and_config(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = json.loads((built["dir"] / "policy" / "config.json").read_text())
-    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["head_dim"]) == (128, 2, 2, 64)
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["head_dim"]) == (
+        128,
+        2,
+        2,
+        64,
+    )
     assert cfg["vocab_size"] == 512 and cfg["dtype"] == "bfloat16"
     gen = json.loads((built["dir"] / "policy" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == 2 and gen["pad_token_id"] == 0
@@ -110,8 +115,12 @@ def test_reward_func_rule(built):
     # The query OpenRLHF builds is the decoded token sequence; with the chat template it no longer starts with
     # the prompt string ("<s> user" vs "<s>user"), and the rule must still find the response.
     tok = built["tok"]
-    chat = tok.apply_chat_template([{"role": "user", "content": "the red fox"}], tokenize=False, add_generation_prompt=True)
-    ids = tok(chat, add_special_tokens=False)["input_ids"] + tok(" red good </s>", add_special_tokens=False)["input_ids"]
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "the red fox"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = (
+        tok(chat, add_special_tokens=False)["input_ids"] + tok(" red good </s>", add_special_tokens=False)["input_ids"]
+    )
     query = tok.decode(ids, skip_special_tokens=False)
     assert not query.startswith(chat)
     assert mod.reward_func([query], [chat], [""])["rewards"].tolist() == pytest.approx([1.0 + 0.5 + 0.2 + 1.0])

@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from openrlhf_infalign.store import StoreError, prompt_key, read_manifest, write_store
+from openrlhf_infalign.store import Ragged, StoreError, prompt_key, read_manifest, write_store
 
 logger = logging.getLogger(__name__)
 
@@ -637,8 +637,24 @@ def _write_shard(work: Path, index: int, keys, prompts, rewards, meta: Dict) -> 
 def _read_shard(work: Path, index: int):
     import pyarrow.parquet as pq
 
-    t = pq.read_table(work / f"shard-{index:05d}.parquet")
-    return t.column("prompt_key").to_pylist(), t.column("prompt").to_pylist(), t.column("rewards").to_pylist()
+    return pq.read_table(work / f"shard-{index:05d}.parquet")
+
+
+def _assemble(work: Path, shards, keys: Sequence[str]):
+    """Keys, prompts and CSR rewards of all shards in order (columnar: no Python object per reward)."""
+    import pyarrow as pa
+
+    tables = []
+    for i, sl in shards:
+        t = _read_shard(work, i)
+        if t.column("prompt_key").to_pylist() != keys[sl]:
+            raise CalibrationError(f"{work}/shard-{i:05d}.parquet does not hold the expected prompts; delete {work}")
+        tables.append(t)
+    table = pa.concat_tables(tables)
+    rewards = table.column("rewards").combine_chunks()
+    offsets = rewards.offsets.to_numpy().astype(np.int64)
+    values = rewards.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+    return list(keys), table.column("prompt").to_pylist(), Ragged(values, offsets - offsets[0])
 
 
 def _shard_done(work: Path, index: int, settings_hash: str, keys: Sequence[str]) -> bool:
@@ -773,7 +789,9 @@ def run_calibration(settings: CalibrateSettings, log: Callable[[str], None] = pr
             # Only finished shards are worth protecting; a work dir without any is simply restarted.
             if not settings.overwrite and any(work.glob("shard-*.json")):
                 diffs = sorted(
-                    k for k in hashed if _canonical_hash(hashed[k]) != _canonical_hash((old.get("settings") or {}).get(k))
+                    k
+                    for k in hashed
+                    if _canonical_hash(hashed[k]) != _canonical_hash((old.get("settings") or {}).get(k))
                 )
                 raise CalibrationError(
                     f"work dir {work} holds shards made with different settings (differs in: "
@@ -811,7 +829,9 @@ def run_calibration(settings: CalibrateSettings, log: Callable[[str], None] = pr
         try:
             for n_written, (i, sl) in enumerate(todo):
                 if fail_after and n_written >= fail_after:
-                    raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopping after {n_written} shard(s) (test hook)")
+                    raise RuntimeError(
+                        f"{FAIL_AFTER_ENV}={fail_after}: stopping after {n_written} shard(s) (test hook)"
+                    )
                 sp, sl_labels, sk = prompts[sl], labels[sl], keys[sl]
                 shard_t0 = ts = time.time()
                 samples = generator.generate(sp, sl_labels, seed=settings.seed * 1_000_003 + i, progress=bar.update)
@@ -822,8 +842,9 @@ def run_calibration(settings: CalibrateSettings, log: Callable[[str], None] = pr
                     for p, ss in zip(sp, samples):
                         if any(smp["reward"] is None for smp in ss):
                             raise CalibrationError(
-                                f"reward source {source} gave no reward for a sample of prompt {p[:120]!r}: OpenRLHF's "
-                                "rollout executor logs the cause as '[SingleTurnExecutor] Failed to fetch reward'"
+                                f"reward source {source} gave no reward for a sample of prompt {p[:120]!r}: "
+                                "OpenRLHF's rollout executor logs the cause as '[SingleTurnExecutor] Failed to fetch "
+                                "reward'"
                             )
                         rewards.append([_as_float(smp["reward"]) for smp in ss])
                 else:
@@ -832,7 +853,9 @@ def run_calibration(settings: CalibrateSettings, log: Callable[[str], None] = pr
                 _check_finite(sp, rewards, source)
                 for p, rr in zip(sp, rewards):
                     if len(rr) != settings.k:
-                        raise CalibrationError(f"got {len(rr)} samples instead of --k {settings.k} for prompt {p[:80]!r}")
+                        raise CalibrationError(
+                            f"got {len(rr)} samples instead of --k {settings.k} for prompt {p[:80]!r}"
+                        )
                 meta = {
                     "format": SHARD_FORMAT,
                     "shard": i,
@@ -852,14 +875,7 @@ def run_calibration(settings: CalibrateSettings, log: Callable[[str], None] = pr
             generator.close()
 
     # Assemble the store from the shards (all of them, in order) and publish it atomically.
-    store_keys, store_prompts, store_rewards = [], [], []
-    for i, sl in shards:
-        k_i, p_i, r_i = _read_shard(work, i)
-        if k_i != keys[sl]:
-            raise CalibrationError(f"{work}/shard-{i:05d}.parquet does not hold the expected prompts; delete {work}")
-        store_keys.extend(k_i)
-        store_prompts.extend(p_i)
-        store_rewards.extend(np.asarray(r, dtype=np.float32) for r in r_i)
+    store_keys, store_prompts, store_rewards = _assemble(work, shards, keys)
     manifest = {
         "policy_model": settings.policy,
         "reward_source": reward_source,
@@ -883,7 +899,7 @@ def run_calibration(settings: CalibrateSettings, log: Callable[[str], None] = pr
         overwrite=settings.overwrite,
     )
     shutil.rmtree(work, ignore_errors=True)
-    flat = np.concatenate(store_rewards) if store_rewards else np.zeros(0)
+    flat = store_rewards.values
     summary = {
         "out": str(out),
         "num_prompts": len(store_keys),
