@@ -26,6 +26,7 @@ may carry ``add_arguments(parser)`` to register its flags. This module registers
 from __future__ import annotations
 
 import logging
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -190,28 +191,30 @@ class CTRLRewardWrapper:
         """
         if not experiences:
             return experiences
-        prompts: list[str] = []
-        flats = []
-        for i, exp in enumerate(experiences):
-            r = exp.rewards
+        rewards = [exp.rewards for exp in experiences]
+        for i, r in enumerate(rewards):
             if r is None:
                 raise ValueError(f"{self.name}: experience {i} has no rewards (no reward model / reward_func ran)")
-            flat = r.reshape(-1)
-            if len(exp.prompts) != flat.shape[0] or (r.dim() == 2 and r.shape[1] != 1) or r.dim() > 2:
-                raise ValueError(
-                    f"{self.name}: experience {i} has rewards of shape {tuple(r.shape)} for {len(exp.prompts)} "
-                    "prompts; expected (B,) or (B, 1)"
-                )
-            prompts.extend(exp.prompts)
-            flats.append(flat)
-        sizes = [f.shape[0] for f in flats]
-        all_rewards = torch.cat(flats) if len(flats) > 1 else flats[0]
+        # Per-experience torch calls cost microseconds each: touch every experience as little as possible.
+        prompts = list(chain.from_iterable(exp.prompts for exp in experiences))
+        sizes = [r.shape[0] for r in rewards]
+        dims = {r.dim() for r in rewards}
+        if len(prompts) != sum(sizes) or not (dims == {1} or (dims == {2} and all(r.shape[1] == 1 for r in rewards))):
+            for i, (exp, r) in enumerate(zip(experiences, rewards)):
+                if len(exp.prompts) != r.shape[0] or r.dim() > 2 or (r.dim() == 2 and r.shape[1] != 1):
+                    raise ValueError(
+                        f"{self.name}: experience {i} has rewards of shape {tuple(r.shape)} for "
+                        f"{len(exp.prompts)} prompts; expected (B,) or (B, 1)"
+                    )
+            rewards = [r.reshape(-1) for r in rewards]  # mixed (B,) and (B, 1) in one batch: flatten each
+        all_rewards = torch.cat(rewards) if len(rewards) > 1 else rewards[0]
         new, info = self(prompts, all_rewards)
         new_parts = new.split(sizes)
-        info_parts = {k: v.split(sizes) for k, v in info.items()}
+        info_parts = [(k, v.split(sizes)) for k, v in info.items()]
+        mixed = len(dims) > 1
         for i, exp in enumerate(experiences):
-            exp.rewards = new_parts[i].reshape(exp.rewards.shape)
-            for k, parts in info_parts.items():
+            exp.rewards = new_parts[i].reshape(exp.rewards.shape) if mixed else new_parts[i]
+            for k, parts in info_parts:
                 exp.info[k] = parts[i]
         return experiences
 

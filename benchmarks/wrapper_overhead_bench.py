@@ -1,0 +1,169 @@
+"""Overhead of the CTRL reward wrapper at OpenRLHF's seam, measured side by side in one run.
+
+OpenRLHF 0.11.2's real ``RemoteExperienceMaker.compute_advantages_and_returns`` on 4,096 experiences (1,024 prompts x
+4 samples, one sample per experience as with the default ``--rollout.micro_batch_size 1``), args from upstream's real
+parser, with the wrapper installed vs without. Runs are interleaved (plain, wrapped, plain, wrapped, ...) and each
+side's median is taken, so machine load hits both alike. The prompt-key cache is cleared before every wrapped run:
+each rollout batch of a real epoch brings new prompts, so every key is hashed (the worst case). The store holds the
+batch's prompts among 100,000 (a realistic training set), K = 32.
+
+Prints a table and one JSON line per configuration, then a summary JSON line with the worst ratio (target <= 1.05).
+Usage: python benchmarks/wrapper_overhead_bench.py [--repeats 9] [--experiences 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from openrlhf_infalign.openrlhf.standins import install_flash_attn
+
+install_flash_attn()
+
+from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
+from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
+from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
+
+from openrlhf_infalign.core.transforms import parse_transform  # noqa: E402
+from openrlhf_infalign.openrlhf.console import run_train_ppo  # noqa: E402
+from openrlhf_infalign.openrlhf.trainer import install_reward_wrapper  # noqa: E402
+from openrlhf_infalign.openrlhf.wrapper import CTRLRewardWrapper  # noqa: E402
+from openrlhf_infalign.store import ReferenceStore, prompt_digests  # noqa: E402
+
+N_SAMPLES = 4
+STORE_PROMPTS = 100_000
+K = 32
+
+
+class _Strategy:
+    def __init__(self, args):
+        self.args = args
+
+
+class _Tokenizer:
+    pad_token_id = 0
+
+
+def real_args(estimator: str, micro_batch: int):
+    seen = []
+    argv = ["--actor.model_name_or_path", "p", "--reward.model_name_or_path", "rm",
+            "--algo.advantage.estimator", estimator, "--rollout.n_samples_per_prompt", str(N_SAMPLES),
+            "--rollout.micro_batch_size", str(micro_batch)]  # fmt: skip
+    assert run_train_ppo(argv, train=seen.append) == 0
+    return seen[0]
+
+
+def make_store(prompts: list[str], rng) -> ReferenceStore:
+    filler = [f"filler prompt {i}" for i in range(STORE_PROMPTS - len(prompts))]
+    digests = prompt_digests(prompts + filler)
+    return ReferenceStore.from_arrays(digests, rng.normal(size=(STORE_PROMPTS, K)).astype(np.float32))
+
+
+def make_experiences(maker, prompts, rewards, resp_len, rng):
+    samples = []
+    n = len(rewards)
+    kl = torch.from_numpy(rng.random((n, resp_len), dtype=np.float32) * 0.01)
+    values = torch.from_numpy(rng.standard_normal((n, resp_len), dtype=np.float32))
+    for i in range(n):
+        samples.append(
+            Experience(
+                sequences=torch.zeros(1, resp_len + 8, dtype=torch.long),
+                attention_mask=torch.ones(1, resp_len + 8, dtype=torch.long),
+                action_mask=torch.ones(1, resp_len, dtype=torch.bool),
+                prompts=[prompts[i // N_SAMPLES]],
+                labels=[""],
+                rewards=torch.tensor([float(rewards[i])]),
+                response_length=torch.tensor([resp_len]),
+                total_length=torch.tensor([resp_len + 8]),
+                truncated=torch.tensor([False]),
+                info={"reward": torch.tensor([float(rewards[i])])},
+            )
+        )
+    exps = maker.split_rollout_samples(samples)
+    row = 0
+    for e in exps:
+        b = e.action_mask.shape[0]
+        e.kl, e.values = kl[row : row + b].clone(), values[row : row + b].clone()
+        row += b
+    return exps
+
+
+def bench(estimator: str, resp_len: int, micro_batch: int, n_exp: int, repeats: int, rng) -> dict:
+    args = real_args(estimator, micro_batch)
+    n = n_exp * micro_batch
+    prompts = [f"Q : benchmark prompt {i} about topic {i % 97} A :" for i in range(n // N_SAMPLES)]
+    store = make_store(prompts, rng)
+    rewards = rng.normal(size=n)
+    wrapper = CTRLRewardWrapper(store, parse_transform("exp:t=10"))
+
+    plain = RemoteExperienceMaker(None, None, None, None, FixedKLController(0.01), _Strategy(args), _Tokenizer())
+    wrapped = RemoteExperienceMaker(None, None, None, None, FixedKLController(0.01), _Strategy(args), _Tokenizer())
+    install_reward_wrapper(wrapped, wrapper)
+
+    times = {"plain": [], "wrapped": []}
+    for rep in range(repeats + 1):  # the first round warms up both sides and is dropped
+        for side in ("plain", "wrapped") if rep % 2 == 0 else ("wrapped", "plain"):
+            maker = plain if side == "plain" else wrapped
+            exps = make_experiences(maker, prompts, rewards, resp_len, rng)
+            wrapper._digest_cache.clear()
+            t0 = time.perf_counter()
+            maker.compute_advantages_and_returns(exps)
+            dt = time.perf_counter() - t0
+            if rep:
+                times[side].append(dt)
+    med_p, med_w = statistics.median(times["plain"]), statistics.median(times["wrapped"])
+    # The wrapper's own cost on the same batch, for reference.
+    exps = make_experiences(plain, prompts, rewards, resp_len, rng)
+    wrapper._digest_cache.clear()
+    t0 = time.perf_counter()
+    wrapper.wrap_experiences(exps)
+    own = time.perf_counter() - t0
+    return {
+        "bench": "wrapper_overhead",
+        "estimator": estimator,
+        "experiences": len(exps),
+        "samples": n,
+        "response_tokens": resp_len,
+        "store_prompts": STORE_PROMPTS,
+        "k": K,
+        "repeats": repeats,
+        "plain_median_s": round(med_p, 5),
+        "wrapped_median_s": round(med_w, 5),
+        "ratio": round(med_w / med_p, 4),
+        "wrap_experiences_s": round(own, 5),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs per side (default: 7)")
+    ap.add_argument("--experiences", type=int, default=4096, help="experiences per call (default: 4096)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    a = ap.parse_args(argv)
+    rng = np.random.default_rng(a.seed)
+    configs = [  # (estimator, response tokens, samples per experience): short responses = cheapest upstream call
+        ("group_norm", 16, 1),
+        ("gae", 16, 1),
+        ("rloo", 16, 4),
+    ]
+    results = []
+    print(f"{'estimator':<20}{'exps':>6}{'tokens':>8}{'plain s':>10}{'wrapped s':>11}{'ratio':>8}{'wrap s':>9}")
+    for est, tokens, mb in configs:
+        r = bench(est, tokens, mb, a.experiences, a.repeats, rng)
+        results.append(r)
+        print(f"{est:<20}{r['experiences']:>6}{tokens:>8}{r['plain_median_s']:>10.4f}{r['wrapped_median_s']:>11.4f}"
+              f"{r['ratio']:>8.3f}{r['wrap_experiences_s']:>9.4f}", flush=True)  # fmt: skip
+        print(json.dumps(r), flush=True)
+    worst = max(r["ratio"] for r in results)
+    print(json.dumps({"bench": "wrapper_overhead_summary", "worst_ratio": worst, "target": 1.05, "ok": worst <= 1.05}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
