@@ -6,7 +6,6 @@ import os
 import pickle
 import shutil
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa

@@ -20,7 +20,6 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from .format import (
-    DIGEST_BYTES,
     FORMAT_VERSION,
     INDEX_DIR,
     K_WARN,
