@@ -57,10 +57,9 @@ def calibrated_reward(
     if (k <= 0).any():
         empty = rows[k <= 0][:5].tolist()
         raise ValueError(f"reference row(s) {empty} have no reference rewards (K = 0); rebuild the reference store")
+    # No upcast of the whole array (a 512 MB temporary at 1M x 64): each gathered float32 value is promoted to
+    # float64 in the comparison, which is exact, so ties with stored rewards are still detected exactly.
     values = np.asarray(ref_values)
-    if values.dtype != np.float64:
-        # Compare in float64: exact for float32 stores, so ties with stored rewards are detected exactly.
-        values = values.astype(np.float64)
     n_less = _segment_counts(values, lo, hi, r, strict=True)
     n_less_equal = _segment_counts(values, lo, hi, r, strict=False)
     return (n_less + 0.5 * (n_less_equal - n_less)) / k
