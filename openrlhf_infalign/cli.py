@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError) as e:
         print(f"infalign {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `infalign ... | head` closed the pipe: not an error worth a traceback.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
