@@ -76,8 +76,11 @@ def install_reward_wrapper(experience_maker, wrapper) -> None:
 
 def _setup(trainer, state) -> None:
     trainer.infalign = state
-    if state is not None and state.wrapper is not None:
-        install_reward_wrapper(trainer.experience_maker, state.wrapper)
+    if state is None or state.wrapper is None:
+        return
+    if getattr(trainer.experience_maker, "reward_wrapper", None) is not None:
+        return  # an OpenRLHF with patches/ applied already runs the wrapper natively at the same seam
+    install_reward_wrapper(trainer.experience_maker, state.wrapper)
 
 
 class InfAlignPPOTrainer(InfAlignEvalMixin, UpstreamPPOTrainer):
