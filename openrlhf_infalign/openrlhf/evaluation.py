@@ -20,9 +20,10 @@ when ``global_step % --eval.steps == 0`` and passes the returned dict to ``save_
    ``{"step", "kl", "kl_token_mean", "inference", "transform", "beta", "temperature", "num_prompts",
    "num_samples_per_prompt", "missing_prompts", "standard", "bon", "won"}``. ``kl`` is the sequence-level
    KL(pi || pi_ref) in nats, estimated on the rollouts of the last training step (sum over response tokens of
-   OpenRLHF's per-token KL estimate, mean over samples; 0 at step 0; null when it is not measured: no reference model,
-   or ``--algo.kl.use_loss``). ``beta`` is the KL coefficient in force (``kl_ctl.value``, normalised-transform
-   convention).
+   OpenRLHF's per-token KL estimate, mean over samples: the policy as it was before that step's update; 0 at step 0;
+   null when it is not measured: no reference model, or ``--algo.kl.use_loss``). ``kl_token_mean`` is upstream's
+   logged per-token ``kl`` of that step. ``beta`` is the KL coefficient in force (``kl_ctl.value``,
+   normalised-transform convention).
 
 ``infalign_initial_evaluate()`` runs the same evaluation once at step 0, before any update (upstream has none):
 the untrained policy IS the base policy, so its win rates must be consistent with 0.5 -- a check that the eval store
@@ -416,7 +417,7 @@ class InfAlignEvalMixin:
             return
         self._infalign_sampling_checked = True
         sampling = (getattr(store, "manifest", None) or {}).get("sampling") or {}
-        ours = {k: generate_kwargs.get(k) for k in ("temperature", "max_new_tokens")}
+        ours = {k: generate_kwargs.get(k) for k in ("temperature", "top_p", "max_new_tokens")}
         diffs = [
             f"{k}: store={sampling[k]!r} eval={v!r}"
             for k, v in ours.items()
@@ -427,7 +428,8 @@ class InfAlignEvalMixin:
                 "InfAlign eval samples are drawn differently from the eval store's reference samples ("
                 + "; ".join(diffs)
                 + "): win rates then measure the sampling change too, and the base policy would not score 0.5. "
-                "Match --eval.temperature / --rollout.max_new_tokens to the `infalign calibrate` settings",
+                "Match --eval.temperature / --rollout.top_p / --rollout.max_new_tokens to the `infalign calibrate` "
+                "settings",
                 stacklevel=2,
             )
 
