@@ -13,10 +13,10 @@ from openrlhf_infalign.openrlhf.standins import install_flash_attn
 
 install_flash_attn()
 
-import ray  # noqa: E402
-
 import openrlhf.trainer.ppo_trainer as upstream_ppo_trainer  # noqa: E402
 import openrlhf.trainer.ppo_trainer_async as upstream_async  # noqa: E402
+import ray  # noqa: E402
+
 from openrlhf_infalign.openrlhf import plugin  # noqa: E402
 from openrlhf_infalign.openrlhf.console import main, run_train_ppo  # noqa: E402
 from openrlhf_infalign.openrlhf.trainer import (  # noqa: E402
@@ -162,7 +162,8 @@ def test_missing_store_flag_and_template_mismatch(store_dir, capsys):
     rc, _ = run(BASE + ["--reward_wrapper", "infalign.ctrl", "--infalign.transform", "identity"])
     assert rc == 2 and "--infalign.store" in capsys.readouterr().err
     rc, _ = run(BASE + ["--reward_wrapper", "infalign.ctrl", "--infalign.store", store_dir,
-                        "--infalign.transform", "identity", "--data.input_template", "User: {}\nAssistant:"])  # fmt: skip
+                        "--infalign.transform", "identity",
+                        "--data.input_template", "User: {}\nAssistant:"])  # fmt: skip
     assert rc == 2 and "input_template" in capsys.readouterr().err
     rc, _ = run(BASE + ["--reward_wrapper", "infalign.ctrl", "--infalign.store", store_dir,
                         "--infalign.transform", "identity", "--data.input_template", "User: {}\nAssistant:",
@@ -172,7 +173,8 @@ def test_missing_store_flag_and_template_mismatch(store_dir, capsys):
 
 def test_clip_range_warning(store_dir, capsys):
     rc, _ = run(BASE + TEMPLATE + ["--reward_wrapper", "infalign.ctrl", "--infalign.store", store_dir,
-                                   "--infalign.transform", "identity", "--reward.clip_range", "0.2", "0.8"])  # fmt: skip
+                                   "--infalign.transform", "identity",
+                                   "--reward.clip_range", "0.2", "0.8"])  # fmt: skip
     assert rc == 0 and "--reward.clip_range 0.2 0.8 clips transformed rewards" in capsys.readouterr().err
 
 
@@ -197,7 +199,8 @@ def test_help_lists_upstream_and_infalign_flags(capsys):
     for flag in ("--reward.clip_range", "--algo.advantage.estimator", "--vllm.num_engines"):
         assert flag in out
     for flag in ("--reward_wrapper", "--reward.wrapper", "--infalign.store", "--infalign.inference",
-                 "--infalign.transform", "--infalign.kl_budget", "--infalign.on_missing", "--infalign.eval_store"):  # fmt: skip
+                 "--infalign.transform", "--infalign.kl_budget", "--infalign.on_missing",
+                 "--infalign.eval_store"):  # fmt: skip
         assert flag in out
     assert "Default: bon:4" in out and "Default: auto" in out and "Default: error" in out
 

@@ -20,8 +20,7 @@ from openrlhf_infalign.openrlhf import patching
 
 REPO = Path(__file__).resolve().parents[1]
 
-PROBE = textwrap.dedent(
-    r'''
+PROBE = textwrap.dedent(r'''
     import argparse, json, runpy, sys
     import numpy as np, torch
     from openrlhf_infalign.openrlhf.standins import install_flash_attn
@@ -97,7 +96,8 @@ PROBE = textwrap.dedent(
     out["adv_plain"] = adv(RemoteExperienceMaker(None, None, None, None, FixedKLController(0.05), strategy, None))
     w = CTRLRewardWrapper(ReferenceStore.open(sys.argv[1]), parse_transform("exp:t=3"))
     try:
-        maker = RemoteExperienceMaker(None, None, None, None, FixedKLController(0.05), strategy, None, reward_wrapper=w)
+        kl_ctl = FixedKLController(0.05)
+        maker = RemoteExperienceMaker(None, None, None, None, kl_ctl, strategy, None, reward_wrapper=w)
         out["native_attr"] = maker.reward_wrapper is w
         out["adv_wrapped"] = adv(maker)
     except AttributeError:
@@ -105,18 +105,18 @@ PROBE = textwrap.dedent(
     # The trainer constructor passes the wrapper down (data plumbing replaced: no model on disk here).
     import openrlhf.trainer.ppo_trainer as pt
     import inspect
-    out["trainer_accepts"] = "reward_wrapper" in inspect.signature(pt.PPOTrainer.__ray_actor_class__.__init__).parameters
+    plain_cls = pt.PPOTrainer.__ray_actor_class__
+    out["trainer_accepts"] = "reward_wrapper" in inspect.signature(plain_cls.__init__).parameters
     if out["trainer_accepts"]:
         pt.get_tokenizer = lambda *a, **k: None
         pt.prepare_datasets = lambda s, t: ([], None, 1)
         pt.SamplesGenerator = lambda **kw: None
         args.ckpt.best_metric_key = ""
-        tr = pt.PPOTrainer.__ray_actor_class__("p", strategy, None, None, None, None, None, reward_wrapper=w, max_len=8)
+        tr = plain_cls("p", strategy, None, None, None, None, None, reward_wrapper=w, max_len=8)
         out["trainer_maker_has_wrapper"] = tr.experience_maker.reward_wrapper is w
         out["trainer_generate_kwargs"] = tr.generate_kwargs
     print("PROBE" + json.dumps(out))
-    '''
-)
+    ''')
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,9 @@ def store_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def patched_copy(tmp_path_factory):
     target = tmp_path_factory.mktemp("site")
-    shutil.copytree(patching.default_target() / "openrlhf", target / "openrlhf", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        patching.default_target() / "openrlhf", target / "openrlhf", ignore=shutil.ignore_patterns("__pycache__")
+    )
     assert patching.status(target, patching.find_patch()) == "unpatched"
     assert patching.main(["apply", "--check", "--target", str(target)]) == 0
     assert patching.status(target, patching.find_patch()) == "unpatched"  # --check wrote nothing
@@ -148,7 +150,9 @@ def probe(store_dir, pythonpath=None):
     script.write_text(PROBE)
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, str(script), store_dir], capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(script), store_dir], capture_output=True, text=True, env=env, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     line = [x for x in res.stdout.splitlines() if x.startswith("PROBE")][-1]
     return json.loads(line[len("PROBE") :])

@@ -16,10 +16,9 @@ from openrlhf_infalign.openrlhf.standins import install_flash_attn
 install_flash_attn()
 
 import cloudpickle  # noqa: E402
-import ray  # noqa: E402
-
 import openrlhf.trainer.ppo_trainer as upstream  # noqa: E402
 import openrlhf.trainer.ppo_trainer_async as upstream_async  # noqa: E402
+import ray  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
 

@@ -111,9 +111,7 @@ def make_experiences(maker, rewards: np.ndarray, shape: str, seed=2):
 
 
 def new_maker(args, kl_coef=0.05):
-    return RemoteExperienceMaker(
-        None, None, None, None, FixedKLController(kl_coef), _Strategy(args), _Tokenizer()
-    )
+    return RemoteExperienceMaker(None, None, None, None, FixedKLController(kl_coef), _Strategy(args), _Tokenizer())
 
 
 class _Strategy:  # the maker reads strategy.args only
@@ -142,7 +140,9 @@ def test_wrapped_reward_reaches_advantages(estimator, shape, store, refs):
     )
     transform = parse_transform("exp:t=5")
     raw = raw_rewards(refs)
-    expected = transform(np.array([brute_force_calibrated(r, refs[PROMPTS[i // N_SAMPLES]]) for i, r in enumerate(raw)]))
+    expected = transform(
+        np.array([brute_force_calibrated(r, refs[PROMPTS[i // N_SAMPLES]]) for i, r in enumerate(raw)])
+    )
 
     wrapper = CTRLRewardWrapper(store, transform)
     maker = new_maker(args)
@@ -171,14 +171,19 @@ def test_wrapped_reward_reaches_advantages(estimator, shape, store, refs):
     np.testing.assert_allclose(got_raw[np.argsort(order)], raw.astype(np.float32), atol=1e-6)
     assert cal.min() >= 0 and cal.max() <= 1
     torch.testing.assert_close(
-        torch.cat([e.info["reward"].flatten() for e in wrapped]), torch.cat([e.info[INFO_TRANSFORMED] for e in wrapped])
+        torch.cat([e.info["reward"].flatten() for e in wrapped]),
+        torch.cat([e.info[INFO_TRANSFORMED] for e in wrapped]),
     )
 
 
 def test_rewards_keep_shape_device_and_dtype(store, refs):
     w = CTRLRewardWrapper(store, parse_transform("identity"))
     prompts = [PROMPTS[0], PROMPTS[1]]
-    for r in (torch.tensor([0.3, -2.0]), torch.tensor([[0.3], [-2.0]]), torch.tensor([0.3, -2.0], dtype=torch.float64)):
+    for r in (
+        torch.tensor([0.3, -2.0]),
+        torch.tensor([[0.3], [-2.0]]),
+        torch.tensor([0.3, -2.0], dtype=torch.float64),
+    ):
         new, info = w(prompts, r)
         assert new.shape == r.shape and new.device == r.device and new.dtype == r.dtype
     new, _ = w(prompts, torch.tensor([1, -3]))  # a reward_func returning ints: promoted like upstream does

@@ -74,7 +74,12 @@ def _intercept(argv: Sequence[str], prog: str, train: Optional[Callable]):
     def parse_args(self, args=None, namespace=None):
         frame = sys._getframe(1)
         g = frame.f_globals
-        if done or g.get("__name__") != "__main__" or g.get("__spec__") is None or g["__spec__"].name != UPSTREAM_MODULE:
+        if (
+            done
+            or g.get("__name__") != "__main__"
+            or g.get("__spec__") is None
+            or g["__spec__"].name != UPSTREAM_MODULE
+        ):
             return real_parse_args(self, args, namespace)
         done.append(True)
         self.prog = prog

@@ -177,13 +177,17 @@ def find_patch(explicit: Optional[str] = None) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    raise FileNotFoundError(f"patch {PATCH_NAME} not found (looked in {', '.join(map(str, candidates))}); pass --patch")
+    raise FileNotFoundError(
+        f"patch {PATCH_NAME} not found (looked in {', '.join(map(str, candidates))}); pass --patch"
+    )
 
 
 def default_target() -> Path:
     spec = importlib.util.find_spec("openrlhf")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("openrlhf is not installed here; pass --target DIR (the directory containing openrlhf/)")
+        raise FileNotFoundError(
+            "openrlhf is not installed here; pass --target DIR (the directory containing openrlhf/)"
+        )
     return Path(list(spec.submodule_search_locations)[0]).parent
 
 

@@ -45,7 +45,9 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor, unuse
 
 def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """Inverse of :func:`unpad_input`: scatter rows back into a zero (batch, seqlen, ...) tensor."""
-    output = torch.zeros((batch * seqlen, *hidden_states.shape[1:]), device=hidden_states.device, dtype=hidden_states.dtype)
+    output = torch.zeros(
+        (batch * seqlen, *hidden_states.shape[1:]), device=hidden_states.device, dtype=hidden_states.dtype
+    )
     output[indices] = hidden_states
     return output.reshape(batch, seqlen, *hidden_states.shape[1:])
 

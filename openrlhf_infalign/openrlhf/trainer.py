@@ -14,7 +14,7 @@ Attributes it adds (the evaluation mixin reads them):
     self.infalign.store      ReferenceStore of the training prompts (shipped by value through Ray)
     self.infalign.eval_store ReferenceStore of the eval prompts (default: the training store)
     self.infalign.transform  Transform (.spec), self.infalign.inference InferenceProcedure (.spec, .kind, .n)
-    self.infalign.beta       planned KL coefficient (or None), self.infalign.kl_budget, self.infalign.args (args.infalign)
+    self.infalign.beta       planned KL coefficient (or None); .kl_budget; .args (the args.infalign namespace)
     self.infalign.eval_at_start  run infalign_initial_evaluate() once before the first update
 
 How upstream uses it: ``train_ppo_ray.train()`` does ``from openrlhf.trainer.ppo_trainer import PPOTrainer`` and then
