@@ -127,7 +127,9 @@ def advantages(experiences):
     return torch.cat([e.advantages.flatten() for e in experiences])
 
 
-@pytest.mark.parametrize("estimator", ["gae", "rloo", "group_norm", "reinforce_baseline", "reinforce"])
+@pytest.mark.parametrize(
+    "estimator", ["gae", "rloo", "group_norm", "reinforce_baseline", "reinforce", "dr_grpo", "flash_reinforce"]
+)
 @pytest.mark.parametrize("shape", ["B", "B1"])
 def test_wrapped_reward_reaches_advantages(estimator, shape, store, refs):
     args = real_args(
