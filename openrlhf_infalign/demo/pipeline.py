@@ -182,7 +182,7 @@ def run_phase(
                 log.write(line)
                 now = time.time() - t0
                 clean = _strip_ansi(line.rstrip("\n"))
-                if "Global step" in clean or "Evaluation completed" in clean:
+                if "Global step" in clean or "Evaluation completed" in clean or "Evaluation start time" in clean:
                     lines.append((now, clean))
                 shown = fmt(clean) if fmt is not None else None
                 if shown is None and echo is not None and echo.search(clean):
@@ -281,7 +281,11 @@ def _literal(text: str):
 def parse_step_logs(lines: Sequence[tuple]) -> dict:
     """Per-step metrics (``Global step N: {...}``) and evaluation durations from the trainer's log lines."""
     steps, evals = [], []
+    eval_started = None
     for t, line in lines:
+        if "Evaluation start time" in line:
+            eval_started = t
+            continue
         m = STEP_RE.search(line)
         if m:
             try:
@@ -293,7 +297,10 @@ def parse_step_logs(lines: Sequence[tuple]) -> dict:
         m = EVAL_RE.search(line)
         if m:
             h, mi, s, step = map(int, m.groups())
-            evals.append({"step": step, "seconds": h * 3600 + mi * 60 + s, "t": t})
+            # the trainer prints whole seconds; the gap between its start/end lines as they reached us is finer
+            wall = round(t - eval_started, 2) if eval_started is not None else float(h * 3600 + mi * 60 + s)
+            evals.append({"step": step, "seconds": wall, "t": round(t, 2)})
+            eval_started = None
     return {"steps": steps, "evals": evals}
 
 
@@ -520,6 +527,10 @@ def _summarise_train(train: dict, args) -> dict:
     parsed = parse_step_logs(train.pop("_lines"))
     steps = parsed["steps"]
     out = {"steps_completed": len(steps), "evals": parsed["evals"]}
+    evals = parsed["evals"]
+    if evals and evals[0]["step"] == 0:
+        # process start -> step-0 evaluation begins: Ray, vLLM engine, DeepSpeed actor + reference model start-up
+        out["startup_s"] = round(evals[0]["t"] - evals[0]["seconds"], 1)
     if steps:
         out["first_step_at_s"] = round(steps[0]["t"], 1)  # Ray + vLLM + DeepSpeed start-up, step-0 eval, first step
         out["step_seconds"] = [round(s["metrics"].get("timing/step_total", float("nan")), 3) for s in steps]
@@ -556,10 +567,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def record(name: str, result: dict) -> None:
         result.pop("_lines", None)
         phases[name] = result
-        say(
-            f"{name}: {result['seconds']:.1f}s, peak RSS {result.get('peak_tree_rss_mb', 0):.0f} MiB "
-            f"(process tree; largest process {result.get('peak_process_rss_mb', 0):.0f} MiB)"
-        )
+        if "peak_tree_rss_mb" in result:
+            say(
+                f"{name}: {result['seconds']:.1f}s, peak RSS {result['peak_tree_rss_mb']:.0f} MiB "
+                f"(sum over its process tree; largest process {result['peak_process_rss_mb']:.0f} MiB)"
+            )
+        else:
+            say(f"{name}: {result['seconds']:.1f}s")
 
     try:
         say(f"output directory {out}")
@@ -645,15 +659,18 @@ def _print_summary(summary: dict, args) -> None:
     tr = summary.get("train", {})
     say("done in {:.1f}s (machine's cores may be shared: timings are pessimistic)".format(summary["total_seconds"]))
     for name, p in summary["phases"].items():
-        say(f"  {name:16s} {p['seconds']:7.1f}s   peak RSS {p.get('peak_tree_rss_mb', 0):7.0f} MiB")
+        rss = f"   peak RSS {p['peak_tree_rss_mb']:7.0f} MiB" if "peak_tree_rss_mb" in p else ""
+        say(f"  {name:16s} {p['seconds']:7.1f}s{rss}")
     if tr.get("steps_completed"):
         st = [s for s in tr.get("step_seconds", []) if not math.isnan(s)]
         say(
             f"  train: {tr['steps_completed']} PPO steps; first step logged at {tr['first_step_at_s']}s; "
             f"step time {min(st):.2f}-{max(st):.2f}s (OpenRLHF timing/step_total)"
         )
+        if "startup_s" in tr:
+            say(f"  train start-up (Ray, vLLM engine, DeepSpeed actor/ref) until the step-0 eval: {tr['startup_s']}s")
         for e in tr.get("evals", []):
-            say(f"  eval at step {e['step']}: {e['seconds']}s")
+            say(f"  eval at step {e['step']}: {e['seconds']:.1f}s")
         cal = [c for c in tr.get("calibrated_mean_per_step", []) if c is not None]
         if cal:
             say(f"  calibrated reward (mean per step): {', '.join(f'{c:.3f}' for c in cal)}")

@@ -1,0 +1,83 @@
+"""Fast checks of the `make demo` pieces: the SFT corpus and fit, the trainer command line, and the log parsing.
+
+The pipeline itself runs end to end in tests/test_e2e_cpu.py (marked ``e2e``).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from openrlhf_infalign.demo import fit, pipeline, tiny
+
+
+def test_synthetic_corpus_has_mixed_quality():
+    prompts = tiny.make_prompts(40, seed=3)
+    corpus = fit.synthetic_corpus(prompts, per_prompt=8, seed=1)
+    assert len(corpus) == 320
+    assert {p for p, _, _ in corpus} == set(prompts)
+    finished = sum(f for _, _, f in corpus) / len(corpus)
+    assert 0.3 < finished < 0.9  # some responses end with </s>, some run on
+    on_topic = [len(set(r.split()) & set(p.split()) & (set(tiny.ADJECTIVES) | set(tiny.NOUNS))) for p, r, _ in corpus]
+    assert min(on_topic) == 0 and max(on_topic) >= 2  # from off-topic babble to on-topic answers
+    vocab = set(tiny.vocabulary())
+    assert all(w in vocab for _, r, _ in corpus for w in r.split())  # nothing the tokenizer maps to <unk>
+
+
+@pytest.mark.openrlhf
+def test_fit_policy_lowers_the_loss_and_replaces_the_model_atomically(tmp_path):
+    pytest.importorskip("transformers")
+    tok = tiny.build_tokenizer(tmp_path / "init")
+    tiny.build_policy(tmp_path / "init", tok, seed=0)
+    out = tmp_path / "policy"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")  # the previous model directory is replaced as a whole
+    summary = fit.fit_policy(tmp_path / "init", out, steps=40, batch_size=16, progress=False)
+    assert summary["loss_last"] < summary["loss_first"] - 0.5, summary
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "infalign_fit.json").read_text())["steps"] == 40
+    assert not list(tmp_path.glob("*.fit-tmp")) and not list(tmp_path.glob("*.fit-old"))
+    samples = fit.sample_responses(out, ["describe the red fox"], n=3, max_new_tokens=8)
+    assert len(samples) == 1 and len(samples[0]) == 3
+
+
+def _plan_args():
+    return ["--reward_wrapper", "infalign.ctrl", "--infalign.inference", "bon:4", "--algo.kl.init_coef", "0.31"]
+
+
+def test_train_command_runs_upstream_trainer_in_cpu_mode_with_matching_sampling(tmp_path):
+    args = pipeline.build_parser().parse_args(["--out", str(tmp_path)])
+    cmd = pipeline.train_command(Path(tmp_path), args, {"openrlhf_args": _plan_args()})
+    assert cmd[1:3] == ["-m", "openrlhf_infalign.train_ppo"] and "--infalign.cpu" in cmd
+
+    def value(flag):
+        return cmd[cmd.index(flag) + 1]
+
+    for flag, expected in zip(_plan_args()[::2], _plan_args()[1::2]):
+        assert value(flag) == expected
+    # the eval store and the rollouts are sampled like the reference samples: temperature 1, same length cap
+    assert value("--eval.temperature") == "1.0" and value("--rollout.temperature") == "1.0"
+    assert value("--rollout.max_new_tokens") == str(args.max_new_tokens)
+    assert value("--data.input_template") == pipeline.INPUT_TEMPLATE
+    steps = args.train_prompts // args.rollout_batch * args.episodes
+    assert steps % int(value("--eval.steps")) == 0  # an evaluation lands on the last step
+    assert int(value("--train.batch_size")) == args.rollout_batch * args.n_samples
+
+
+def test_step_and_eval_lines_are_parsed_and_condensed():
+    lines = [
+        (1.0, "(InfAlignPPOTrainer pid=1) INFO ⏰ Evaluation start time: 2026-01-01 00:00:00"),
+        (3.5, "✨ Evaluation completed in 0:00:02, global_step 0, eval_metrics: {'infalign/bon_4': 0.5, "
+              "'infalign/bon_4_stderr': 0.03, 'infalign/kl': 0.0}"),  # fmt: skip
+        (4.0, "INFO ppo_trainer.py:551] ✨ Global step 1: {'kl': 0.0, 'vllm_kl': 0.001, 'timing/step_total': 0.5, "
+              "'infalign/calibrated': 0.52, 'x': nan}"),  # fmt: skip
+        (4.2, "unrelated line"),
+    ]
+    parsed = pipeline.parse_step_logs(lines)
+    assert parsed["evals"] == [{"step": 0, "seconds": 2.5, "t": 3.5}]
+    assert len(parsed["steps"]) == 1 and parsed["steps"][0]["metrics"]["infalign/calibrated"] == 0.52
+    assert parsed["steps"][0]["metrics"]["x"] != parsed["steps"][0]["metrics"]["x"]  # nan survives
+    assert "calibrated 0.520" in pipeline.format_train_line(lines[2][1])
+    assert "bon 4 0.500±0.030" in pipeline.format_train_line(lines[1][1])
+    assert pipeline.format_train_line(lines[3][1]) is None
