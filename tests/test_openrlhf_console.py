@@ -146,6 +146,12 @@ def test_auto_transform_plans_and_reports_beta(store_dir, capsys):
     assert "--algo.kl.init_coef was not given" not in capsys.readouterr().err
 
 
+def test_store_without_wrapper_is_reported(store_dir, capsys):
+    rc, seen = run(BASE + ["--infalign.store", store_dir])
+    assert rc == 0 and seen["PPOTrainer"] is upstream_ppo_trainer.PPOTrainer
+    assert "without --reward_wrapper" in capsys.readouterr().err
+
+
 def test_calibrate_wrapper_uses_identity(store_dir):
     rc, seen = run(BASE + TEMPLATE + ["--reward_wrapper", "infalign.calibrate", "--infalign.store", store_dir])
     assert rc == 0 and seen["PPOTrainer"].state.wrapper.transform.spec == "identity"

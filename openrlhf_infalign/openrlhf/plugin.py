@@ -210,6 +210,8 @@ def prepare(args) -> Optional[InfAlignState]:
     name = _get(args, "reward.wrapper")
     eval_dir = _get(args, "infalign.eval_store")
     if not name and not eval_dir:
+        if _get(args, "infalign.store"):
+            say("note: --infalign.store is given without --reward_wrapper: training uses the plain OpenRLHF reward")
         return None
     state = InfAlignState(args=getattr(args, "infalign", None))
     if name:
