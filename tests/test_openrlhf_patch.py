@@ -62,6 +62,12 @@ PROBE = textwrap.dedent(r'''
     out["plain"] = parse(base)
     out["wrapped"] = parse(base + ["--reward.wrapper", "infalign.ctrl", "--infalign.store", sys.argv[1],
                                    "--infalign.transform", "exp:t=3"])
+    # Our console on top of this openrlhf: on a patched one both register the same flags; no clash, one wrapper.
+    from openrlhf_infalign.openrlhf.console import run_train_ppo
+    got = []
+    rc = run_train_ppo(base + ["--reward_wrapper", "infalign.ctrl", "--infalign.store", sys.argv[1],
+                               "--infalign.transform", "exp:t=3"], train=got.append)
+    out["console"] = {"rc": rc, "wrapper": got[0].reward.wrapper if got else None}
     out["unknown"] = None
     try:
         from openrlhf.utils.reward_wrapper import load_reward_wrapper
@@ -198,6 +204,8 @@ def test_patched_parser_accepts_reward_wrapper(results, patched_copy):
     # the unpatched upstream rejects the flag (argparse error, exit 2)
     assert upstream["wrapped"] == {"exit": "2"}
     assert "infalign.ctrl" in patched["unknown"] and "nope" in patched["unknown"]
+    # our console works on both (adds only what the parser lacks)
+    assert patched["console"] == upstream["console"] == {"rc": 0, "wrapper": "infalign.ctrl"}
     assert upstream["unknown"] == "no module"
 
 

@@ -170,3 +170,17 @@ def test_state_ships_by_value(state):
     r = torch.tensor([0.5, 0.1])
     torch.testing.assert_close(copy.wrapper(PROMPTS, r)[0], state.wrapper(PROMPTS, r)[0])
     assert copy.inference.spec == "bon:4" and len(copy.eval_store) == 2
+
+
+def test_no_double_wrapping_on_a_patched_openrlhf(no_data_plumbing, state, monkeypatch):
+    # With patches/ applied, upstream's maker carries the wrapper natively (reward_wrapper attribute): leave it be.
+    orig_init = RemoteExperienceMaker.__init__
+
+    def patched_init(self, *a, **k):
+        orig_init(self, *a, **k)
+        self.reward_wrapper = state.wrapper
+
+    monkeypatch.setattr(RemoteExperienceMaker, "__init__", patched_init)
+    trainer = build(real_args("--algo.advantage.estimator", "reinforce"), infalign_state=state)
+    assert trainer.infalign is state
+    assert "compute_advantages_and_returns" not in vars(trainer.experience_maker)
