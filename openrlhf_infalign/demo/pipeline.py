@@ -53,8 +53,10 @@ def say(msg: str) -> None:
 class TreeMonitor:
     """Samples the RSS of a child process and everything it starts (descendants and its session), every second.
 
-    ``peak_tree_rss`` sums RSS over the processes alive at one instant (shared library pages are counted once per
-    process, so it overstates physical use somewhat); ``peak_process_rss`` is the largest single process.
+    ``peak_tree_rss`` sums RSS over the processes alive at one instant (pages shared between processes, such as
+    the torch libraries, count once per process, so it overstates physical use); ``peak_tree_pss`` sums PSS
+    (shared pages split between their users: the physical memory the tree holds), where the kernel reports it;
+    ``peak_process_rss`` is the largest single process.
     """
 
     def __init__(self, pid: int, interval: float = 1.0) -> None:
@@ -64,6 +66,7 @@ class TreeMonitor:
         self.pid = pid
         self.interval = interval
         self.peak_tree_rss = 0
+        self.peak_tree_pss = 0
         self.peak_process_rss = 0
         self.seen: Dict[int, float] = {}  # pid -> create_time, to end leftovers by id (never reused pids)
         self._stop = threading.Event()
@@ -89,16 +92,22 @@ class TreeMonitor:
         return procs
 
     def sample(self) -> None:
-        total = 0
+        total = total_pss = 0
         for pid, proc in self._members().items():
             try:
-                rss = proc.memory_info().rss
                 self.seen.setdefault(pid, proc.create_time())
+                rss = proc.memory_info().rss
+                try:
+                    pss = proc.memory_full_info().pss  # /proc/PID/smaps_rollup
+                except (self._psutil.Error, AttributeError, OSError):
+                    pss = rss
             except self._psutil.Error:
                 continue
             total += rss
+            total_pss += pss
             self.peak_process_rss = max(self.peak_process_rss, rss)
         self.peak_tree_rss = max(self.peak_tree_rss, total)
+        self.peak_tree_pss = max(self.peak_tree_pss, total_pss)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -200,6 +209,7 @@ def run_phase(
         "seconds": round(seconds, 2),
         "returncode": rc,
         "peak_tree_rss_mb": round(monitor.peak_tree_rss / 2**20, 1),
+        "peak_tree_pss_mb": round(monitor.peak_tree_pss / 2**20, 1),
         "peak_process_rss_mb": round(monitor.peak_process_rss / 2**20, 1),
         "log": str(log_path),
         "ended_leftover_processes": len(ended),
@@ -418,7 +428,17 @@ def _calibrate(out: Path, args, split: str, seed: int) -> dict:
     )
     if args.calibrate_backend == "vllm":
         cmd += ["--infalign.cpu", "--vllm.enforce_eager", "--vllm.gpu_memory_utilization", "0.5"]
-    return run_phase(f"calibrate_{split}", cmd, out / "logs", echo=re.compile(r"error|Error|wrote|store"))
+    return run_phase(f"calibrate_{split}", cmd, out / "logs", echo=re.compile(r"error:"), fmt=_format_calibrate_line)
+
+
+def _format_calibrate_line(line: str) -> Optional[str]:
+    if not line.startswith('{"out"'):
+        return None
+    try:
+        d = json.loads(line)
+    except ValueError:
+        return None
+    return f"reference store {d.get('out')}: {d.get('num_prompts')} prompts x K={d.get('k')}"
 
 
 def _max_len(args) -> int:
@@ -569,8 +589,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         phases[name] = result
         if "peak_tree_rss_mb" in result:
             say(
-                f"{name}: {result['seconds']:.1f}s, peak RSS {result['peak_tree_rss_mb']:.0f} MiB "
-                f"(sum over its process tree; largest process {result['peak_process_rss_mb']:.0f} MiB)"
+                f"{name}: {result['seconds']:.1f}s, peak memory of its process tree: PSS "
+                f"{result['peak_tree_pss_mb']:.0f} MiB, RSS {result['peak_tree_rss_mb']:.0f} MiB (largest process "
+                f"{result['peak_process_rss_mb']:.0f} MiB)"
             )
         else:
             say(f"{name}: {result['seconds']:.1f}s")
@@ -633,6 +654,7 @@ def _write_summary(out: Path, summary: dict, t_start: float) -> None:
     summary["total_seconds"] = round(time.time() - t_start, 1)
     phases = summary["phases"]
     summary["peak_tree_rss_mb"] = max((p.get("peak_tree_rss_mb", 0) for p in phases.values()), default=0)
+    summary["peak_tree_pss_mb"] = max((p.get("peak_tree_pss_mb", 0) for p in phases.values()), default=0)
     evals = summary.get("evaluations") or []
     n = _bon_n(summary)
     if evals and n:
@@ -659,7 +681,11 @@ def _print_summary(summary: dict, args) -> None:
     tr = summary.get("train", {})
     say("done in {:.1f}s (machine's cores may be shared: timings are pessimistic)".format(summary["total_seconds"]))
     for name, p in summary["phases"].items():
-        rss = f"   peak RSS {p['peak_tree_rss_mb']:7.0f} MiB" if "peak_tree_rss_mb" in p else ""
+        rss = (
+            f"   peak PSS {p['peak_tree_pss_mb']:6.0f} MiB, RSS {p['peak_tree_rss_mb']:6.0f} MiB"
+            if "peak_tree_rss_mb" in p
+            else ""
+        )
         say(f"  {name:16s} {p['seconds']:7.1f}s{rss}")
     if tr.get("steps_completed"):
         st = [s for s in tr.get("step_seconds", []) if not math.isnan(s)]
@@ -673,7 +699,14 @@ def _print_summary(summary: dict, args) -> None:
             say(f"  eval at step {e['step']}: {e['seconds']:.1f}s")
         cal = [c for c in tr.get("calibrated_mean_per_step", []) if c is not None]
         if cal:
-            say(f"  calibrated reward (mean per step): {', '.join(f'{c:.3f}' for c in cal)}")
+            shown = cal if len(cal) <= 8 else cal[:4] + ["..."] + cal[-4:]
+            say(
+                "  calibrated reward (mean per step, in [0,1]): "
+                + ", ".join(c if isinstance(c, str) else f"{c:.3f}" for c in shown)
+            )
+        vkl = [abs(v) for v in tr.get("vllm_kl_per_step", []) if v is not None]
+        if vkl:
+            say(f"  |vllm_kl| (vLLM engine vs DeepSpeed actor, per token) <= {max(vkl):.1e}: weight sync in effect")
     bon = summary.get("bon_win_rate")
     if bon:
         f, l = bon["first"], bon["final"]
