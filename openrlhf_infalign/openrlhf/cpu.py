@@ -32,6 +32,14 @@ with the reason it is needed (each was confirmed necessary by switching it off a
 heavy, and patches each OpenRLHF / DeepSpeed / torch module right after it is first imported (or at once if it
 already is), so idle Ray workers that never import OpenRLHF pay nothing. Call it in the driver and in every Ray
 worker (``worker_process_setup_hook``) and only for CPU runs: GPU runs never touch this module.
+
+Exercised end to end by ``make demo`` / tests/test_e2e_cpu.py (reinforce_baseline with a reference model, one vLLM
+engine, one DeepSpeed ZeRO-2 actor rank; the logged ``vllm_kl`` shows the synced engine matches the actor to bf16
+rounding). Not covered here: colocation / ``--vllm.enable_sleep``, ``--train.async_enable``, sample packing and ring
+attention (need the real flash-attn kernels), vLLM tensor parallelism, ZeRO-3, ``--vllm.sync_with_ray`` (refused by
+the worker extension with a message). Ray itself binds to 127.0.0.1; OpenRLHF picks the rendezvous address of its own
+torch/gloo groups with ``ray._private.services.get_node_ip_address()``, which inside a worker is the host's outbound
+address (loopback when the machine has no network), as upstream does on GPU clusters.
 """
 
 from __future__ import annotations
