@@ -11,13 +11,13 @@ $(VENV)/.setup-done: pyproject.toml scripts/setup_cpu.sh
 setup: $(VENV)/.setup-done
 
 demo: setup
-	$(PY) -m openrlhf_infalign.cli plan --inference bon:4 --kl 0.5 --plot demo_plan.png
+	$(PY) -m openrlhf_infalign.demo.pipeline --out demo_out
 
 test: setup
 	$(PY) -m pytest tests
 
 bench: setup
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info
