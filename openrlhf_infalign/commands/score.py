@@ -8,7 +8,6 @@ among the prompt's K reference rewards (ties count 1/2), transformed is the tran
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -45,7 +44,9 @@ def _bad(src: Path, lineno: int, msg: str) -> ValueError:
 
 
 def read_samples(src: Path):
-    """(digests (B,20) uint8, hex keys, rewards float64, line numbers, prompts or None per row)."""
+    """(digests (B,20) uint8, rewards float64, line numbers, prompts or None per row)."""
+    from openrlhf_infalign.store.jsonl import iter_json_objects, parse_prompt_key
+
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such file")
     digests = bytearray()
@@ -53,31 +54,8 @@ def read_samples(src: Path):
     lines: list[int] = []
     prompts: list[str | None] = []
     with open(src, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise _bad(src, lineno, f"not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise _bad(src, lineno, f"expected a JSON object, got {type(row).__name__}")
-            prompt, key = row.get("prompt"), row.get("prompt_key")
-            if prompt is not None and not isinstance(prompt, str):
-                raise _bad(src, lineno, '"prompt" must be a string')
-            if key is not None:
-                try:
-                    d = bytes.fromhex(key) if isinstance(key, str) and len(key) == 40 else None
-                except ValueError:
-                    d = None
-                if d is None:
-                    raise _bad(src, lineno, f'"prompt_key" must be a 40-character sha1 hex string, got {key!r}')
-                if prompt is not None and hashlib.sha1(prompt.encode("utf-8")).digest() != d:
-                    raise _bad(src, lineno, f'"prompt_key" {key} is not sha1 of "prompt"')
-            elif prompt is not None:
-                d = hashlib.sha1(prompt.encode("utf-8")).digest()
-            else:
-                raise _bad(src, lineno, 'row needs "prompt" (exact prompt string) or "prompt_key" (its sha1 hex)')
+        for lineno, row in iter_json_objects(src, f):
+            d, prompt = parse_prompt_key(src, lineno, row)
             r = row.get("reward")
             if isinstance(r, bool) or not isinstance(r, (int, float)):
                 raise _bad(src, lineno, f'"reward" must be a number, got {r!r}')

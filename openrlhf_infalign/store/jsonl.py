@@ -2,6 +2,7 @@
 
 One row per prompt: ``{"prompt": str, "rewards": [float, ...]}`` or ``{"prompt_key": sha1hex, "rewards": [...]}``
 (both keys allowed; then the prompt must hash to the key). Export writes the same shape, so the two round-trip.
+The row readers (`iter_json_objects`, `parse_prompt_key`) also read `infalign score`'s sample rows.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,26 @@ def _bad(src: Path, lineno: int, msg: str) -> StoreError:
     return StoreError(f"{src}:{lineno}: {msg}")
 
 
-def _parse_key(src: Path, lineno: int, row: dict) -> tuple[bytes, str | None]:
+def iter_json_objects(src: Path, f, bar=None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of the binary file f read from src; a StoreError naming
+    src:line for a line that is not a JSON object. bar (tqdm) advances by the bytes of every line read."""
+    for lineno, raw in enumerate(f, start=1):
+        if bar is not None:
+            bar.update(len(raw))
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _bad(src, lineno, f"not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise _bad(src, lineno, f"expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
+def parse_prompt_key(src: Path, lineno: int, row: dict) -> tuple[bytes, str | None]:
+    """(20-byte sha1 digest, prompt or None) of a row's "prompt" and/or "prompt_key"; a StoreError naming src:line
+    if neither is given, either is malformed, or the key is not the prompt's sha1."""
     prompt = row.get("prompt")
     key = row.get("prompt_key")
     if prompt is not None and not isinstance(prompt, str):
@@ -201,17 +222,8 @@ def read_reference_jsonl(src, *, progress: bool = True, k_min: int = 1, fast: bo
     lengths: list[int] = []
     lines: list[int] = []
     with open(src, "rb") as f, _progress(os.path.getsize(src), progress, f"import {src.name}") as bar:
-        for lineno, raw in enumerate(f, start=1):
-            bar.update(len(raw))
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise _bad(src, lineno, f"not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise _bad(src, lineno, f"expected a JSON object, got {type(row).__name__}")
-            digest, prompt = _parse_key(src, lineno, row)
+        for lineno, row in iter_json_objects(src, f, bar):
+            digest, prompt = parse_prompt_key(src, lineno, row)
             rewards = row.get("rewards")
             if not isinstance(rewards, list):
                 raise _bad(src, lineno, f'"rewards" must be a list of numbers, got {type(rewards).__name__}')
