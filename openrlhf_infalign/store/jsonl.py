@@ -67,7 +67,9 @@ def parse_prompt_key(src: Path, lineno: int, row: dict) -> tuple[bytes, str | No
         try:
             digest = bytes.fromhex(key)
         except ValueError:
-            raise _bad(src, lineno, f'"prompt_key" is not hexadecimal: {key!r}') from None
+            digest = b""
+        if len(digest) != DIGEST_BYTES:  # fromhex skips spaces: a 40-character key with some gives < 20 bytes
+            raise _bad(src, lineno, f'"prompt_key" is not hexadecimal: {key!r}')
         if prompt is not None and hashlib.sha1(prompt.encode("utf-8")).digest() != digest:
             raise _bad(
                 src,
