@@ -181,3 +181,12 @@ def test_help_lists_defaults(capsys):
     out = capsys.readouterr().out
     for flag in ("--policy", "--reference", "--n", "--json", "--plot", "--skip-missing"):
         assert flag in out
+
+
+def test_integer_reward_beyond_float_range_is_a_row_error(tmp_path, capsys):
+    from openrlhf_infalign.cli import main
+
+    (tmp_path / "ref.jsonl").write_text('{"prompt": "a", "rewards": [1.0, 2.0]}\n')
+    (tmp_path / "pol.jsonl").write_text('{"prompt": "a", "rewards": [1' + "0" * 400 + "]}\n")
+    assert main(["evaluate", "--policy", str(tmp_path / "pol.jsonl"), "--reference", str(tmp_path / "ref.jsonl")]) == 2
+    assert "pol.jsonl:1" in capsys.readouterr().err

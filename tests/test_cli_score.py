@@ -138,3 +138,14 @@ def test_bad_transform_spec(store, tmp_path, capsys):
     assert "unknown transform" in capsys.readouterr().err
     assert main(["score", "--store", str(st), "--jsonl", str(src), "--transform", "auto"]) == 2
     assert "inference" in capsys.readouterr().err
+
+
+def test_integer_reward_beyond_float_range_is_a_row_error(tmp_path, capsys):
+    from openrlhf_infalign.cli import main
+
+    (tmp_path / "refs.jsonl").write_text('{"prompt": "a", "rewards": [1.0, 2.0]}\n')
+    assert main(["store", "import", "--jsonl", str(tmp_path / "refs.jsonl"), "--out", str(tmp_path / "s")]) == 0
+    (tmp_path / "samples.jsonl").write_text('{"prompt": "a", "reward": 1' + "0" * 400 + "}\n")
+    capsys.readouterr()
+    assert main(["score", "--store", str(tmp_path / "s"), "--jsonl", str(tmp_path / "samples.jsonl")]) == 2
+    assert "samples.jsonl:1" in capsys.readouterr().err

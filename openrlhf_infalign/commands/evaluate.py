@@ -123,6 +123,10 @@ def read_rewards_jsonl(path) -> tuple[dict[str, list[np.ndarray]], dict[str, str
             for j, v in enumerate(values):
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise UserError(f"{where}: rewards[{j}] is {v!r:.40}, not a number")
+                try:
+                    v = float(v)  # a JSON integer can exceed float range
+                except OverflowError:
+                    raise UserError(f"{where}: rewards[{j}] is out of float range") from None
                 if not math.isfinite(v):
                     raise UserError(
                         f"{where}: rewards[{j}] is {v}; rewards must be finite (fix the reward model/export)"

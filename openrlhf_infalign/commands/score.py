@@ -59,6 +59,10 @@ def read_samples(src: Path):
             r = row.get("reward")
             if isinstance(r, bool) or not isinstance(r, (int, float)):
                 raise _bad(src, lineno, f'"reward" must be a number, got {r!r}')
+            try:
+                r = float(r)  # a JSON integer can exceed float range
+            except OverflowError:
+                raise _bad(src, lineno, f'"reward" {str(row["reward"])[:20]}... is out of float range') from None
             if not np.isfinite(r):
                 raise _bad(src, lineno, f'"reward" is {r}: NaN/inf rewards have no calibrated rank')
             digests += d
