@@ -190,3 +190,14 @@ def test_info_on_missing_and_newer_store(tmp_path, capsys):
     capsys.readouterr()
     assert main(["store", "info", str(tmp_path / "st")]) == 2
     assert "format_version 99 is newer" in capsys.readouterr().err
+
+
+def test_prompt_key_with_spaces_is_not_hexadecimal(tmp_path, capsys):
+    # bytes.fromhex skips whitespace: a 40-character key with spaces must not decode to a short digest.
+    from openrlhf_infalign.cli import main
+
+    src = tmp_path / "refs.jsonl"
+    src.write_text('{"prompt_key": "%s", "rewards": [1.0]}\n' % ("ab" * 19 + "  "))
+    assert main(["store", "import", "--jsonl", str(src), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "refs.jsonl:1" in err and "not hexadecimal" in err
