@@ -133,3 +133,17 @@ def test_weight_sync_reaches_the_vllm_engine(demo):
     mean_kl, mean_vllm_kl = sum(kl) / len(kl), sum(vllm_kl) / len(vllm_kl)
     assert mean_kl > 0, kl
     assert mean_vllm_kl < 0.25 * mean_kl, (vllm_kl, kl)
+
+
+def test_training_raises_the_held_out_best_of_n_win_rate(demo):
+    """What the demo is for: the policy, trained on CTRL rewards of the TRAINING prompts, wins Best-of-4 more often on
+    the disjoint EVAL prompts than the base policy did at step 0. Measured on this machine with the defaults: 0.50 ->
+    0.64 (stderr 0.016 each), about 6 combined standard errors; this asserts only that the final value is higher."""
+    summary = demo["summary"]
+    train_prompts = {json.loads(line)["input"] for line in (demo["out"] / "prompts" / "train.jsonl").open()}
+    eval_prompts = {json.loads(line)["input"] for line in (demo["out"] / "prompts" / "eval.jsonl").open()}
+    assert eval_prompts and not (train_prompts & eval_prompts)
+    bon = summary["bon_win_rate"]
+    first, final = bon["first"], bon["final"]
+    assert final["step"] == summary["train"]["steps_completed"] and final["kl"] > 0
+    assert final["win_rate"] > first["win_rate"], bon
