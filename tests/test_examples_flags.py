@@ -21,7 +21,6 @@ import importlib.util
 import io
 import json
 import os
-import runpy
 import shlex
 import subprocess
 import sys
@@ -60,10 +59,6 @@ def test_there_are_examples():
 
 
 # ---- the real parsers ----------------------------------------------------------------------------------------------
-class _Captured(Exception):
-    pass
-
-
 @pytest.fixture(scope="module")
 def train_ppo_parser():
     """OpenRLHF's train_ppo_ray parser (built inline under __main__) + InfAlign's flags, as the console builds it."""
@@ -71,22 +66,9 @@ def train_ppo_parser():
     from openrlhf_infalign.openrlhf.standins import install_flash_attn
 
     install_flash_attn()
-    flags = pytest.importorskip("openrlhf_infalign.openrlhf.flags")
-    captured = {}
-    orig = argparse.ArgumentParser.parse_args
+    from openrlhf_infalign.openrlhf.console import train_ppo_parser as build
 
-    def grab(self, *a, **k):
-        captured["parser"] = self
-        raise _Captured
-
-    argparse.ArgumentParser.parse_args = grab
-    try:
-        runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
-    except _Captured:
-        pass
-    finally:
-        argparse.ArgumentParser.parse_args = orig
-    return flags.add_infalign_arguments(captured["parser"])
+    return build()
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str], what: str):

@@ -8,11 +8,9 @@ response->Experience code).
 The local reward model path (Ray actors) is in test_openrlhf_eval_ray.py.
 """
 
-import argparse
 import json
 import math
 import os
-import runpy
 import threading
 import warnings
 from types import SimpleNamespace
@@ -35,47 +33,15 @@ from openrlhf.utils.config import hierarchize  # noqa: E402
 from openrlhf_infalign.core.transforms import parse_transform  # noqa: E402
 from openrlhf_infalign.core.winrate import win_rates  # noqa: E402
 from openrlhf_infalign.openrlhf import evaluation as ev  # noqa: E402
+from openrlhf_infalign.openrlhf.console import train_ppo_parser  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, prompt_key  # noqa: E402
 
 pytestmark = pytest.mark.openrlhf
 
 
-class _ParserCaptured(Exception):
-    pass
-
-
-def upstream_parser() -> argparse.ArgumentParser:
-    """OpenRLHF's own train_ppo_ray parser (built inline under __main__): run the module, stop at parse_args."""
-    captured = {}
-    orig = argparse.ArgumentParser.parse_args
-
-    def grab(self, *a, **k):
-        captured["parser"] = self
-        raise _ParserCaptured
-
-    argparse.ArgumentParser.parse_args = grab
-    try:
-        runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
-    except _ParserCaptured:
-        pass
-    finally:
-        argparse.ArgumentParser.parse_args = orig
-    parser = captured["parser"]
-    try:
-        from openrlhf_infalign.openrlhf.flags import add_infalign_arguments
-    except ImportError:  # helper D's flags not there: add ours by hand (same names and defaults)
-        for opt in ("--infalign.eval_store", "--infalign.eval_n", "--infalign.inference", "--infalign.transform"):
-            parser.add_argument(opt, type=str, default=None)
-        parser.add_argument("--infalign.on_missing", type=str, default="error")
-        parser.add_argument("--infalign.eval_at_start", action="store_true", default=None)
-    else:
-        add_infalign_arguments(parser)
-    return parser
-
-
 @pytest.fixture(scope="module")
 def parser():
-    return upstream_parser()
+    return train_ppo_parser()
 
 
 def make_args(parser, tmp_path, *extra):

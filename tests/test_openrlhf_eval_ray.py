@@ -33,6 +33,7 @@ from openrlhf.trainer.ray.launcher import RayActorGroup, RewardModelActor  # noq
 from openrlhf.utils.config import hierarchize  # noqa: E402
 
 from openrlhf_infalign.openrlhf import evaluation as ev  # noqa: E402
+from openrlhf_infalign.openrlhf.console import train_ppo_parser  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, prompt_key  # noqa: E402
 
 pytestmark = pytest.mark.openrlhf
@@ -128,7 +129,7 @@ def test_local_reward_model_eval_through_ray(ray_cluster, tmp_path):
         "--rollout.micro_batch_size", "3",
         "--ckpt.output_dir", str(tmp_path / "run"),
     ]  # fmt: skip
-    args = hierarchize(upstream_parser().parse_args(argv))
+    args = hierarchize(train_ppo_parser().parse_args(argv))
 
     # Upstream's trainer class with the mixin; its __init__ would also load a tokenizer and datasets: by hand.
     trainer_cls = type("EvalTrainer", (ev.InfAlignEvalMixin, PPOTrainer.__ray_actor_class__), {})
@@ -174,31 +175,3 @@ def test_local_reward_model_eval_through_ray(ray_cluster, tmp_path):
         for n, v in rec[kind].items():
             assert abs(v["win_rate"] - 0.5) < 4 * v["stderr"], (kind, n, v)
             assert logs[f"infalign/{kind}_{n}"] == v["win_rate"]
-
-
-class _ParserCaptured(Exception):
-    pass
-
-
-def upstream_parser():
-    """OpenRLHF's own train_ppo_ray parser (built inline under __main__) plus InfAlign's flags."""
-    import argparse
-    import runpy
-
-    from openrlhf_infalign.openrlhf.flags import add_infalign_arguments
-
-    captured = {}
-    orig = argparse.ArgumentParser.parse_args
-
-    def grab(self, *a, **k):
-        captured["parser"] = self
-        raise _ParserCaptured
-
-    argparse.ArgumentParser.parse_args = grab
-    try:
-        runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
-    except _ParserCaptured:
-        pass
-    finally:
-        argparse.ArgumentParser.parse_args = orig
-    return add_infalign_arguments(captured["parser"])

@@ -21,7 +21,7 @@ import runpy
 import sys
 from typing import Callable, Optional, Sequence
 
-__all__ = ["main", "run_train_ppo", "UPSTREAM_MODULE"]
+__all__ = ["main", "run_train_ppo", "train_ppo_parser", "UPSTREAM_MODULE"]
 
 UPSTREAM_MODULE = "openrlhf.cli.train_ppo_ray"
 PROG = "openrlhf train_ppo"
@@ -106,6 +106,35 @@ def _intercept(argv: Sequence[str], prog: str, train: Optional[Callable]):
     finally:
         argparse.ArgumentParser.parse_args = real_parse_args
         plugin._explicit_dests = None
+
+
+class _ParserBuilt(Exception):
+    pass
+
+
+def train_ppo_parser() -> argparse.ArgumentParser:
+    """Upstream's ``train_ppo_ray`` parser (built inline under ``__main__``) with InfAlign's flags added.
+
+    Runs the module up to its ``parse_args`` call and stops there: nothing is parsed, validated or trained. For tools
+    and tests that check command lines against the real flags. ``flash_attn`` must be importable (or stood in).
+    """
+    from openrlhf_infalign.openrlhf.flags import add_infalign_arguments
+
+    built = {}
+    real_parse_args = argparse.ArgumentParser.parse_args
+
+    def stop(self, *args, **kwargs):
+        built["parser"] = self
+        raise _ParserBuilt
+
+    argparse.ArgumentParser.parse_args = stop
+    try:
+        runpy.run_module(UPSTREAM_MODULE, run_name="__main__", alter_sys=False)
+    except _ParserBuilt:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = real_parse_args
+    return add_infalign_arguments(built["parser"])
 
 
 def run_train_ppo(argv: Sequence[str], prog: str = PROG, train: Optional[Callable] = None) -> int:
