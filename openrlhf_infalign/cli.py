@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from openrlhf_infalign.errors import UserError
+
 # name -> module under openrlhf_infalign.commands
 COMMANDS = {
     "plan": "plan",
@@ -20,10 +22,6 @@ COMMANDS = {
     "evaluate": "evaluate",
     "report": "report",
 }
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line `infalign <cmd>: error: ...`, exit code 2."""
 
 
 def _load(name: str):

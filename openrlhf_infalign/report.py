@@ -1,26 +1,6 @@
 """Plots and Markdown for inference-time win rates: used by `infalign evaluate --plot` and `infalign report`.
 
-The training hook appends one JSON object per evaluation (and one at step 0, before any update) to
-``<save_path>/infalign_eval.jsonl``. Schema (one object per line; extra keys are allowed and ignored):
-
-    {
-      "step": 0,                          # int, global training step of the evaluation (0 = before any update)
-      "kl": 0.0,                          # float or null: KL(pi || pi_ref) per SEQUENCE (summed over tokens), mean
-                                          #   over the eval samples; null at step 0 is read as 0, null elsewhere
-                                          #   leaves the point off the KL plot
-      "inference": "bon:4",               # the run's inference procedure: standard | bon:N | won:N
-      "transform": "exp:t=10",            # the RESOLVED transform spec the run trains with (not "auto"), or null
-      "beta": 0.05,                       # float or null: KL coefficient (normalised-transform convention)
-      "num_prompts": 512,                 # int, eval prompts
-      "standard": {"win_rate": 0.5, "stderr": 0.01},
-      "bon": {"1": {"win_rate": ..., "stderr": ..., "num_prompts": ...}, "2": {...}, ...},
-      "won": {"1": {...}, ...}
-    }
-
-``standard``/``bon``/``won``/``num_prompts`` are exactly the output of
-`openrlhf_infalign.core.winrate.win_rates` (policy eval samples vs the reference store's rewards), so the hook
-can write ``{"step": ..., "kl": ..., "inference": ..., "transform": ..., "beta": ..., **win_rates(...)}``.
-Lines that repeat a step (a resumed run re-evaluating) replace the earlier record of that step.
+Reads the evaluation log through ``openrlhf_infalign.evallog`` (its schema is documented there).
 
 The theory curve on the KL plot is the calibrated-space frontier (core/theory.py) of the run's transform: the win
 rate the RLHF optimum reaches at each KL. KL in calibrated space is at most the sequence KL, so a run sits at or
@@ -29,15 +9,12 @@ below the curve; the gap is what training left on the table. This module never i
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-EVAL_LOG = "infalign_eval.jsonl"
+from openrlhf_infalign.evallog import EVAL_LOG, load_eval_log
+from openrlhf_infalign.files import pyplot, save_figure
 
 __all__ = [
     "EVAL_LOG",
@@ -49,58 +26,6 @@ __all__ = [
     "winrate_table",
     "save_figure",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reading the evaluation log
-
-
-def _check_stat(d, where: str, what: str) -> None:
-    if not isinstance(d, dict) or not all(isinstance(d.get(k), (int, float)) for k in ("win_rate", "stderr")):
-        raise ValueError(f"{where}: {what} must be {{'win_rate': float, 'stderr': float}}, got {d!r}")
-
-
-def load_eval_log(path) -> list[dict]:
-    """Records of an infalign_eval.jsonl, validated, one per step (the last line for a step wins), by step."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: it is written by the training hook at each evaluation "
-            f"(train with --reward_wrapper infalign.ctrl and --eval.steps), or pass the run's save path"
-        )
-    by_step: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg}); a crashed run may leave a cut line: delete it")
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            step = rec.get("step")
-            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-                raise ValueError(f"{where}: 'step' must be a non-negative integer, got {step!r}")
-            kl = rec.get("kl")
-            if kl is not None and (not isinstance(kl, (int, float)) or not math.isfinite(kl)):
-                raise ValueError(f"{where}: 'kl' must be a finite number or null, got {kl!r}")
-            if kl is None and step == 0:
-                rec["kl"] = 0.0  # before any update the policy is the reference
-            _check_stat(rec.get("standard"), where, "'standard'")
-            for key in ("bon", "won"):
-                table = rec.get(key)
-                if not isinstance(table, dict) or not table:
-                    raise ValueError(f"{where}: {key!r} must be a non-empty object keyed by N, got {table!r}")
-                for n, stat in table.items():
-                    if not str(n).isdigit() or int(n) < 1:
-                        raise ValueError(f"{where}: {key!r} has key {n!r}; keys are N as strings: '1', '2', ...")
-                    _check_stat(stat, where, f"{key}[{n!r}]")
-            by_step[step] = rec
-    if not by_step:
-        raise ValueError(f"{path} has no evaluation records")
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def run_metric(records: list[dict]) -> tuple[str, int, str | None]:
@@ -125,31 +50,6 @@ def _stat(rec: dict, kind: str, n: int) -> dict | None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # plots
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path) -> Path:
-    """Write a PNG via a temporary file + os.replace: an interrupted write never leaves half a plot."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        _pyplot().close(fig)
-    return path
 
 
 def _ns(result: dict, key: str) -> list[int]:
@@ -184,7 +84,7 @@ def plot_winrate_vs_n(
     result: the `win_rates` dict. baseline: an earlier result drawn faint for comparison. transform/kl: also draw
     the calibrated-space theory prediction of the RLHF optimum at that KL (dotted).
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.4, 4.2))
     styles = {"bon": ("tab:blue", "o", "Best-of-N"), "won": ("tab:red", "s", "Worst-of-N")}
     # Nudge the two series apart on the log2 axis so their error bars do not hide each other.
@@ -238,7 +138,7 @@ def plot_winrate_vs_kl(
 ) -> Path:
     """The run's inference-time win rate vs training KL across evaluations, over the calibrated-space frontier of
     its transform (and of the optimal transform, the ceiling for this inference procedure)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     label = {"bon": f"BoN_{n}", "won": f"WoN_{n}", "standard": "standard"}[kind]
     inference = "standard" if kind == "standard" else f"{kind}:{n}"

@@ -32,6 +32,7 @@ from openrlhf.utils.config import hierarchize  # noqa: E402
 
 from openrlhf_infalign.core.transforms import parse_transform  # noqa: E402
 from openrlhf_infalign.core.winrate import win_rates  # noqa: E402
+from openrlhf_infalign import evallog  # noqa: E402
 from openrlhf_infalign.openrlhf import evaluation as ev  # noqa: E402
 from openrlhf_infalign.openrlhf.console import train_ppo_parser  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, prompt_key  # noqa: E402
@@ -218,13 +219,13 @@ def test_metric_logs_names():
     assert all(isinstance(v, float) and math.isfinite(v) for v in logs.values())
 
 
-def test_append_jsonl_whole_lines_under_concurrency(tmp_path):
+def test_append_record_whole_lines_under_concurrency(tmp_path):
     path = str(tmp_path / "deep" / "infalign_eval.jsonl")
     big = {"pad": "x" * 20000}
 
     def writer(w):
         for i in range(25):
-            ev.append_jsonl(path, {"writer": w, "i": i, **big})
+            evallog.append_record(path, {"writer": w, "i": i, **big})
 
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
     for th in threads:
@@ -236,7 +237,7 @@ def test_append_jsonl_whole_lines_under_concurrency(tmp_path):
     recs = [json.loads(line) for line in lines]
     assert sorted((r["writer"], r["i"]) for r in recs) == [(w, i) for w in range(4) for i in range(25)]
     with pytest.raises(ValueError):  # NaN is not JSON: refused before anything is written
-        ev.append_jsonl(path, {"x": float("nan")})
+        evallog.append_record(path, {"x": float("nan")})
     assert len(open(path).read().splitlines()) == 100
 
 

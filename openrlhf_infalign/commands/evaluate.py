@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openrlhf_infalign.cli import UserError
+from openrlhf_infalign.errors import UserError
 
 _HEX = set("0123456789abcdef")
 _SHOW = 5  # missing prompts listed in an error

@@ -6,9 +6,10 @@ optimal / auto (re-solved at every KL: the exact optimum / the plan's recommende
 
 from __future__ import annotations
 
-from openrlhf_infalign.cli import UserError
-from openrlhf_infalign.commands.plan import dumps, procedure_words, pyplot, save_figure, win_rate_meaning
+from openrlhf_infalign.commands.plan import dumps, procedure_words, win_rate_meaning
 from openrlhf_infalign.core import theory
+from openrlhf_infalign.errors import UserError
+from openrlhf_infalign.files import pyplot, save_figure
 
 
 def _kl_list(text: str) -> list[float]:

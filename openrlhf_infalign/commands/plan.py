@@ -9,11 +9,10 @@ identity / log baselines, and the OpenRLHF flags to train with.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 
 from openrlhf_infalign.core import theory
+from openrlhf_infalign.files import pyplot, save_figure
 
 
 def add_arguments(p) -> None:
@@ -74,33 +73,6 @@ def format_table(p: dict) -> str:
     for note in p.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
-
-
-def save_figure(fig, path: str) -> None:
-    """Write a figure atomically: a reader never sees half a PNG where a good one was."""
-    path = os.path.abspath(path)
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a plot should get the usual file mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_plan(p: dict, path: str) -> None:

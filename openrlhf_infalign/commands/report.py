@@ -5,18 +5,18 @@ the first evaluation drawn faint beside it. bon_vs_kl.png: the run's BoN_N (or W
 across evaluations, over the calibrated-space theory frontier of the run's transform, the identity (calibration
 only) baseline and the optimal-transform ceiling. summary.md: step, KL, standard, BoN_N and WoN_N win rates with
 standard errors (also printed). The record schema the training hook writes is documented in
-openrlhf_infalign/report.py.
+openrlhf_infalign/evallog.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from openrlhf_infalign.cli import UserError
+from openrlhf_infalign.errors import UserError
+from openrlhf_infalign.evallog import eval_log_path, load_eval_log
+from openrlhf_infalign.files import write_text
 
 
 def add_arguments(parser) -> None:
@@ -30,26 +30,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of the Markdown table")
 
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def run(args) -> int:
     from openrlhf_infalign import report
 
     run_dir = Path(args.run_dir)
     if not run_dir.exists():
         raise UserError(f"run directory {run_dir} does not exist")
-    # RUN_DIR is the run's save path; the log file itself is accepted too.
-    log = run_dir if run_dir.is_file() else run_dir / report.EVAL_LOG
-    records = report.load_eval_log(log)
+    log = eval_log_path(run_dir)  # RUN_DIR is the run's save path; the log file itself is accepted too
+    records = load_eval_log(log)
     out = Path(args.out) if getattr(args, "out", None) else log.parent / "infalign_report"
     out.mkdir(parents=True, exist_ok=True)
     kind, n, transform = report.run_metric(records)
@@ -82,7 +70,7 @@ def run(args) -> int:
     ]
     footer = ["", f"![win rate vs N]({vs_n.name})", "", f"![{label} vs KL]({vs_kl.name})", ""]
     md = out / "summary.md"
-    _write_text(md, "\n".join(header) + table + "\n" + "\n".join(footer))
+    write_text(md, "\n".join(header) + table + "\n" + "\n".join(footer))
 
     if args.json:
         print(

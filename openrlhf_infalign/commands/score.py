@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from openrlhf_infalign.files import write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -136,22 +136,10 @@ def score(args) -> dict:
     }
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def run(args) -> int:
     res = score(args)
     if args.out:
-        _write_json_atomic(Path(args.out), res)
+        write_json(Path(args.out), res, indent=1)
     if args.json:
         json.dump(res, sys.stdout, allow_nan=False)
         sys.stdout.write("\n")

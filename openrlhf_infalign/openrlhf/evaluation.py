@@ -16,14 +16,9 @@ when ``global_step % --eval.steps == 0`` and passes the returned dict to ``save_
 3. Logged through upstream's own ``log_eval`` (wandb / tensorboard prefix ``eval/``), as ``eval/infalign/standard``,
    ``eval/infalign/bon_4``, ``eval/infalign/bon_4_stderr``, ``eval/infalign/won_4`` ... Upstream's pass@k metrics
    are kept. Every ``infalign/...`` key is a valid ``--ckpt.best_metric_key`` (the ``eval/`` prefix may be given too).
-4. One JSON line per evaluation appended to ``<--ckpt.output_dir>/infalign_eval.jsonl`` (read by ``infalign report``):
-   ``{"step", "kl", "kl_token_mean", "inference", "transform", "beta", "temperature", "num_prompts",
-   "num_samples_per_prompt", "missing_prompts", "standard", "bon", "won"}``. ``kl`` is the sequence-level
-   KL(pi || pi_ref) in nats, estimated on the rollouts of the last training step (sum over response tokens of
-   OpenRLHF's per-token KL estimate, mean over samples: the policy as it was before that step's update; 0 at step 0;
-   null when it is not measured: no reference model, or ``--algo.kl.use_loss``). ``kl_token_mean`` is upstream's
-   logged per-token ``kl`` of that step. ``beta`` is the KL coefficient in force (``kl_ctl.value``,
-   normalised-transform convention).
+4. One record per evaluation appended to ``<--ckpt.output_dir>/infalign_eval.jsonl`` (schema: ``evallog.py``).
+   ``kl`` is the sequence-level KL(pi || pi_ref) in nats, estimated on the rollouts of the last training step (the
+   policy as it was before that step's update; 0 at step 0; null when not measured).
 
 ``infalign_initial_evaluate()`` runs the same evaluation once at step 0, before any update (upstream has none):
 the untrained policy IS the base policy, so its win rates must be consistent with 0.5 -- a check that the eval store
@@ -44,15 +39,15 @@ import numpy as np
 import torch
 
 from openrlhf_infalign.core.winrate import default_ns, win_rates
+from openrlhf_infalign.evallog import EVAL_LOG, append_record
 
-EVAL_LOG = "infalign_eval.jsonl"
 METRIC_PREFIX = "infalign/"
 
 __all__ = [
     "EVAL_LOG",
     "METRIC_PREFIX",
     "InfAlignEvalMixin",
-    "append_jsonl",
+    "append_record",
     "group_rewards_by_prompt",
     "metric_logs",
     "parse_eval_n",
@@ -174,20 +169,6 @@ def metric_logs(result: dict) -> dict[str, float]:
     if result.get("missing_prompts"):
         logs[f"{METRIC_PREFIX}missing_prompts"] = float(result["missing_prompts"])
     return logs
-
-
-def append_jsonl(path: str, record: dict) -> None:
-    """Append one JSON object as one line with a single O_APPEND write (a reader never sees half a line)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    line = (json.dumps(record, sort_keys=False, allow_nan=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        written = os.write(fd, line)
-        if written != len(line):  # only on a full disk or an odd filesystem: say so rather than leave a torn line
-            raise OSError(f"short write to {path}: {written} of {len(line)} bytes")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _spec(x) -> str | None:
@@ -405,7 +386,7 @@ class InfAlignEvalMixin:
         }
         out_dir = _nested(args, "ckpt.output_dir")
         if out_dir:
-            append_jsonl(os.path.join(out_dir, EVAL_LOG), record)
+            append_record(os.path.join(out_dir, EVAL_LOG), record)
         logs = metric_logs(result)
         if self._infalign_kl is not None:
             logs[f"{METRIC_PREFIX}kl"] = self._infalign_kl

@@ -7,7 +7,6 @@ and at most a hidden ``.NAME.partial-PID-*`` directory beside it, which the next
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from ..files import write_json
 from .format import (
     FORMAT_VERSION,
     INDEX_DIR,
@@ -385,22 +385,6 @@ def _write_all(tmp: Path, table, digests, values, offsets, manifest: dict) -> No
     _write_parquet(tmp / PARQUET, table)
     write_index(tmp / INDEX_DIR, digests, values, offsets)
     write_json(tmp / MANIFEST, manifest)
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON to path via a temp file + os.replace (never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def recover(out_dir: Path) -> None:

@@ -1,0 +1,107 @@
+"""The evaluation log: ``<--ckpt.output_dir>/infalign_eval.jsonl``, one home for its name, schema, writer and reader.
+
+The training hook (``openrlhf/evaluation.py``) appends one JSON object per evaluation, and one at step 0 before any
+update; ``infalign report`` and the demo read it. Schema (one object per line; extra keys are allowed and ignored):
+
+    {
+      "step": 0,                       # int, global training step of the evaluation (0 = before any update)
+      "kl": 0.0,                       # float or null: KL(pi || pi_ref) per SEQUENCE (summed over response tokens),
+                                       #   mean over samples; null at step 0 is read as 0, null elsewhere leaves
+                                       #   the point off the KL plot (not measured: no reference model, KL as loss)
+      "kl_token_mean": 0.0,            # float or null: upstream's logged per-token mean KL of the same step
+      "inference": "bon:4",            # the run's inference procedure: standard | bon:N | won:N
+      "transform": "exp:t=10",         # the RESOLVED transform the run trains with (never "auto"), or null
+      "beta": 0.05,                    # float or null: KL coefficient in force (normalised-transform convention)
+      "temperature": 1.0,              # eval sampling temperature
+      "num_prompts": 512,              # int, eval prompts scored
+      "num_samples_per_prompt": 16,    # int, M policy samples per eval prompt
+      "missing_prompts": 0,            # int, eval prompts absent from the eval store (left out, and counted)
+      "standard": {"win_rate": 0.5, "stderr": 0.01},
+      "bon": {"1": {"win_rate": ..., "stderr": ..., "num_prompts": ...}, "2": {...}, ...},
+      "won": {"1": {...}, ...}
+    }
+
+``standard`` / ``bon`` / ``won`` / ``num_prompts`` are exactly the output of ``core.winrate.win_rates`` (policy eval
+samples against the reference store's rewards). Lines that repeat a step (a resumed run re-evaluating) replace the
+earlier record of that step. Appends are one O_APPEND write each, so a reader never sees half a line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+EVAL_LOG = "infalign_eval.jsonl"
+
+__all__ = ["EVAL_LOG", "append_record", "load_eval_log", "eval_log_path"]
+
+
+def eval_log_path(run_dir) -> Path:
+    """The log of a run directory (or the file itself when given one)."""
+    run_dir = Path(run_dir)
+    return run_dir if run_dir.is_file() else run_dir / EVAL_LOG
+
+
+def append_record(path, record: dict) -> None:
+    """Append one record as one line with a single O_APPEND write (a reader never sees half a line)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    line = (json.dumps(record, sort_keys=False, allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, line)
+        if written != len(line):  # only on a full disk or an odd filesystem: say so rather than leave a torn line
+            raise OSError(f"short write to {path}: {written} of {len(line)} bytes")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+
+def _check_stat(d, where: str, what: str) -> None:
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), (int, float)) for k in ("win_rate", "stderr")):
+        raise ValueError(f"{where}: {what} must be {{'win_rate': float, 'stderr': float}}, got {d!r}")
+
+
+def load_eval_log(path) -> list[dict]:
+    """Records of an infalign_eval.jsonl, validated, one per step (the last line for a step wins), by step."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: it is written by the training hook at each evaluation "
+            f"(train with --reward_wrapper infalign.ctrl and --eval.steps), or pass the run's save path"
+        )
+    by_step: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg}); a crashed run may leave a cut line: delete it")
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            step = rec.get("step")
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                raise ValueError(f"{where}: 'step' must be a non-negative integer, got {step!r}")
+            kl = rec.get("kl")
+            if kl is not None and (not isinstance(kl, (int, float)) or not math.isfinite(kl)):
+                raise ValueError(f"{where}: 'kl' must be a finite number or null, got {kl!r}")
+            if kl is None and step == 0:
+                rec["kl"] = 0.0  # before any update the policy is the reference
+            _check_stat(rec.get("standard"), where, "'standard'")
+            for key in ("bon", "won"):
+                table = rec.get(key)
+                if not isinstance(table, dict) or not table:
+                    raise ValueError(f"{where}: {key!r} must be a non-empty object keyed by N, got {table!r}")
+                for n, stat in table.items():
+                    if not str(n).isdigit() or int(n) < 1:
+                        raise ValueError(f"{where}: {key!r} has key {n!r}; keys are N as strings: '1', '2', ...")
+                    _check_stat(stat, where, f"{key}[{n!r}]")
+            by_step[step] = rec
+    if not by_step:
+        raise ValueError(f"{path} has no evaluation records")
+    return [by_step[s] for s in sorted(by_step)]

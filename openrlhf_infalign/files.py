@@ -1,0 +1,97 @@
+"""Writing files so that a reader never sees half of one: every JSON, text, PNG and shard the project writes.
+
+A file is written to a temporary name in the same directory, flushed to disk, given the usual mode (mkstemp makes
+0600) and moved over the target with os.replace, the only atomic step POSIX offers. If anything fails, the target
+keeps its old content and the temporary file is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Callable, Iterator
+
+FIGURE_DPI = 130
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO]:
+    """``with atomic_open(path) as f: f.write(...)``: the file appears at path whole, or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_with(path, write: Callable[[str], None]) -> Path:
+    """For writers that want a file name (pyarrow, matplotlib): write(tmp_name), then the same commit as above."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_bytes(path, data: bytes) -> Path:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_json(path, obj, *, indent: int | None = 2, default=None) -> Path:
+    """JSON with a trailing newline; NaN/inf are refused (they are not JSON and other tools choke on them)."""
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=indent, allow_nan=False, default=default)
+        f.write("\n")
+    return Path(path)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (never a display), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path, *, dpi: int = FIGURE_DPI) -> Path:
+    """Write a figure as PNG atomically and close it."""
+    try:
+        return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+    finally:
+        pyplot().close(fig)
