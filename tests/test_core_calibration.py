@@ -52,3 +52,53 @@ def test_nan_and_empty_rows_are_errors():
     values, offsets = ragged_from_lists([[1.0], []])
     with pytest.raises(ValueError, match="K = 0"):
         calibrated_reward(np.array([1.0]), values, offsets, np.array([1]))
+
+
+# Eight 0.1 and eight 0.7 in one float32 row: 0.1 ties with half its row's mass below, 0.7 the same above.
+TIED_ROW = np.array([0.1] * 8 + [0.7] * 8, dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    "rewards",
+    [
+        [0.1, 0.7],  # Python floats
+        np.array([0.1, 0.7], dtype=np.float64),
+        np.array([0.1, 0.7], dtype=np.float32),
+    ],
+    ids=["python", "float64", "float32"],
+)
+def test_ties_are_exact_at_the_store_precision(rewards):
+    # The store keeps float32; a float64 0.1 must tie with a stored 0.1, not rank above it (was [0.0, 1.0]).
+    offsets = np.array([0, TIED_ROW.size])
+    got = calibrated_reward(rewards, TIED_ROW, offsets, np.array([0, 0]))
+    assert got.tolist() == [0.25, 0.75]
+    assert calibrate(rewards, [TIED_ROW, TIED_ROW]).tolist() == [0.25, 0.75]
+
+
+def test_bfloat16_rewards_tie_with_the_same_value_at_every_precision():
+    torch = pytest.importorskip("torch")
+    # A bfloat16 reward model: calibrate stored its rewards upcast to float32; training sees them as bf16 tensors,
+    # float32 or float64 arrays, or Python floats. All are one number, so one calibrated value.
+    bf = torch.tensor([0.1, 0.7], dtype=torch.bfloat16)
+    row = np.repeat(bf.float().numpy(), 8).astype(np.float32)
+    offsets = np.array([0, row.size])
+    forms = [bf.float().numpy(), bf.double().numpy(), bf.tolist(), bf.float().numpy().astype(np.float64)]
+    got = [calibrated_reward(f, row, offsets, np.array([0, 0])).tolist() for f in forms]
+    assert got == [[0.25, 0.75]] * len(forms)
+    # and against the plain float32 store of 0.1 / 0.7, 0.1 at every float precision ties
+    wide = [np.float64(0.1), np.float32(0.1), 0.1]
+    assert {calibrated_reward([w], TIED_ROW, [0, 16], [0])[0] for w in wide} == {0.25}
+
+
+def test_store_lookup_compares_at_float32(tmp_path):
+    from openrlhf_infalign.store import ReferenceStore, prompt_key, write_store
+
+    write_store(tmp_path / "s", [prompt_key("p")], [TIED_ROW])
+    store = ReferenceStore.open(tmp_path / "s")
+    for r in ([0.1, 0.7], np.array([0.1, 0.7]), np.array([0.1, 0.7], dtype=np.float32)):
+        assert store.calibrate_prompts(["p", "p"], r).tolist() == [0.25, 0.75]
+
+
+def test_rewards_beyond_float32_range_rank_at_the_ends():
+    got = calibrated_reward([1e300, -1e300, 0.4], TIED_ROW, [0, 16], [0, 0, 0])
+    assert got.tolist() == [1.0, 0.0, 0.5]

@@ -40,6 +40,8 @@ def calibrated_reward(
 
     rewards: (B,) rewards of the policy samples. rows: (B,) int, the reference row (prompt) of each sample.
     ref_values: ascending within each row; ref_offsets: (P+1,) CSR offsets. Every used row must have K >= 1.
+    Rewards are compared at ref_values' precision (rounded to its dtype, e.g. the store's float32), so the same
+    reward given as a Python float, float64, float32 or bfloat16-representable value has one calibrated value.
     NaN rewards are rejected: they have no rank.
     """
     r = np.asarray(rewards, dtype=np.float64).reshape(-1)
@@ -57,9 +59,13 @@ def calibrated_reward(
     if (k <= 0).any():
         empty = rows[k <= 0][:5].tolist()
         raise ValueError(f"reference row(s) {empty} have no reference rewards (K = 0); rebuild the reference store")
-    # No upcast of the whole array (a 512 MB temporary at 1M x 64): each gathered float32 value is promoted to
-    # float64 in the comparison, which is exact, so ties with stored rewards are still detected exactly.
+    # Compare at the reference rewards' precision: a float64 reward of 0.1 must tie with a stored float32 0.1, so the
+    # reward is rounded to the store's dtype first (float32 holds every bfloat16/float16 value exactly). The store
+    # itself is never upcast (a 512 MB temporary at 1M x 64).
     values = np.asarray(ref_values)
+    if np.issubdtype(values.dtype, np.floating) and values.dtype != r.dtype:
+        with np.errstate(over="ignore"):  # beyond float32's range rounds to +-inf: still above/below every value
+            r = r.astype(values.dtype)
     n_less = _segment_counts(values, lo, hi, r, strict=True)
     n_less_equal = _segment_counts(values, lo, hi, r, strict=False)
     return (n_less + 0.5 * (n_less_equal - n_less)) / k
@@ -77,6 +83,10 @@ def ragged_from_lists(reference_rewards: Sequence[Sequence[float]], dtype=np.flo
 
 
 def calibrate(rewards: Sequence[float], reference_rewards: Sequence[Sequence[float]]) -> np.ndarray:
-    """Convenience form: rewards[i] calibrated against the list reference_rewards[i]."""
-    values, offsets = ragged_from_lists(reference_rewards)
+    """Convenience form: rewards[i] calibrated against the list reference_rewards[i].
+
+    Compared at the lists' precision: float32 arrays behave as a float32 store, Python floats as float64.
+    """
+    rows = [np.asarray(b) for b in reference_rewards]
+    values, offsets = ragged_from_lists(rows, dtype=np.result_type(np.float32, *{b.dtype for b in rows}))
     return calibrated_reward(np.asarray(rewards, dtype=np.float64), values, offsets, np.arange(len(reference_rewards)))

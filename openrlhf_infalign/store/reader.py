@@ -290,14 +290,14 @@ class ReferenceStore:
         return out
 
     def _calibrate_rows(self, r: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        # calibrated_reward compares in float64 and converts the values it is given: hand it only this batch's rows
-        # (B*K values, gathered once) rather than the whole store, so cost and memory scale with the batch.
+        # calibrated_reward compares at the store's float32 precision: hand it only this batch's rows (B*K values,
+        # gathered once, kept float32) rather than the whole store, so cost and memory scale with the batch.
         if r.shape[0] == 0:
             return np.zeros(0, dtype=np.float64)
         uniq, inv = np.unique(rows, return_inverse=True)
         k = self._uniform_k
         if k:
-            sub = self.values.reshape(-1, k)[uniq].astype(np.float64).reshape(-1)
+            sub = self.values.reshape(-1, k)[uniq].reshape(-1)
             sub_offsets = np.arange(uniq.size + 1, dtype=np.int64) * k
         else:
             lo = self.offsets[uniq]
@@ -306,7 +306,7 @@ class ReferenceStore:
             np.cumsum(lengths, out=sub_offsets[1:])
             idx = np.repeat(lo - sub_offsets[:-1], lengths)
             idx += np.arange(int(sub_offsets[-1]), dtype=np.int64)
-            sub = self.values[idx].astype(np.float64)
+            sub = self.values[idx]
         return calibrated_reward(r, sub, sub_offsets, inv.reshape(-1))
 
     def calibrate_prompts(self, prompts: Sequence[str], rewards, on_missing: str = "error") -> np.ndarray:
