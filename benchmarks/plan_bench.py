@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from openrlhf_infalign.core import theory
+from openrlhf_infalign.core import planning
 
 
 def best_of(fn, repeats: int) -> float:
@@ -43,14 +43,14 @@ def main() -> None:
     args = parser.parse_args()
     cases = [(c.split("@")[0], float(c.split("@")[1])) for c in args.cases.split(",")]
 
-    theory.plan(*cases[0])  # first call builds the grid; not what a user waits for twice, but counted below too
+    planning.plan(*cases[0])  # first call builds the grid; not what a user waits for twice, but counted below too
     inf0, kl0 = cases[0]
-    point = best_of(lambda: theory.frontier(inf0, "exp:t=10", [kl0]), args.repeats * 3)
+    point = best_of(lambda: planning.frontier(inf0, "exp:t=10", [kl0]), args.repeats * 3)
     rows = []
     for inf, kl in cases:
-        full = best_of(lambda: theory.plan(inf, kl), args.repeats)
-        fast = best_of(lambda: theory.plan(inf, kl, with_optimal=False), args.repeats)
-        p = theory.plan(inf, kl)
+        full = best_of(lambda: planning.plan(inf, kl), args.repeats)
+        fast = best_of(lambda: planning.plan(inf, kl, with_optimal=False), args.repeats)
+        p = planning.plan(inf, kl)
         rows.append((inf, kl, full, fast, p))
 
     argv = ["plan", "--inference", inf0, "--kl", str(kl0), "--json"]

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from openrlhf_infalign.cli import main
+from openrlhf_infalign.commands.plan import plan_with_flags
 from openrlhf_infalign.core import theory
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -27,13 +28,13 @@ def test_plan_json(capsys):
     assert args[args.index("--infalign.transform") + 1] == rec["transform"]
     assert float(args[args.index("--algo.kl.init_coef") + 1]) == pytest.approx(rec["beta"], rel=1e-3)
     # the CLI prints what the library computes
-    assert p == json.loads(json.dumps(theory.plan("bon:4", 0.5)))
+    assert p == json.loads(json.dumps(plan_with_flags("bon:4", 0.5)))
 
 
 def test_plan_table(capsys):
     assert main(["plan", "--inference", "won:4", "--kl", "0.25"]) == 0
     out = capsys.readouterr().out
-    p = theory.plan("won:4", 0.25)
+    p = plan_with_flags("won:4", 0.25)
     assert "Worst-of-4" in out and p["recommended"]["transform"] in out
     assert f"{p['recommended']['win_rate']:.4f}" in out
     for name in ("optimal", "identity", "log"):

@@ -1,4 +1,3 @@
-import dataclasses
 import math
 import warnings
 
@@ -6,7 +5,7 @@ import numpy as np
 import pytest
 
 from openrlhf_infalign.core import theory as th
-from openrlhf_infalign.core.theory import InferenceProcedure
+from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.core.transforms import parse_transform
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,23 +114,6 @@ def test_unreachable_kl_says_how_far_it_goes():
             th.beta_for_kl("identity", bad)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# inference procedures
-
-
-def test_inference_procedure_parse_and_spec():
-    assert InferenceProcedure.parse("bon:4") == InferenceProcedure("bon", 4)
-    assert InferenceProcedure.parse(" WON:16 ").spec == "won:16"
-    assert InferenceProcedure.parse("standard") == InferenceProcedure("standard", 1)
-    assert InferenceProcedure.parse("standard").spec == "standard"
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        InferenceProcedure.parse("bon:4").n = 3
-    for bad, frag in [("bon:0", ">= 1"), ("bon:x", "not an integer"), ("bon", "bon:N"), ("best:4", "bon:N")]:
-        with pytest.raises(ValueError, match=frag) as e:
-            InferenceProcedure.parse(bad)
-        assert "\n" not in str(e.value)
-
-
 def test_bon1_is_standard():
     assert th.win_rate("bon:1", "exp:t=5", 0.2) == pytest.approx(th.win_rate("standard", "exp:t=5", 0.2), abs=1e-6)
 
@@ -147,7 +129,7 @@ def test_fixed_point_converges_with_damping_09(inference, beta):
     assert info["converged"] and info["residual"] < 1e-8 and info["iterations"] < 400
     # it is a fixed point: the RLHF optimum of the returned transform regenerates the same transform
     u, g = th.optimum_density(tr, info["beta"])
-    grid = th._grid(None)
+    grid = th.as_grid(None)
     phi, _ = th._win_gradient_phi(grid, InferenceProcedure.parse(inference), *th._cdfs(grid, g))
     np.testing.assert_allclose(phi, tr.phi(u), atol=1e-6)
     assert th.win_rate(inference, tr, info["beta"]) == pytest.approx(info["win_rate"])
@@ -180,74 +162,3 @@ def test_optimal_saturates_instead_of_failing():
         warnings.simplefilter("error")
         _, info = th.optimal_transform_for_kl("won:32", 2.0)
     assert info["saturated"] and info["kl"] < 2.0 and info["win_rate"] > 0.9999
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# plan and frontier
-
-
-@pytest.mark.parametrize("n", [2, 3, 4, 8])
-@pytest.mark.parametrize("kl", [0.25, 0.5, 1.0])
-def test_plan_exp_is_near_optimal_for_bon(n, kl):
-    p = th.plan(f"bon:{n}", kl)
-    rec = p["recommended"]
-    assert rec["transform"].startswith("exp:t=")
-    assert p["optimal"]["win_rate"] - rec["win_rate"] < 0.005
-    assert p["optimal"]["win_rate"] >= rec["win_rate"] - 1e-6
-    assert rec["win_rate"] > p["baselines"]["identity"]["win_rate"]
-    assert rec["win_rate"] > p["baselines"]["log"]["win_rate"]
-    # the recommended spec and beta really put the optimum at the budget with that win rate
-    assert th.kl_divergence(rec["transform"], rec["beta"]) == pytest.approx(kl, rel=1e-6)
-    assert th.win_rate(f"bon:{n}", rec["transform"], rec["beta"]) == pytest.approx(rec["win_rate"], abs=1e-12)
-
-
-def test_plan_t_grows_with_n_and_kl():
-    t = {(n, kl): th.plan(f"bon:{n}", kl, with_optimal=False)["recommended"]["t"] for n in (2, 8) for kl in (0.25, 1)}
-    assert t[(2, 0.25)] < t[(8, 0.25)] and t[(2, 0.25)] < t[(2, 1)] and t[(8, 0.25)] < t[(8, 1)]
-
-
-@pytest.mark.parametrize("n", [2, 4, 8])
-def test_plan_worst_of_n_recommends_negexp(n):
-    p = th.plan(f"won:{n}", 0.25)
-    rec = p["recommended"]
-    assert rec["transform"].startswith("negexp:t=")
-    assert rec["win_rate"] > p["baselines"]["identity"]["win_rate"] + 0.01
-    assert p["optimal"]["win_rate"] - rec["win_rate"] < 0.005
-    # a BoN-shaped exp transform is worse than identity for WoN
-    assert (
-        th.win_rate(f"won:{n}", "exp:t=10", th.beta_for_kl("exp:t=10", 0.25)) < p["baselines"]["identity"]["win_rate"]
-    )
-
-
-def test_plan_json_shape_and_args():
-    p = th.plan("bon:4", 0.5)
-    assert p["inference"] == "bon:4" and p["kl"] == 0.5
-    assert set(p["recommended"]) >= {"transform", "beta", "win_rate"}
-    assert set(p["baselines"]) == {"identity", "log"}
-    assert set(p["baselines"]["log"]) >= {"beta", "win_rate"}
-    args = p["openrlhf_args"]
-    assert args[args.index("--infalign.transform") + 1] == p["recommended"]["transform"]
-    assert float(args[args.index("--algo.kl.init_coef") + 1]) == pytest.approx(p["recommended"]["beta"], rel=1e-3)
-    assert args[args.index("--infalign.inference") + 1] == "bon:4"
-
-
-def test_plan_standard_recommends_identity_which_is_optimal():
-    p = th.plan("standard", 0.5)
-    assert p["recommended"]["transform"] == "identity"
-    assert p["optimal"]["win_rate"] == pytest.approx(p["recommended"]["win_rate"], abs=1e-6)
-
-
-def test_frontier_shape_and_monotone():
-    f = th.frontier("bon:4", "exp:t=10", [0.25, 0.5, 1])
-    assert f["inference"] == "bon:4" and f["transform"] == "exp:t=10"
-    assert [p["kl"] for p in f["points"]] == [0.25, 0.5, 1]
-    wins = [p["win_rate"] for p in f["points"]]
-    assert wins == sorted(wins) and wins[0] > 0.5
-    assert f["points"][1]["beta"] == pytest.approx(th.beta_for_kl("exp:t=10", 0.5))
-    opt = th.frontier("bon:4", "optimal", [0.25, 0.5])
-    auto = th.frontier("bon:4", "auto", [0.25, 0.5])
-    for o, a, e in zip(opt["points"], auto["points"], f["points"]):
-        assert o["win_rate"] >= a["win_rate"] - 1e-6 and a["win_rate"] >= e["win_rate"] - 1e-9
-    assert auto["points"][0]["transform"].startswith("exp:t=")
-    with pytest.raises(ValueError, match="KL budget"):
-        th.frontier("bon:4", "exp:t=10", [0.5, -1])

@@ -22,7 +22,7 @@ import ray  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
 
-from openrlhf_infalign.core.theory import InferenceProcedure  # noqa: E402
+from openrlhf_infalign.core.inference import InferenceProcedure  # noqa: E402
 from openrlhf_infalign.core.transforms import parse_transform  # noqa: E402
 from openrlhf_infalign.openrlhf import trainer as T  # noqa: E402
 from openrlhf_infalign.openrlhf.console import run_train_ppo  # noqa: E402

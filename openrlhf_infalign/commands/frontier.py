@@ -7,7 +7,8 @@ optimal / auto (re-solved at every KL: the exact optimum / the plan's recommende
 from __future__ import annotations
 
 from openrlhf_infalign.commands.plan import dumps, procedure_words, win_rate_meaning
-from openrlhf_infalign.core import theory
+from openrlhf_infalign.core.inference import InferenceProcedure
+from openrlhf_infalign.core.planning import frontier
 from openrlhf_infalign.errors import UserError
 from openrlhf_infalign.files import pyplot, save_figure
 
@@ -44,7 +45,7 @@ def add_arguments(p) -> None:
 
 
 def format_table(f: dict) -> str:
-    inf = theory.InferenceProcedure.parse(f["inference"])
+    inf = InferenceProcedure.parse(f["inference"])
     per_point = any("transform" in q for q in f["points"])
     lines = [
         f"InfAlign frontier: transform {f['transform']} under {procedure_words(inf)} ({f['inference']})",
@@ -59,7 +60,7 @@ def format_table(f: dict) -> str:
 
 
 def plot_frontier(f: dict, path: str) -> None:
-    inf = theory.InferenceProcedure.parse(f["inference"])
+    inf = InferenceProcedure.parse(f["inference"])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     xs = [q["kl"] for q in f["points"]]
@@ -79,7 +80,7 @@ def plot_frontier(f: dict, path: str) -> None:
 
 
 def run(args) -> int:
-    f = theory.frontier(args.inference, args.transform, _kl_list(args.kl))
+    f = frontier(args.inference, args.transform, _kl_list(args.kl))
     if args.plot:
         plot_frontier(f, args.plot)
     print(dumps(f) if args.json else format_table(f))

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import sys
 
-from openrlhf_infalign.core import theory
+from openrlhf_infalign.core import planning
+from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.files import pyplot, save_figure
+from openrlhf_infalign.openrlhf.plan_flags import openrlhf_args
 
 
 def add_arguments(p) -> None:
@@ -31,11 +33,19 @@ def add_arguments(p) -> None:
     )
 
 
+def plan_with_flags(inference, kl: float) -> dict:
+    """The plan and the OpenRLHF flags that train it: exactly the JSON of `infalign plan --json`."""
+    p = planning.plan(inference, kl)
+    notes = p.pop("notes")
+    # The flags sit before the notes, where the plan has always printed them.
+    return {**p, "openrlhf_args": openrlhf_args(p), "notes": notes}
+
+
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2, allow_nan=False)
 
 
-def procedure_words(inf: theory.InferenceProcedure) -> str:
+def procedure_words(inf: InferenceProcedure) -> str:
     if inf.kind == "bon":
         return f"Best-of-{inf.n}"
     if inf.kind == "won":
@@ -43,7 +53,7 @@ def procedure_words(inf: theory.InferenceProcedure) -> str:
     return "standard sampling"
 
 
-def win_rate_meaning(inf: theory.InferenceProcedure) -> str:
+def win_rate_meaning(inf: InferenceProcedure) -> str:
     if inf.kind == "bon":
         return f"P(best of {inf.n} policy samples beats best of {inf.n} reference samples)"
     if inf.kind == "won":
@@ -52,7 +62,7 @@ def win_rate_meaning(inf: theory.InferenceProcedure) -> str:
 
 
 def format_table(p: dict) -> str:
-    inf = theory.InferenceProcedure.parse(p["inference"])
+    inf = InferenceProcedure.parse(p["inference"])
     rec = p["recommended"]
     rows = [(rec["transform"], rec["beta"], rec["win_rate"], "recommended")]
     if "optimal" in p:
@@ -78,7 +88,7 @@ def format_table(p: dict) -> str:
 def plot_plan(p: dict, path: str) -> None:
     import numpy as np
 
-    inf = theory.InferenceProcedure.parse(p["inference"])
+    inf = InferenceProcedure.parse(p["inference"])
     kl, rec = p["kl"], p["recommended"]
     kls = np.unique(np.concatenate([np.geomspace(kl / 25, 2.5 * kl, 30), [kl]]))
     plt = pyplot()
@@ -86,11 +96,11 @@ def plot_plan(p: dict, path: str) -> None:
     curves = [(rec["transform"], rec["transform"] + " (recommended)", "-", 2.2)]
     curves += [("identity", "identity", "--", 1.5), ("log", "log", ":", 1.8)]
     for spec, label, style, lw in curves:
-        pts = theory.frontier(inf, spec, kls)["points"]
+        pts = planning.frontier(inf, spec, kls)["points"]
         ax.plot([q["kl"] for q in pts], [q["win_rate"] for q in pts], style, lw=lw, label=label)
     if "optimal" in p:
         # Each optimum is a fixed-point solve: fewer points, drawn as dots (a chord would dip under the curve).
-        pts = theory.frontier(inf, "optimal", np.geomspace(kls[0], kls[-1], 10))["points"]
+        pts = planning.frontier(inf, "optimal", np.geomspace(kls[0], kls[-1], 10))["points"]
         ax.plot([q["kl"] for q in pts], [q["win_rate"] for q in pts], "ko", ms=4, label="optimal (exact)")
     ax.axvline(kl, color="grey", lw=0.8, ls="-.")
     ax.plot(
@@ -106,7 +116,7 @@ def plot_plan(p: dict, path: str) -> None:
 
 
 def run(args) -> int:
-    p = theory.plan(args.inference, args.kl)
+    p = plan_with_flags(args.inference, args.kl)
     if args.plot:
         plot_plan(p, args.plot)
     print(dumps(p) if args.json else format_table(p))

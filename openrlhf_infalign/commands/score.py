@@ -74,7 +74,7 @@ def read_samples(src: Path):
 
 
 def _transform(args):
-    from openrlhf_infalign.core.transforms import resolve_transform
+    from openrlhf_infalign.core.planning import resolve_transform
 
     tr, _beta = resolve_transform(args.transform, args.inference, args.kl_budget)
     return tr

@@ -14,82 +14,36 @@ derivative of the win rate, so the fixed point maximises win rate - beta * KL. D
 
 Integrals use the trapezoid rule on a cosine-clustered grid (fine near u = 0 and u = 1, where low-beta optima put
 their mass), with densities formed in log-space. Betas are for the normalised transforms (see transforms.py);
-``optimal_transform`` takes beta in win-rate units (the coefficient of KL against the win rate itself).
+``optimal_transform`` takes beta in win-rate units (the coefficient of KL against the win rate itself). The planner
+(which transform and beta for an inference procedure and KL budget) is planning.py, built on these pieces.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 
+from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.core.transforms import Transform, parse_transform, tabulated_transform
 
 __all__ = [
-    "InferenceProcedure",
     "Grid",
+    "as_grid",
     "optimum_density",
     "kl_divergence",
     "win_rate",
+    "check_kl",
     "beta_for_kl",
+    "beta_and_optimum_for_kl",
     "optimal_transform",
     "optimal_transform_for_kl",
-    "plan",
-    "frontier",
+    "frontier_curve",
 ]
 
 GRID_POINTS = 4001
 BETA_MIN, BETA_MAX = 1e-8, 1e8
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# inference procedures
-
-
-@dataclass(frozen=True)
-class InferenceProcedure:
-    """How the policy is used at inference time: ``standard`` (one sample), ``bon:N`` (Best-of-N with the reward
-    model), ``won:N`` (Worst-of-N: the worst of N samples, e.g. jailbreak robustness). standard means n = 1."""
-
-    kind: str
-    n: int = 1
-
-    def __post_init__(self):
-        if self.kind not in ("standard", "bon", "won"):
-            raise ValueError(f"unknown inference procedure kind {self.kind!r}; use standard, bon:N or won:N")
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"inference procedure needs N >= 1, got {self.n!r}")
-        if self.kind == "standard" and self.n != 1:
-            raise ValueError("standard inference has n = 1")
-
-    @classmethod
-    def parse(cls, spec: str) -> "InferenceProcedure":
-        s = str(spec).strip().lower()
-        if s in ("standard", "std"):
-            return cls("standard", 1)
-        kind, sep, n = s.partition(":")
-        if kind not in ("bon", "won") or not sep:
-            raise ValueError(f"bad inference procedure {spec!r}; use standard, bon:N or won:N (e.g. bon:4)")
-        try:
-            num = int(n)
-        except ValueError:
-            raise ValueError(f"bad inference procedure {spec!r}: N={n!r} is not an integer (e.g. bon:4)") from None
-        if num < 1:
-            raise ValueError(f"bad inference procedure {spec!r}: N must be >= 1")
-        return cls(kind, num)
-
-    @classmethod
-    def coerce(cls, x) -> "InferenceProcedure":
-        return x if isinstance(x, cls) else cls.parse(x)
-
-    @property
-    def spec(self) -> str:
-        return "standard" if self.kind == "standard" else f"{self.kind}:{self.n}"
-
-    def __str__(self) -> str:
-        return self.spec
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,7 +97,8 @@ class Grid:
 _DEFAULT_GRID: Grid | None = None
 
 
-def _grid(grid=None) -> Grid:
+def as_grid(grid=None) -> Grid:
+    """The quadrature grid for ``grid``: None (the shared cosine grid), a Grid, a point count, or the points."""
     global _DEFAULT_GRID
     if grid is None:
         if _DEFAULT_GRID is None:
@@ -220,7 +175,7 @@ def _as_transform(transform) -> Transform:
 
 
 def _density(transform, beta: float, grid=None) -> _Density:
-    gr = _grid(grid)
+    gr = as_grid(grid)
     return _Density(gr, _as_transform(transform).phi(gr.u), float(beta))
 
 
@@ -244,7 +199,8 @@ def win_rate(inference, transform, beta: float, grid=None) -> float:
 # beta for a KL budget
 
 
-def _check_kl(kl: float) -> float:
+def check_kl(kl: float) -> float:
+    """A KL budget as a float, or a one-line ValueError saying it must be a positive number of nats."""
     try:
         kl = float(kl)
     except (TypeError, ValueError):
@@ -254,9 +210,10 @@ def _check_kl(kl: float) -> float:
     return kl
 
 
-def _beta_for_kl_phi(grid: Grid, phi: np.ndarray, kl: float, name: str, x0: float | None = None) -> tuple:
+def beta_and_optimum_for_kl(grid: Grid, phi: np.ndarray, kl: float, name: str, x0: float | None = None) -> tuple:
     """Solve KL(beta) = kl in x = log(beta) (KL falls monotonically as beta grows): Newton on log KL, kept inside
-    a bisection bracket. Returns (beta, density)."""
+    a bisection bracket. Returns (beta, the optimum's density: .g, .kl(), .win_rate(inference)), so a search
+    over transforms pays one solve per candidate."""
     lo, hi = math.log(BETA_MIN), math.log(BETA_MAX)
     d_lo = _Density(grid, phi, BETA_MIN)
     kl_max = d_lo.kl()
@@ -297,10 +254,10 @@ def _beta_for_kl_phi(grid: Grid, phi: np.ndarray, kl: float, name: str, x0: floa
 
 def beta_for_kl(transform, kl: float, grid=None) -> float:
     """KL coefficient (for the normalised transform) whose RLHF optimum has KL(pi || pi_ref) = kl."""
-    kl = _check_kl(kl)
+    kl = check_kl(kl)
     tr = _as_transform(transform)
-    gr = _grid(grid)
-    return _beta_for_kl_phi(gr, tr.phi(gr.u), kl, tr.spec)[0]
+    gr = as_grid(grid)
+    return beta_and_optimum_for_kl(gr, tr.phi(gr.u), kl, tr.spec)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,7 +286,7 @@ def _beta_for_kl_capped(grid, phi, kl, inf, x0):
     """beta_for_kl, except past the KL where the win rate saturates (the win-rate gradient R_g is flat on top, so
     no beta reaches the budget): then the smallest beta, i.e. the optimum that spends less KL than allowed."""
     try:
-        return _beta_for_kl_phi(grid, phi, kl, f"optimal({inf.spec})", x0)
+        return beta_and_optimum_for_kl(grid, phi, kl, f"optimal({inf.spec})", x0)
     except ValueError:
         return BETA_MIN, _Density(grid, phi, BETA_MIN)
 
@@ -388,23 +345,29 @@ def optimal_transform(
     inf = InferenceProcedure.coerce(inference)
     if not (beta > 0):
         raise ValueError(f"beta must be > 0, got {beta}")
-    gr = _grid(grid)
+    gr = as_grid(grid)
     g0 = np.ones_like(gr.u)
     phi, beta_n, beta_raw, info = _fixed_point(inf, gr, g0, float(beta), None, damping, tol, max_iter)
     return _optimal_result(inf, gr, phi, beta_n, beta_raw, info)
 
 
 def optimal_transform_for_kl(
-    inference, kl: float, damping: float = 0.9, tol: float = 1e-8, max_iter: int = 3000, grid=None
+    inference,
+    kl: float,
+    damping: float = 0.9,
+    tol: float = 1e-8,
+    max_iter: int = 3000,
+    grid=None,
+    start: np.ndarray | None = None,
 ) -> tuple[Transform, dict]:
     """The optimal transform whose RLHF optimum sits at KL(pi || pi_ref) = kl; info as in optimal_transform
-    (info['beta_win_rate_units'] is the beta in optimal_transform's convention that gives the same optimum)."""
-    return _optimal_for_kl(InferenceProcedure.coerce(inference), _check_kl(kl), _grid(grid), damping, tol, max_iter)
-
-
-def _optimal_for_kl(inf, kl, gr, damping=0.9, tol=1e-8, max_iter=3000, start=None):
+    (info['beta_win_rate_units'] is the beta in optimal_transform's convention that gives the same optimum).
+    ``start``: a density on the grid to iterate from (a neighbouring optimum converges in fewer steps)."""
+    inf = InferenceProcedure.coerce(inference)
+    kl = check_kl(kl)
+    gr = as_grid(grid)
     # Warm start (default: the identity optimum at this KL, the answer for standard and close for small N).
-    g0 = start if start is not None else _beta_for_kl_phi(gr, gr.u.copy(), kl, "identity")[1].g
+    g0 = start if start is not None else beta_and_optimum_for_kl(gr, gr.u.copy(), kl, "identity")[1].g
     phi, beta_n, beta_raw, info = _fixed_point(inf, gr, g0, None, kl, damping, tol, max_iter)
     tr, info = _optimal_result(inf, gr, phi, beta_n, beta_raw, info, kl_target=kl)
     # Past saturation the optimum uses less KL than the budget (info['kl'] says how much): more KL cannot help.
@@ -413,156 +376,14 @@ def _optimal_for_kl(inf, kl, gr, damping=0.9, tol=1e-8, max_iter=3000, start=Non
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# planning
-
-
-def _family(inf: InferenceProcedure) -> str | None:
-    return {"bon": "exp", "won": "negexp"}.get(inf.kind) if inf.n > 1 else None
-
-
-def _family_point(grid, inf, family, t, kl):
-    tr = parse_transform(f"{family}:t={t:.4g}")
-    try:
-        beta, d = _beta_for_kl_phi(grid, tr.phi(grid.u), kl, tr.spec)
-    except ValueError:
-        return tr, math.nan, -math.inf
-    return tr, beta, d.win_rate(inf)
-
-
-T_MIN, T_MAX = 0.01, 1e4
-
-
-def _search_t(grid, inf, family, kl) -> tuple[Transform, float, float]:
-    """Best t of the exp/negexp family at this KL: a coarse log-spaced scan, then golden section in log t."""
-    ts = np.geomspace(T_MIN, T_MAX, 37)
-    wins = [_family_point(grid, inf, family, t, kl)[2] for t in ts]
-    i = int(np.argmax(wins))
-    a, b = math.log(ts[max(i - 1, 0)]), math.log(ts[min(i + 1, len(ts) - 1)])
-    invphi = (math.sqrt(5) - 1) / 2
-    c, e = b - invphi * (b - a), a + invphi * (b - a)
-    fc = _family_point(grid, inf, family, math.exp(c), kl)[2]
-    fe = _family_point(grid, inf, family, math.exp(e), kl)[2]
-    while b - a > 2e-3:  # t to ~0.1%; the spec keeps 4 significant digits
-        if fc >= fe:
-            b, e, fe = e, c, fc
-            c = b - invphi * (b - a)
-            fc = _family_point(grid, inf, family, math.exp(c), kl)[2]
-        else:
-            a, c, fc = c, e, fe
-            e = a + invphi * (b - a)
-            fe = _family_point(grid, inf, family, math.exp(e), kl)[2]
-    best = max([(wins[i], ts[i]), (fc, math.exp(c)), (fe, math.exp(e))])
-    # Re-evaluate at the rounded t the spec string carries, so spec, beta and win rate agree.
-    return _family_point(grid, inf, family, best[1], kl)
-
-
-def _point(grid, inf, tr: Transform, kl: float) -> dict:
-    beta, d = _beta_for_kl_phi(grid, tr.phi(grid.u), kl, tr.spec)
-    return {"transform": tr.spec, "beta": beta, "win_rate": d.win_rate(inf)}
-
-
-def openrlhf_args(inf: InferenceProcedure, transform_spec: str, beta: float, kl: float) -> list[str]:
-    return [
-        "--reward_wrapper",
-        "infalign.ctrl",
-        "--infalign.inference",
-        inf.spec,
-        "--infalign.transform",
-        transform_spec,
-        "--infalign.kl_budget",
-        f"{kl:g}",
-        "--algo.kl.init_coef",
-        f"{beta:.4g}",
-    ]
-
-
-def plan(inference, kl: float, with_optimal: bool = True, grid=None) -> dict:
-    """Best transform and beta for (inference procedure, KL budget): the exp:t (BoN) / negexp:t (WoN) with the
-    highest inference-time win rate at that KL, beside the exact optimum and the identity / log baselines.
-    Exactly the JSON of `infalign plan --json`."""
-    inf = InferenceProcedure.coerce(inference)
-    kl = _check_kl(kl)
-    gr = _grid(grid)
-    family = _family(inf)
-    baselines = {name: _point(gr, inf, parse_transform(name), kl) for name in ("identity", "log")}
-    if family is None:  # standard / N = 1: identity is the exact optimum
-        rec = dict(baselines["identity"])
-    else:
-        tr, beta, wr = _search_t(gr, inf, family, kl)
-        if not math.isfinite(beta):
-            raise ValueError(f"no {family}:t transform reaches KL {kl:g}; use a smaller KL budget")
-        rec = {"transform": tr.spec, "beta": beta, "win_rate": wr, "t": tr.params["t"]}
-    for b in baselines.values():
-        b.pop("transform")
-    out = {"inference": inf.spec, "kl": kl, "recommended": rec}
-    notes: list[str] = []
-    if with_optimal:
-        start = _Density(gr, parse_transform(rec["transform"]).phi(gr.u), rec["beta"]).g  # near the optimum
-        _, info = _optimal_for_kl(inf, kl, gr, start=start)
-        out["optimal"] = {
-            "win_rate": info["win_rate"],
-            "beta": info["beta"],
-            "converged": info["converged"],
-            "iterations": info["iterations"],
-            "residual": info["residual"],
-            "kl": info["kl"],
-            "saturated": info["saturated"],
-        }
-        out["gap_to_optimal"] = info["win_rate"] - rec["win_rate"]
-        if not info["converged"]:
-            notes.append(
-                f"the exact optimum did not converge (residual {info['residual']:.1e}); its win rate is approximate"
-            )
-        if info["saturated"]:
-            notes.append(
-                f"the win rate saturates: the exact optimum needs only KL {info['kl']:.3g}; a smaller budget suffices"
-            )
-    out["baselines"] = baselines
-    out["openrlhf_args"] = openrlhf_args(inf, rec["transform"], rec["beta"], kl)
-    if rec["win_rate"] > 1 - 1e-6:
-        notes.append("the recommended win rate is 1 to 6 digits: any t works here; a smaller KL budget suffices")
-    out["notes"] = notes
-    return out
-
-
-def frontier(inference, transform, kls, grid=None) -> dict:
-    """Win rate against KL for one transform: for each KL budget, the beta putting the optimum there and its
-    inference-time win rate. ``transform`` may be ``optimal`` or ``auto`` (re-planned per KL; each point then
-    names its transform). Exactly the JSON of `infalign frontier --json`."""
-    inf = InferenceProcedure.coerce(inference)
-    kls = [_check_kl(k) for k in kls]
-    if not kls:
-        raise ValueError("give at least one KL budget")
-    gr = _grid(grid)
-    spec = transform.spec if isinstance(transform, Transform) else str(transform).strip()
-    name = spec.partition(":")[0].lower()
-    points = []
-    if name == "optimal" and not isinstance(transform, Transform):
-        start = None
-        for k in kls:
-            tr, info = _optimal_for_kl(inf, k, gr, start=start)
-            start = _Density(gr, tr.phi(gr.u), info["beta"]).g  # neighbouring KLs have neighbouring optima
-            points.append(
-                {"kl": k, "beta": info["beta"], "win_rate": info["win_rate"], "converged": info["converged"]}
-            )
-    elif name == "auto":
-        for k in kls:
-            rec = plan(inf, k, with_optimal=False, grid=gr)["recommended"]
-            points.append({"kl": k, "beta": rec["beta"], "win_rate": rec["win_rate"], "transform": rec["transform"]})
-    else:
-        tr = _as_transform(transform)
-        spec = tr.spec
-        for k in kls:
-            p = _point(gr, inf, tr, k)
-            points.append({"kl": k, "beta": p["beta"], "win_rate": p["win_rate"]})
-    return {"inference": inf.spec, "transform": spec, "points": points}
+# curves for plots
 
 
 def frontier_curve(inference, transform, betas=None, grid=None) -> tuple[np.ndarray, np.ndarray]:
     """(kl, win_rate) along a sweep of beta, for plots (no root finding; ``optimal`` is swept in win-rate beta
     with warm starts)."""
     inf = InferenceProcedure.coerce(inference)
-    gr = _grid(grid)
+    gr = as_grid(grid)
     kls, wins = [], []
     if isinstance(transform, str) and transform.strip().lower() == "optimal":
         betas = np.geomspace(3.0, 0.003, 40) if betas is None else betas

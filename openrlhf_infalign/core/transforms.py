@@ -8,7 +8,8 @@ Every transform ships in a NORMALISED form mapping [0, 1] onto [0, 1], monotone 
     log[:eps=E]     1 + log(max(u, E)) / |log E|, E = 1e-6 by default     BoN-distillation family
     power:k=K       u^K                                             (K > 0)
     optimal         the exact fixed-point optimum for an inference procedure and KL budget, tabulated on a grid
-                    and linearly interpolated (built by ``theory.optimal_transform``; see ``resolve_transform``)
+                    and linearly interpolated (built by ``theory.optimal_transform``; see
+                    ``planning.resolve_transform``, which also resolves ``auto``)
 
 Why normalised: scaling Phi by c is the same as dividing the KL coefficient beta by c, so the shape is all that
 matters, and a reward in [0, 1] stays far inside OpenRLHF's ``--reward.clip_range``. Every beta this package
@@ -32,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Transform", "parse_transform", "resolve_transform", "tabulated_transform", "TRANSFORM_NAMES"]
+__all__ = ["Transform", "parse_transform", "split_spec", "tabulated_transform", "TRANSFORM_NAMES"]
 
 TRANSFORM_NAMES = ("identity", "exp", "negexp", "log", "power", "optimal", "auto")
 LOG_EPS = 1e-6
@@ -47,7 +48,7 @@ class Transform:
     """A monotone map [0, 1] -> [0, 1] applied to calibrated rewards; callable on float64 arrays (vectorised).
 
     Attributes: ``name`` (family), ``params`` (dict), ``spec`` (canonical string, parses back to the same
-    transform except ``optimal``, whose table comes from ``resolve_transform``), ``scale`` (normalised =
+    transform except ``optimal``, whose table comes from ``planning.resolve_transform``), ``scale`` (normalised =
     scale * raw + offset, for converting beta to the paper's unnormalised convention).
     """
 
@@ -162,7 +163,8 @@ def _number(name: str, key: str, raw: str, spec: str) -> float:
     return x
 
 
-def _split(spec: str) -> tuple[str, dict[str, str]]:
+def split_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'exp:t=10' -> ('exp', {'t': '10'}): the family name (lower case) and its raw key=value parameters."""
     s = spec.strip()
     name, _, rest = s.partition(":")
     name = name.strip().lower()
@@ -185,10 +187,10 @@ _FAMILIES = {
 
 
 def parse_transform(spec: str) -> Transform:
-    """Parse identity | exp:t=T | negexp:t=T | log[:eps=E] | power:k=K (``optimal``/``auto``: ``resolve_transform``)."""
+    """Parse identity | exp:t=T | negexp:t=T | log[:eps=E] | power:k=K (``optimal``, ``auto``: ``planning.py``)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("empty transform spec; use one of identity, exp:t=T, negexp:t=T, log, power:k=K")
-    name, args = _split(spec)
+    name, args = split_spec(spec)
     if name in ("optimal", "auto"):
         raise ValueError(
             f"transform {spec!r} depends on the inference procedure and KL budget; use resolve_transform(...)"
@@ -216,29 +218,3 @@ def parse_transform(spec: str) -> Transform:
     raise ValueError(
         f"unknown transform {name!r} in {spec!r}; choose identity, exp:t=T, negexp:t=T, log, power:k=K, optimal, auto"
     )
-
-
-def resolve_transform(spec: str, inference=None, kl_budget: float | None = None) -> tuple[Transform, float | None]:
-    """Transform for a training run and its beta (KL coefficient for the normalised transform, or None).
-
-    ``auto``: the plan's recommended transform (exp:t for bon, negexp:t for won, identity for standard) and its
-    beta at ``kl_budget``. ``optimal``: the tabulated fixed-point optimum whose RLHF solution sits at ``kl_budget``.
-    Fixed transforms: beta is the one that puts the optimum at ``kl_budget`` if given, else None.
-    """
-    from openrlhf_infalign.core import theory  # theory imports this module
-
-    name, _ = _split(spec) if isinstance(spec, str) else ("", {})
-    if name in ("optimal", "auto"):
-        if inference is None or kl_budget is None:
-            raise ValueError(f"transform {spec!r} needs an inference procedure and a KL budget")
-        inf = theory.InferenceProcedure.coerce(inference)
-        if name == "auto":
-            p = theory.plan(inf, kl_budget, with_optimal=False)
-            rec = p["recommended"]
-            return parse_transform(rec["transform"]), rec["beta"]
-        tr, info = theory.optimal_transform_for_kl(inf, kl_budget)
-        return tr, info["beta"]
-    tr = parse_transform(spec)
-    if kl_budget is None:
-        return tr, None
-    return tr, theory.beta_for_kl(tr, kl_budget)

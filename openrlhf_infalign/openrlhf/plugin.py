@@ -119,8 +119,8 @@ def _get(args, dotted: str, default=None):
 
 def build_reward_wrapper(args, name: str, transform_spec: Optional[str] = None):
     """The ``infalign.*`` factories: open the store, check it, plan the transform, warn where training would differ."""
-    from openrlhf_infalign.core.theory import InferenceProcedure
-    from openrlhf_infalign.core.transforms import resolve_transform
+    from openrlhf_infalign.core.inference import InferenceProcedure
+    from openrlhf_infalign.core.planning import resolve_transform
     from openrlhf_infalign.openrlhf.wrapper import CTRLRewardWrapper
     from openrlhf_infalign.store import ReferenceStore
 
@@ -225,7 +225,7 @@ def prepare(args) -> Optional[InfAlignState]:
     else:
         state.eval_store = state.store
     if state.inference is None:
-        from openrlhf_infalign.core.theory import InferenceProcedure
+        from openrlhf_infalign.core.inference import InferenceProcedure
 
         state.inference = InferenceProcedure.parse(_get(args, "infalign.inference", "bon:4"))
 

@@ -1,0 +1,176 @@
+"""Planning a CTRL run: which transform and KL coefficient beta for an inference procedure and a KL budget.
+
+The plan searches the transform family the paper recommends for the procedure (exp:t for Best-of-N, negexp:t for
+Worst-of-N; identity is already optimal for standard sampling) for the t with the highest inference-time win rate
+at the KL budget, and sets it beside the exact optimum and the identity / log baselines. The frontier is the same
+question over several budgets. ``resolve_transform`` turns a run's ``--transform`` (``auto``, ``optimal`` or a
+fixed spec) into the transform and beta to train with. All of it is the calibrated-space theory of theory.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from openrlhf_infalign.core.inference import InferenceProcedure
+from openrlhf_infalign.core.theory import (
+    as_grid,
+    beta_and_optimum_for_kl,
+    beta_for_kl,
+    check_kl,
+    optimal_transform_for_kl,
+    optimum_density,
+)
+from openrlhf_infalign.core.transforms import Transform, parse_transform, split_spec
+
+__all__ = ["plan", "frontier", "resolve_transform"]
+
+T_MIN, T_MAX = 0.01, 1e4
+
+
+def _family(inf: InferenceProcedure) -> str | None:
+    return {"bon": "exp", "won": "negexp"}.get(inf.kind) if inf.n > 1 else None
+
+
+def _family_point(grid, inf, family, t, kl):
+    tr = parse_transform(f"{family}:t={t:.4g}")
+    try:
+        beta, d = beta_and_optimum_for_kl(grid, tr.phi(grid.u), kl, tr.spec)
+    except ValueError:
+        return tr, math.nan, -math.inf
+    return tr, beta, d.win_rate(inf)
+
+
+def _search_t(grid, inf, family, kl) -> tuple[Transform, float, float]:
+    """Best t of the exp/negexp family at this KL: a coarse log-spaced scan, then golden section in log t."""
+    ts = np.geomspace(T_MIN, T_MAX, 37)
+    wins = [_family_point(grid, inf, family, t, kl)[2] for t in ts]
+    i = int(np.argmax(wins))
+    a, b = math.log(ts[max(i - 1, 0)]), math.log(ts[min(i + 1, len(ts) - 1)])
+    invphi = (math.sqrt(5) - 1) / 2
+    c, e = b - invphi * (b - a), a + invphi * (b - a)
+    fc = _family_point(grid, inf, family, math.exp(c), kl)[2]
+    fe = _family_point(grid, inf, family, math.exp(e), kl)[2]
+    while b - a > 2e-3:  # t to ~0.1%; the spec keeps 4 significant digits
+        if fc >= fe:
+            b, e, fe = e, c, fc
+            c = b - invphi * (b - a)
+            fc = _family_point(grid, inf, family, math.exp(c), kl)[2]
+        else:
+            a, c, fc = c, e, fe
+            e = a + invphi * (b - a)
+            fe = _family_point(grid, inf, family, math.exp(e), kl)[2]
+    best = max([(wins[i], ts[i]), (fc, math.exp(c)), (fe, math.exp(e))])
+    # Re-evaluate at the rounded t the spec string carries, so spec, beta and win rate agree.
+    return _family_point(grid, inf, family, best[1], kl)
+
+
+def _point(grid, inf, tr: Transform, kl: float) -> dict:
+    beta, d = beta_and_optimum_for_kl(grid, tr.phi(grid.u), kl, tr.spec)
+    return {"transform": tr.spec, "beta": beta, "win_rate": d.win_rate(inf)}
+
+
+def plan(inference, kl: float, with_optimal: bool = True, grid=None) -> dict:
+    """Best transform and beta for (inference procedure, KL budget): the exp:t (BoN) / negexp:t (WoN) with the
+    highest inference-time win rate at that KL, beside the exact optimum and the identity / log baselines.
+    The JSON of `infalign plan --json` less the OpenRLHF flags, which the adapter adds (openrlhf/plan_flags.py)."""
+    inf = InferenceProcedure.coerce(inference)
+    kl = check_kl(kl)
+    gr = as_grid(grid)
+    family = _family(inf)
+    baselines = {name: _point(gr, inf, parse_transform(name), kl) for name in ("identity", "log")}
+    if family is None:  # standard / N = 1: identity is the exact optimum
+        rec = dict(baselines["identity"])
+    else:
+        tr, beta, wr = _search_t(gr, inf, family, kl)
+        if not math.isfinite(beta):
+            raise ValueError(f"no {family}:t transform reaches KL {kl:g}; use a smaller KL budget")
+        rec = {"transform": tr.spec, "beta": beta, "win_rate": wr, "t": tr.params["t"]}
+    for b in baselines.values():
+        b.pop("transform")
+    out = {"inference": inf.spec, "kl": kl, "recommended": rec}
+    notes: list[str] = []
+    if with_optimal:
+        start = optimum_density(rec["transform"], rec["beta"], gr)[1]  # near the optimum
+        _, info = optimal_transform_for_kl(inf, kl, grid=gr, start=start)
+        out["optimal"] = {
+            "win_rate": info["win_rate"],
+            "beta": info["beta"],
+            "converged": info["converged"],
+            "iterations": info["iterations"],
+            "residual": info["residual"],
+            "kl": info["kl"],
+            "saturated": info["saturated"],
+        }
+        out["gap_to_optimal"] = info["win_rate"] - rec["win_rate"]
+        if not info["converged"]:
+            notes.append(
+                f"the exact optimum did not converge (residual {info['residual']:.1e}); its win rate is approximate"
+            )
+        if info["saturated"]:
+            notes.append(
+                f"the win rate saturates: the exact optimum needs only KL {info['kl']:.3g}; a smaller budget suffices"
+            )
+    out["baselines"] = baselines
+    if rec["win_rate"] > 1 - 1e-6:
+        notes.append("the recommended win rate is 1 to 6 digits: any t works here; a smaller KL budget suffices")
+    out["notes"] = notes
+    return out
+
+
+def frontier(inference, transform, kls, grid=None) -> dict:
+    """Win rate against KL for one transform: for each KL budget, the beta putting the optimum there and its
+    inference-time win rate. ``transform`` may be ``optimal`` or ``auto`` (re-planned per KL; each point then
+    names its transform). Exactly the JSON of `infalign frontier --json`."""
+    inf = InferenceProcedure.coerce(inference)
+    kls = [check_kl(k) for k in kls]
+    if not kls:
+        raise ValueError("give at least one KL budget")
+    gr = as_grid(grid)
+    spec = transform.spec if isinstance(transform, Transform) else str(transform).strip()
+    name = spec.partition(":")[0].lower()
+    points = []
+    if name == "optimal" and not isinstance(transform, Transform):
+        start = None
+        for k in kls:
+            tr, info = optimal_transform_for_kl(inf, k, grid=gr, start=start)
+            start = optimum_density(tr, info["beta"], gr)[1]  # neighbouring KLs have neighbouring optima
+            points.append(
+                {"kl": k, "beta": info["beta"], "win_rate": info["win_rate"], "converged": info["converged"]}
+            )
+    elif name == "auto":
+        for k in kls:
+            rec = plan(inf, k, with_optimal=False, grid=gr)["recommended"]
+            points.append({"kl": k, "beta": rec["beta"], "win_rate": rec["win_rate"], "transform": rec["transform"]})
+    else:
+        tr = transform if isinstance(transform, Transform) else parse_transform(transform)
+        spec = tr.spec
+        for k in kls:
+            p = _point(gr, inf, tr, k)
+            points.append({"kl": k, "beta": p["beta"], "win_rate": p["win_rate"]})
+    return {"inference": inf.spec, "transform": spec, "points": points}
+
+
+def resolve_transform(spec: str, inference=None, kl_budget: float | None = None) -> tuple[Transform, float | None]:
+    """Transform for a training run and its beta (KL coefficient for the normalised transform, or None).
+
+    ``auto``: the plan's recommended transform (exp:t for bon, negexp:t for won, identity for standard) and its
+    beta at ``kl_budget``. ``optimal``: the tabulated fixed-point optimum whose RLHF solution sits at ``kl_budget``.
+    Fixed transforms: beta is the one that puts the optimum at ``kl_budget`` if given, else None.
+    """
+    name, _ = split_spec(spec) if isinstance(spec, str) else ("", {})
+    if name in ("optimal", "auto"):
+        if inference is None or kl_budget is None:
+            raise ValueError(f"transform {spec!r} needs an inference procedure and a KL budget")
+        inf = InferenceProcedure.coerce(inference)
+        if name == "auto":
+            p = plan(inf, kl_budget, with_optimal=False)
+            rec = p["recommended"]
+            return parse_transform(rec["transform"]), rec["beta"]
+        tr, info = optimal_transform_for_kl(inf, kl_budget)
+        return tr, info["beta"]
+    tr = parse_transform(spec)
+    if kl_budget is None:
+        return tr, None
+    return tr, beta_for_kl(tr, kl_budget)
