@@ -177,3 +177,17 @@ def test_single_prompt_stderr_is_zero_and_output_shape():
     assert out["bon"]["2"]["win_rate"] == 1.0
     # worst of both: 1 vs worst of a reference pair: {2,2}->2 (lose), {2,0}x2 -> 0 (win): 2/3.
     assert out["won"]["2"]["win_rate"] == pytest.approx(2 / 3)
+
+
+def test_win_rates_tie_at_the_store_precision():
+    # A store row of eight 0.1 and eight 0.7 (float32, as the store keeps it): a policy reward of 0.1 ties with the
+    # stored 0.1 whatever precision it arrives in, as calibration does.
+    ref32 = np.array([0.1] * 8 + [0.7] * 8, dtype=np.float32)
+    results = []
+    for pol in ([0.1, 0.7], np.array([0.1, 0.7], dtype=np.float64), np.array([0.1, 0.7], dtype=np.float32)):
+        ragged = win_rates([pol], [ref32], ns=[1, 2])
+        dense = win_rates_dense(np.asarray(pol, dtype=np.asarray(pol).dtype)[None, :], ref32[None, :], ns=[1, 2])
+        assert ragged == dense
+        results.append(ragged)
+    assert results[0] == results[1] == results[2]
+    assert results[0]["standard"]["win_rate"] == pytest.approx(0.5)  # (0.25 + 0.75) / 2

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["calibrated_reward", "calibrate", "ragged_from_lists"]
+__all__ = ["at_precision", "calibrated_reward", "calibrate", "ragged_from_lists"]
 
 
 def _segment_counts(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, x: np.ndarray, strict: bool) -> np.ndarray:
@@ -31,6 +31,21 @@ def _segment_counts(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, x: np.nd
         left = np.where(go_right, mid + 1, left)
         right = np.where(active & ~below, mid, right)
     return left - lo
+
+
+def at_precision(rewards: np.ndarray, dtype) -> np.ndarray:
+    """Rewards rounded to the reference rewards' float dtype (the store's float32), as float64 for the arithmetic.
+
+    A float64 reward of 0.1 must tie with a stored float32 0.1; float32 holds every bfloat16/float16 value exactly,
+    so the same reward given as a Python float, float64, float32 or bfloat16 value compares the same way. Used by
+    calibration and by the win-rate estimators, so training, `infalign score`, evaluate and the eval hook agree.
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.floating) and dtype.itemsize < 8:
+        with np.errstate(over="ignore"):  # beyond float32's range rounds to +-inf: still above/below every value
+            r = r.astype(dtype).astype(np.float64)
+    return r
 
 
 def calibrated_reward(
@@ -59,13 +74,10 @@ def calibrated_reward(
     if (k <= 0).any():
         empty = rows[k <= 0][:5].tolist()
         raise ValueError(f"reference row(s) {empty} have no reference rewards (K = 0); rebuild the reference store")
-    # Compare at the reference rewards' precision: a float64 reward of 0.1 must tie with a stored float32 0.1, so the
-    # reward is rounded to the store's dtype first (float32 holds every bfloat16/float16 value exactly). The store
-    # itself is never upcast (a 512 MB temporary at 1M x 64).
+    # The store itself is never upcast (a 512 MB temporary at 1M x 64); the rewards are rounded to its precision.
     values = np.asarray(ref_values)
-    if np.issubdtype(values.dtype, np.floating) and values.dtype != r.dtype:
-        with np.errstate(over="ignore"):  # beyond float32's range rounds to +-inf: still above/below every value
-            r = r.astype(values.dtype)
+    if np.issubdtype(values.dtype, np.floating) and values.dtype.itemsize < 8:
+        r = at_precision(r, values.dtype).astype(values.dtype)
     n_less = _segment_counts(values, lo, hi, r, strict=True)
     n_less_equal = _segment_counts(values, lo, hi, r, strict=False)
     return (n_less + 0.5 * (n_less_equal - n_less)) / k

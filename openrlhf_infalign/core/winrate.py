@@ -31,6 +31,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy.special import gammaln
 
+from openrlhf_infalign.core.calibration import at_precision
+
 __all__ = ["win_rates", "win_rates_dense", "default_ns", "per_prompt_win_rates", "summarize"]
 
 # Elements (prompts x samples) processed at once in the dense path: bounds peak memory for M, K in the thousands.
@@ -111,8 +113,9 @@ def per_prompt_win_rates(policy, reference, ns: Sequence[int]) -> tuple[dict[int
 
     Returns ({N: (P,) BoN_N}, {N: (P,) WoN_N}) for every N in ns; every N must be <= min(M, K).
     """
-    a = _as_2d(policy, "policy rewards")
-    b = _as_2d(reference, "reference rewards")
+    b_in = np.asarray(reference)
+    a = _as_2d(at_precision(policy, b_in.dtype), "policy rewards")
+    b = _as_2d(b_in, "reference rewards")
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"policy has {a.shape[0]} prompts but reference has {b.shape[0]}")
     if a.shape[0] == 0:
@@ -183,8 +186,10 @@ def win_rates(policy_rewards: Sequence, reference_rewards: Sequence, ns: Sequenc
     if len(policy_rewards) == 0:
         raise ValueError("no prompts")
     ns = _check_ns(ns)
-    pol = [np.asarray(x, dtype=np.float64).reshape(-1) for x in policy_rewards]
-    ref = [np.asarray(x, dtype=np.float64).reshape(-1) for x in reference_rewards]
+    # Policy rewards are compared at the precision of their prompt's reference rewards (ties at the store's float32).
+    ref = [np.asarray(x).reshape(-1) for x in reference_rewards]
+    pol = [at_precision(x, r.dtype).reshape(-1) for x, r in zip(policy_rewards, ref)]
+    ref = [r.astype(np.float64) for r in ref]
     m = np.fromiter((x.size for x in pol), dtype=np.int64, count=len(pol))
     k = np.fromiter((x.size for x in ref), dtype=np.int64, count=len(ref))
     for name, sizes in (("policy", m), ("reference", k)):
