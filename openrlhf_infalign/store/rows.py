@@ -41,7 +41,7 @@ def iter_json_objects(src: Path, f, bar=None) -> Iterator[tuple[int, dict]]:
             raise row_error(
                 src,
                 lineno,
-                f'expected a JSON object, got {type(row).__name__}: each line is one row, expected an object with '
+                f"expected a JSON object, got {type(row).__name__}: each line is one row, expected an object with "
                 '"prompt" or "prompt_key"',
             )
         yield lineno, row
@@ -129,8 +129,10 @@ def iter_reward_lists(src: Path, f, bar=None, k_min: int = 1) -> Iterator[tuple[
             raise row_error(src, lineno, 'an empty "rewards" list; every prompt needs a non-empty list of rewards')
         if len(rewards) < k_min:
             raise row_error(
-                src, lineno, f'{len(rewards)} rewards (< --k-min {k_min}) in its "rewards" list; every prompt needs '
-                "reference rewards"
+                src,
+                lineno,
+                f'{len(rewards)} rewards (< --k-min {k_min}) in its "rewards" list; every prompt needs '
+                "reference rewards",
             )
         yield lineno, digest, prompt, rewards
 
