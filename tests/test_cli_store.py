@@ -119,22 +119,6 @@ def test_bad_row_is_named_by_file_and_line(tmp_path, capsys, bad_line, pattern):
     assert not (tmp_path / "st").exists()
 
 
-def test_fast_reader_matches_checked_reader(tmp_path):
-    from openrlhf_infalign.store.jsonl import _read_fast, read_reference_jsonl
-
-    rows = ref_rows(40) + ["", '{"prompt": "ints", "rewards": [3, 1, 2], "extra": {"ignored": [1]}}', "   "]
-    rows += [{"prompt": "both", "prompt_key": prompt_key("both"), "rewards": [0.25]}]
-    src = write_jsonl(tmp_path / "refs.jsonl", rows)
-    fast = _read_fast(src, False, 1)  # raises _Fallback if it could not judge the file itself
-    slow = read_reference_jsonl(src, progress=False, fast=False)
-    np.testing.assert_array_equal(fast[0], slow[0])
-    np.testing.assert_array_equal(fast[1].values, slow[1].values)
-    np.testing.assert_array_equal(fast[1].offsets, slow[1].offsets)
-    assert fast[2] == slow[2]
-    np.testing.assert_array_equal(fast[3], slow[3])  # line numbers, blank lines skipped
-    assert fast[3][-1] == 44 and fast[3][-2] == 42
-
-
 def test_duplicate_prompts(tmp_path, capsys):
     rows = [
         {"prompt": "a", "rewards": [1.0, 2.0]},

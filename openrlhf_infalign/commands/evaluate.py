@@ -11,9 +11,7 @@ prompts, with a prompt-level standard error. A prompt counts for N only if both 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -21,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from openrlhf_infalign.errors import UserError
+from openrlhf_infalign.store import ReferenceStore
+from openrlhf_infalign.store.rows import check_rewards, iter_reward_lists
 
-_HEX = set("0123456789abcdef")
 _SHOW = 5  # missing prompts listed in an error
 
 
@@ -78,7 +77,7 @@ def _short(prompt: str, width: int = 60) -> str:
 def read_rewards_jsonl(path) -> tuple[dict[str, list[np.ndarray]], dict[str, str]]:
     """{prompt_key: [reward arrays, one per row]} in file order, and {prompt_key: prompt} where the prompt is given.
 
-    Raises UserError naming the file and line of any bad row.
+    A bad row raises StoreError naming its file and line (the row checks of `infalign store import`).
     """
     path = Path(path)
     if not path.is_file():
@@ -87,51 +86,13 @@ def read_rewards_jsonl(path) -> tuple[dict[str, list[np.ndarray]], dict[str, str
     prompts: dict[str, str] = {}
     from tqdm import tqdm
 
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         lines = tqdm(f, desc=f"reading {path.name}", unit=" rows", disable=None, leave=False, file=sys.stderr)
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f'{where}: expected an object like {{"prompt": ..., "rewards": [...]}}')
-            prompt, key = row.get("prompt"), row.get("prompt_key")
-            if prompt is not None and not isinstance(prompt, str):
-                raise UserError(f"{where}: 'prompt' must be a string, got {type(prompt).__name__}")
-            if key is not None:
-                if not isinstance(key, str) or len(key) != 40 or not set(key.lower()) <= _HEX:
-                    raise UserError(
-                        f"{where}: 'prompt_key' must be a 40-character sha1 hex string "
-                        f"(hashlib.sha1(prompt.encode('utf-8')).hexdigest()), got {key!r}"
-                    )
-                key = key.lower()
+        for lineno, digest, prompt, values in iter_reward_lists(path, lines):
+            key = digest.hex()
             if prompt is not None:
-                k = hashlib.sha1(prompt.encode("utf-8")).hexdigest()
-                if key is not None and key != k:
-                    raise UserError(f"{where}: 'prompt_key' {key} is not the sha1 of 'prompt' ({k})")
-                key = k
                 prompts[key] = prompt
-            if key is None:
-                raise UserError(f"{where}: row has neither 'prompt' nor 'prompt_key'")
-            values = row.get("rewards")
-            if not isinstance(values, list) or not values:
-                raise UserError(f"{where}: 'rewards' must be a non-empty list of numbers, got {values!r:.60}")
-            for j, v in enumerate(values):
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise UserError(f"{where}: rewards[{j}] is {v!r:.40}, not a number")
-                try:
-                    v = float(v)  # a JSON integer can exceed float range
-                except OverflowError:
-                    raise UserError(f"{where}: rewards[{j}] is out of float range") from None
-                if not math.isfinite(v):
-                    raise UserError(
-                        f"{where}: rewards[{j}] is {v}; rewards must be finite (fix the reward model/export)"
-                    )
-            rewards.setdefault(key, []).append(np.asarray(values, dtype=np.float64))
+            rewards.setdefault(key, []).append(check_rewards(path, values, [len(values)], [lineno], np.float64))
     if not rewards:
         raise UserError(f"{path}: no rows")
     return rewards, prompts
@@ -154,8 +115,6 @@ def load_pairs(policy_path, reference_path, skip_missing: bool):
     if ref_path.is_dir():
         if not _is_store(ref_path):
             raise UserError(f"{ref_path} is a directory but not a reference store (no manifest.json)")
-        from openrlhf_infalign.store import ReferenceStore
-
         store = ReferenceStore.open(ref_path, warn_small_k=False)  # small K is a calibration concern only
         keys = list(pol)
         rows = store.rows_for_keys(keys, on_missing="raw")

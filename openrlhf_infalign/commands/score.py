@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from openrlhf_infalign.files import write_json
+from openrlhf_infalign.store.format import DIGEST_BYTES
+from openrlhf_infalign.store.rows import iter_single_rewards
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,14 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", type=int, default=20, help="rows shown in the table (text mode)")
 
 
-def _bad(src: Path, lineno: int, msg: str) -> ValueError:
-    return ValueError(f"{src}:{lineno}: {msg}")
-
-
 def read_samples(src: Path):
     """(digests (B,20) uint8, rewards float64, line numbers, prompts or None per row)."""
-    from openrlhf_infalign.store.jsonl import iter_json_objects, parse_prompt_key
-
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such file")
     digests = bytearray()
@@ -54,22 +50,12 @@ def read_samples(src: Path):
     lines: list[int] = []
     prompts: list[str | None] = []
     with open(src, "rb") as f:
-        for lineno, row in iter_json_objects(src, f):
-            d, prompt = parse_prompt_key(src, lineno, row)
-            r = row.get("reward")
-            if isinstance(r, bool) or not isinstance(r, (int, float)):
-                raise _bad(src, lineno, f'"reward" must be a number, got {r!r}')
-            try:
-                r = float(r)  # a JSON integer can exceed float range
-            except OverflowError:
-                raise _bad(src, lineno, f'"reward" {str(row["reward"])[:20]}... is out of float range') from None
-            if not np.isfinite(r):
-                raise _bad(src, lineno, f'"reward" is {r}: NaN/inf rewards have no calibrated rank')
+        for lineno, d, prompt, r in iter_single_rewards(src, f):
             digests += d
-            rewards.append(float(r))
+            rewards.append(r)
             lines.append(lineno)
             prompts.append(prompt)
-    dig = np.frombuffer(bytes(digests), dtype=np.uint8).reshape(-1, 20)
+    dig = np.frombuffer(bytes(digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
     return dig, np.asarray(rewards, dtype=np.float64), lines, prompts
 
 

@@ -40,10 +40,27 @@ def prompt_key(prompt: str) -> str:
     return hashlib.sha1(prompt.encode("utf-8")).hexdigest()
 
 
+def prompt_digest(prompt: str) -> bytes:
+    """The 20-byte sha1 digest of a prompt: `prompt_key` before its hex encoding."""
+    return hashlib.sha1(prompt.encode("utf-8")).digest()
+
+
 def prompt_digests(prompts: Iterable[str]) -> np.ndarray:
     """(B, 20) uint8 sha1 digests of prompts (same keys as `prompt_key`, without the hex round trip)."""
-    joined = b"".join(hashlib.sha1(p.encode("utf-8")).digest() for p in prompts)
-    return np.frombuffer(joined, dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+    return np.frombuffer(b"".join(map(prompt_digest, prompts)), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+
+
+def key_digest(key) -> bytes:
+    """One prompt key (40-character sha1 hex, either case) -> its 20-byte digest; StoreError if it is malformed."""
+    if not isinstance(key, str) or len(key) != HEX_CHARS:
+        raise StoreError(f'"prompt_key" must be a 40-character sha1 hex string, got {key!r}')
+    try:
+        digest = bytes.fromhex(key)
+    except ValueError:
+        digest = b""
+    if len(digest) != DIGEST_BYTES:  # fromhex skips spaces: a 40-character key with some gives < 20 bytes
+        raise StoreError(f'"prompt_key" is not hexadecimal: {key!r}')
+    return digest
 
 
 # ASCII code -> nibble value, 255 for "not a hex digit". Upper and lower case are both accepted.

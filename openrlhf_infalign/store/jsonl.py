@@ -2,27 +2,27 @@
 
 One row per prompt: ``{"prompt": str, "rewards": [float, ...]}`` or ``{"prompt_key": sha1hex, "rewards": [...]}``
 (both keys allowed; then the prompt must hash to the key). Export writes the same shape, so the two round-trip.
-The row readers (`iter_json_objects`, `parse_prompt_key`) also read `infalign score`'s sample rows.
+The rows are read and checked by rows.py, which `infalign evaluate` and `infalign score` use too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from .format import DIGEST_BYTES, StoreError
+from ..files import atomic_open
+from .format import DIGEST_BYTES, PARQUET, StoreError, key_digest, prompt_digest
+from .reader import read_manifest
+from .rows import check_rewards, iter_reward_lists
 from .writer import Ragged, write_store
 
 _CHUNK_ROWS = 8192
 logger = logging.getLogger(__name__)
-_F32_MAX = float(np.finfo(np.float32).max)  # a Python float: compares exactly with huge JSON ints
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _progress(total: int, enabled: bool, desc: str, unit: str = "B"):
@@ -31,84 +31,6 @@ def _progress(total: int, enabled: bool, desc: str, unit: str = "B"):
     return tqdm(
         total=total, unit=unit, unit_scale=True, desc=desc, disable=not enabled, mininterval=1.0, dynamic_ncols=True
     )
-
-
-def _bad(src: Path, lineno: int, msg: str) -> StoreError:
-    return StoreError(f"{src}:{lineno}: {msg}")
-
-
-def iter_json_objects(src: Path, f, bar=None) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of the binary file f read from src; a StoreError naming
-    src:line for a line that is not a JSON object. bar (tqdm) advances by the bytes of every line read."""
-    for lineno, raw in enumerate(f, start=1):
-        if bar is not None:
-            bar.update(len(raw))
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _bad(src, lineno, f"not valid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise _bad(src, lineno, f"expected a JSON object, got {type(row).__name__}")
-        yield lineno, row
-
-
-def parse_prompt_key(src: Path, lineno: int, row: dict) -> tuple[bytes, str | None]:
-    """(20-byte sha1 digest, prompt or None) of a row's "prompt" and/or "prompt_key"; a StoreError naming src:line
-    if neither is given, either is malformed, or the key is not the prompt's sha1."""
-    prompt = row.get("prompt")
-    key = row.get("prompt_key")
-    if prompt is not None and not isinstance(prompt, str):
-        raise _bad(src, lineno, f'"prompt" must be a string, got {type(prompt).__name__}')
-    if key is not None:
-        if not isinstance(key, str) or len(key) != 40:
-            raise _bad(src, lineno, f'"prompt_key" must be a 40-character sha1 hex string, got {key!r}')
-        try:
-            digest = bytes.fromhex(key)
-        except ValueError:
-            digest = b""
-        if len(digest) != DIGEST_BYTES:  # fromhex skips spaces: a 40-character key with some gives < 20 bytes
-            raise _bad(src, lineno, f'"prompt_key" is not hexadecimal: {key!r}')
-        if prompt is not None and hashlib.sha1(prompt.encode("utf-8")).digest() != digest:
-            raise _bad(
-                src,
-                lineno,
-                f'"prompt_key" {key} is not sha1 of "prompt" (expected {hashlib.sha1(prompt.encode("utf-8")).hexdigest()})',
-            )
-        return digest, prompt
-    if prompt is None:
-        raise _bad(src, lineno, 'row needs "prompt" (the exact prompt string) or "prompt_key" (its sha1 hex)')
-    return hashlib.sha1(prompt.encode("utf-8")).digest(), prompt
-
-
-def _check_chunk(src: Path, flat: list, lengths: list, lines: list) -> np.ndarray:
-    """The chunk's rewards as float32, or a StoreError naming the first bad line."""
-    off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-
-    def first_bad(test, msg):
-        for i, ln in enumerate(lines):
-            for x in flat[off[i] : off[i + 1]]:
-                if test(x):
-                    raise _bad(src, ln, msg(x))
-
-    # json.loads gives int/float for numbers; anything else (bool, str, None, list, dict) is not a reward, and
-    # np.array would quietly turn True or "2" into a number.
-    if not set(map(type, flat)) <= {float, int}:
-        first_bad(lambda x: type(x) not in (float, int), lambda x: f'"rewards" must hold numbers, found {x!r}')
-    try:
-        vals = np.array(flat, dtype=np.float64)
-    except OverflowError:
-        first_bad(
-            lambda x: isinstance(x, int) and abs(x) > _F32_MAX,
-            lambda x: f"reward {str(x)[:12]}... ({len(str(x))} digits) is not a finite float32 number (out of range)",
-        )
-        raise
-    bad = np.flatnonzero(~np.isfinite(vals) | (np.abs(vals) > _F32_MAX))
-    if bad.size:
-        i = int(np.searchsorted(off, bad[0], side="right") - 1)
-        raise _bad(src, lines[i], f"reward {vals[bad[0]]} is not a finite float32 number (NaN/inf or out of range)")
-    return vals.astype(np.float32)
 
 
 class _Fallback(Exception):
@@ -123,8 +45,6 @@ def _read_fast(src: Path, progress: bool, k_min: int):
     raises _Fallback, so every error message comes from the one checked parser, with its line number."""
     import pyarrow as pa
     import pyarrow.json as pj
-
-    from .format import digests_from_keys
 
     schema = pa.schema([("prompt", pa.string()), ("prompt_key", pa.string()), ("rewards", pa.list_(pa.float64()))])
     size = os.path.getsize(src)
@@ -161,7 +81,7 @@ def _read_fast(src: Path, progress: bool, k_min: int):
             if keys.null_count == len(keys):
                 if any(p is None for p in prompts):
                     raise _Fallback("a row without prompt or prompt_key")
-                dig = b"".join(hashlib.sha1(p.encode("utf-8")).digest() for p in prompts)
+                dig = b"".join(map(prompt_digest, prompts))
             else:
                 key_list = keys.to_pylist()
                 parts = []
@@ -169,13 +89,13 @@ def _read_fast(src: Path, progress: bool, k_min: int):
                     if k is None:
                         if p is None:
                             raise _Fallback("a row without prompt or prompt_key")
-                        parts.append(hashlib.sha1(p.encode("utf-8")).digest())
+                        parts.append(prompt_digest(p))
                     else:
                         try:
-                            d = digests_from_keys([k]).tobytes()
+                            d = key_digest(k)
                         except StoreError:
                             raise _Fallback("a bad prompt_key") from None
-                        if p is not None and hashlib.sha1(p.encode("utf-8")).digest() != d:
+                        if p is not None and prompt_digest(p) != d:
                             raise _Fallback("a prompt_key that is not sha1 of its prompt")
                         parts.append(d)
                 dig = b"".join(parts)
@@ -224,14 +144,7 @@ def read_reference_jsonl(src, *, progress: bool = True, k_min: int = 1, fast: bo
     lengths: list[int] = []
     lines: list[int] = []
     with open(src, "rb") as f, _progress(os.path.getsize(src), progress, f"import {src.name}") as bar:
-        for lineno, row in iter_json_objects(src, f, bar):
-            digest, prompt = parse_prompt_key(src, lineno, row)
-            rewards = row.get("rewards")
-            if not isinstance(rewards, list):
-                raise _bad(src, lineno, f'"rewards" must be a list of numbers, got {type(rewards).__name__}')
-            if len(rewards) < max(k_min, 1):
-                what = "an empty" if not rewards else f"{len(rewards)} rewards (< --k-min {k_min}) in its"
-                raise _bad(src, lineno, f'{what} "rewards" list; every prompt needs reference rewards')
+        for lineno, digest, prompt, rewards in iter_reward_lists(src, f, bar, k_min):
             digests += digest
             prompts.append(prompt)
             any_prompt = any_prompt or prompt is not None
@@ -239,12 +152,12 @@ def read_reference_jsonl(src, *, progress: bool = True, k_min: int = 1, fast: bo
             lengths.append(len(rewards))
             lines.append(lineno)
             if len(lengths) >= _CHUNK_ROWS:
-                value_chunks.append(_check_chunk(src, flat, lengths, lines))
+                value_chunks.append(check_rewards(src, flat, lengths, lines))
                 length_chunks.append(np.asarray(lengths, dtype=np.int64))
                 lines_all.extend(lines)
                 flat, lengths, lines = [], [], []
     if lengths:
-        value_chunks.append(_check_chunk(src, flat, lengths, lines))
+        value_chunks.append(check_rewards(src, flat, lengths, lines))
         length_chunks.append(np.asarray(lengths, dtype=np.int64))
         lines_all.extend(lines)
     all_lengths = np.concatenate(length_chunks) if length_chunks else np.zeros(0, np.int64)
@@ -277,51 +190,40 @@ def import_jsonl(
 
 
 def export_jsonl(store_dir, out_path, *, include_prompts: bool = True, progress: bool = True) -> int:
-    """`infalign store export`: store -> JSONL (rows in store order), written via a temp file. Returns row count."""
+    """`infalign store export`: store -> JSONL (rows in store order), written atomically. Returns row count."""
     import pyarrow.parquet as pq
-
-    from .format import PARQUET
-    from .reader import read_manifest
 
     store_dir, out_path = Path(store_dir), Path(out_path)
     man = read_manifest(store_dir)
     pf = pq.ParquetFile(store_dir / PARQUET)
     has_prompt = include_prompts and "prompt" in pf.schema_arrow.names
     cols = ["prompt_key", "rewards"] + (["prompt"] if has_prompt else [])
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     n = 0
-    try:
-        with (
-            open(tmp, "w", encoding="utf-8") as f,
-            _progress(man.get("num_prompts", 0), progress, f"export {store_dir.name}", "rows") as bar,
-        ):
-            for rg in range(pf.num_row_groups):
-                t = pf.read_row_group(rg, columns=cols)
-                keys = t.column("prompt_key").to_pylist()
-                col = t.column("rewards").combine_chunks()
-                off = np.asarray(col.offsets, dtype=np.int64)
-                off = (off - off[0]).tolist()
-                # float32 -> Python float (exact) -> shortest repr: parses back to the identical float32.
-                vals = col.flatten().to_numpy().astype(np.float64).tolist()
-                texts = t.column("prompt").to_pylist() if has_prompt else [None] * len(keys)
-                dumps = json.dumps
-                out = []
-                for i, key in enumerate(keys):
-                    rewards = dumps(vals[off[i] : off[i + 1]])
-                    if texts[i] is None:
-                        out.append(f'{{"prompt_key": "{key}", "rewards": {rewards}}}\n')
-                    else:
-                        out.append(
-                            f'{{"prompt_key": "{key}", "prompt": {dumps(texts[i], ensure_ascii=False)}, '
-                            f'"rewards": {rewards}}}\n'
-                        )
-                f.write("".join(out))
-                n += len(keys)
-                bar.update(len(keys))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with (
+        atomic_open(out_path, "w") as f,
+        _progress(man.get("num_prompts", 0), progress, f"export {store_dir.name}", "rows") as bar,
+    ):
+        for rg in range(pf.num_row_groups):
+            t = pf.read_row_group(rg, columns=cols)
+            keys = t.column("prompt_key").to_pylist()
+            col = t.column("rewards").combine_chunks()
+            off = np.asarray(col.offsets, dtype=np.int64)
+            off = (off - off[0]).tolist()
+            # float32 -> Python float (exact) -> shortest repr: parses back to the identical float32.
+            vals = col.flatten().to_numpy().astype(np.float64).tolist()
+            texts = t.column("prompt").to_pylist() if has_prompt else [None] * len(keys)
+            dumps = json.dumps
+            out = []
+            for i, key in enumerate(keys):
+                rewards = dumps(vals[off[i] : off[i + 1]])
+                if texts[i] is None:
+                    out.append(f'{{"prompt_key": "{key}", "rewards": {rewards}}}\n')
+                else:
+                    out.append(
+                        f'{{"prompt_key": "{key}", "prompt": {dumps(texts[i], ensure_ascii=False)}, '
+                        f'"rewards": {rewards}}}\n'
+                    )
+            f.write("".join(out))
+            n += len(keys)
+            bar.update(len(keys))
     return n

@@ -25,7 +25,10 @@ from .format import (
     hex_strings,
     k_summary,
     key_hi,
+    prompt_digests,
+    sort_order,
 )
+from .writer import _commit_dir, write_index, write_store
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +165,6 @@ class ReferenceStore:
             logger.warning("reference store %s has no index; rebuilding it from %s", path, PARQUET)
             arrays = _index_from_parquet(path, man)
             if os.access(path, os.W_OK):
-                from .writer import _commit_dir, write_index
-
                 try:
                     _commit_dir(index_dir, True, lambda tmp: write_index(tmp, *arrays[:1], *arrays[2:]))
                     arrays = _load_index(index_dir, man)
@@ -184,8 +185,6 @@ class ReferenceStore:
     def from_arrays(cls, prompt_keys, rewards, manifest: dict | None = None) -> "ReferenceStore":
         """An in-memory store (tests, small jobs): same validation as write_store, nothing written."""
         import tempfile
-
-        from .writer import write_store
 
         with tempfile.TemporaryDirectory() as d:
             p = write_store(Path(d) / "store", prompt_keys, rewards, manifest=manifest)
@@ -268,8 +267,6 @@ class ReferenceStore:
 
     def rows_for_prompts(self, prompts: Sequence[str], on_missing: str = "error") -> np.ndarray:
         """rows_for_keys over sha1 of the prompt strings (errors quote the prompt text)."""
-        from .format import prompt_digests
-
         return self.rows_for_keys(prompt_digests(prompts), on_missing, prompts=prompts)
 
     def calibrate(self, keys, rewards, on_missing: str = "error", *, prompts=None) -> np.ndarray:
@@ -310,8 +307,6 @@ class ReferenceStore:
         return calibrated_reward(r, sub, sub_offsets, inv.reshape(-1))
 
     def calibrate_prompts(self, prompts: Sequence[str], rewards, on_missing: str = "error") -> np.ndarray:
-        from .format import prompt_digests
-
         return self.calibrate(prompt_digests(prompts), rewards, on_missing, prompts=prompts)
 
     def rewards_for_row(self, row: int) -> np.ndarray:
@@ -382,8 +377,6 @@ class ReferenceStore:
             if ((d < 0) & ~boundary).any():
                 raise StoreError(f"{self.path}: a row's rewards are not ascending")
         if self.num_prompts > 1:
-            from .format import sort_order
-
             if not np.array_equal(sort_order(np.asarray(self._keys)), np.arange(self.num_prompts)):
                 raise StoreError(f"{self.path}: prompt keys are not sorted")
             if (np.asarray(self._keys[1:]) == np.asarray(self._keys[:-1])).all(axis=1).any():

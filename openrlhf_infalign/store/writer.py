@@ -30,6 +30,9 @@ from .format import (
     hex_from_digests,
     k_summary,
     key_hi,
+    prompt_digest,
+    prompt_digests,
+    prompt_key,
     sort_order,
 )
 
@@ -260,8 +263,6 @@ def write_store(
     if prompt_keys is None:
         if prompts is None:
             raise StoreError("write_store needs prompt_keys or prompts")
-        from .format import prompt_digests
-
         digests = prompt_digests(prompts)
     else:
         digests = digests_from_keys(prompt_keys)
@@ -371,13 +372,11 @@ def _more(idx: np.ndarray) -> str:
 
 
 def _check_prompts_match(digests: np.ndarray, prompts: list, row_name) -> None:
-    import hashlib
-
     for i, p in enumerate(prompts):
-        if p is not None and hashlib.sha1(p.encode("utf-8")).digest() != digests[i].tobytes():
+        if p is not None and prompt_digest(p) != digests[i].tobytes():
             raise StoreError(
                 f"{row_name(i)}: prompt_key {digests[i].tobytes().hex()} is not sha1 of its prompt {p[:80]!r} "
-                f"(expected {hashlib.sha1(p.encode('utf-8')).hexdigest()})"
+                f"(expected {prompt_key(p)})"
             )
 
 
