@@ -197,7 +197,6 @@ class VLLMGenerator:
             ray.shutdown()
 
 
-
 def make_generator(settings: CalibrateSettings, tokenizer):
     """The generator of ``--backend``."""
     return (HFGenerator if settings.backend == "hf" else VLLMGenerator)(settings, tokenizer)

@@ -157,7 +157,16 @@ def plan_work(settings: CalibrateSettings, log: Callable[[str], None]) -> WorkPl
     S = settings.shard_size
     shards = [(i, slice(i * S, min((i + 1) * S, len(prompts)))) for i in range(math.ceil(len(prompts) / S))]
     return WorkPlan(
-        settings, tokenizer, prompts, labels, keys, dups, dataset, hashed, _canonical_hash(hashed), shards
+        settings=settings,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        labels=labels,
+        keys=keys,
+        duplicates=dups,
+        dataset=dataset,
+        hashed=hashed,
+        settings_hash=_canonical_hash(hashed),
+        shards=shards,
     )
 
 

@@ -143,7 +143,6 @@ class RewardModelScorer:
         return out
 
 
-
 class RolloutRewards:
     """``--backend vllm`` with a reward_func or HTTP reward: the engines' executor scored each sample already."""
 
