@@ -40,8 +40,9 @@ from openrlhf_infalign.openrlhf.wrapper import CTRLRewardWrapper  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, prompt_key, write_store  # noqa: E402
 
 KL_BUDGET = 0.5
-N_STORES = 128  # the plan averages over stores; stratified stores (finite_k.store_spacings) keep this mean near it
-STEPS, STEP_FRACTION = 16, 0.6
+# The plan averages over stores; stratified stores (finite_k.store_spacings) keep this many near the average.
+N_STORES = {16: 128, 64: 48}
+STEPS, STEP_FRACTION = 12, 0.75
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,11 +74,10 @@ def plan(inference: str, k: int) -> dict:
 @functools.lru_cache(maxsize=None)
 def stores(k: int, directory: str):
     """N_STORES prompts with K stored rewards 1..K each, their Dirichlet spacings, and the store on disk."""
-    p = np.array(fk.store_spacings(k, N_STORES, seed=1000 + k))
-    prompts = [f"Q : tabular prompt {i} with K={k} A :" for i in range(N_STORES)]
-    path = write_store(
-        f"{directory}/k{k}", [prompt_key(s) for s in prompts], np.tile(np.arange(1.0, k + 1), (N_STORES, 1))
-    )
+    p = np.array(fk.store_spacings(k, N_STORES[k], seed=1000 + k))
+    prompts = [f"Q : tabular prompt {i} with K={k} A :" for i in range(len(p))]
+    rewards = np.tile(np.arange(1.0, k + 1), (len(p), 1))
+    path = write_store(f"{directory}/k{k}", [prompt_key(s) for s in prompts], rewards)
     return p, prompts, ReferenceStore.open(path, warn_small_k=False)
 
 
@@ -93,15 +93,15 @@ def converge(estimator: str, n: int, inference: str, k: int, coef: float, direct
     log_ref = torch.from_numpy(np.log(p))
     theta = log_ref.clone()
     rng = torch.Generator().manual_seed(0)
-    shape = (N_STORES, bins, mates, n)
+    shape = (len(p), bins, mates, n)
     prompt_of = np.repeat(np.array(prompts, dtype=object), bins * mates * n).tolist()
-    store_of = torch.arange(N_STORES).view(-1, 1, 1, 1).expand(shape)
+    store_of = torch.arange(len(p)).view(-1, 1, 1, 1).expand(shape)
     for _ in range(STEPS):
         log_pi = theta - theta.logsumexp(-1, keepdim=True)
         drawn = torch.multinomial(log_pi.exp(), mates * (n - 1), replacement=True, generator=rng)
         response = torch.empty(shape, dtype=torch.long)
         response[..., 0] = torch.arange(bins).view(1, -1, 1)
-        response[..., 1:] = drawn.view(N_STORES, 1, mates, n - 1)  # the same mates for every first-member bin
+        response[..., 1:] = drawn.view(len(p), 1, mates, n - 1)  # the same mates for every first-member bin
         response = response.reshape(-1)
         stores_flat = store_of.reshape(-1)
         kl = compute_approx_kl(
@@ -155,9 +155,8 @@ def init_coef(estimator: str, n: int, beta: float) -> float:
 
 
 def _report(case, planned, got):
-    print(
-        f"\n{case}: planned KL {KL_BUDGET:.3f} win {planned['win_rate']:.4f}; converged KL {got[0]:.4f} win {got[1]:.4f}"
-    )
+    planned_text = f"planned KL {KL_BUDGET:.3f} win {planned['win_rate']:.4f}"
+    print(f"\n{case}: {planned_text}; converged KL {got[0]:.4f} win {got[1]:.4f}")
 
 
 @pytest.mark.parametrize("estimator,n,inference,k", CASES)
