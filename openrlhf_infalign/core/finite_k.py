@@ -146,7 +146,8 @@ def store_spacings(k: int, stores: int = STORES, seed: int = STORE_SEED) -> np.n
 def _expected_kl_from_log_weights(lw: np.ndarray) -> float:
     k = len(lw) - 1
     w = np.exp(lw)
-    a = np.where(w > 0, w * lw, 0.0)
+    with np.errstate(invalid="ignore"):  # w = 0 where lw = -inf (log transform at u = 0): w log w -> 0
+        a = np.where(w > 0, w * lw, 0.0)
     t = np.exp(_LOG_T)
     tw = np.multiply.outer(t, w)
     log_l = -np.log1p(tw).sum(-1)
