@@ -141,9 +141,12 @@ def test_auto_transform_plans_and_reports_beta(store_dir, capsys):
     assert state.transform.spec.startswith("exp:t=") and state.beta > 0
     err = capsys.readouterr().err
     assert "--algo.kl.init_coef was not given" in err and f"{state.beta:.4g}" in err
-    # given explicitly: no advice to pass it
+    assert "algo.kl.init_coef" not in seen["args"].infalign.explicit_dests
+    assert state.wrapper.beta == state.beta and state.kl_budget == state.wrapper.kl_budget == 0.5
+    # given explicitly (with upstream's default value): no advice to pass it; the console hands the dests over on args
     rc, seen = run(argv + ["--algo.kl.init_coef", "0.01"])
     assert "--algo.kl.init_coef was not given" not in capsys.readouterr().err
+    assert {"algo.kl.init_coef", "infalign.kl_budget", "reward.wrapper"} <= set(seen["args"].infalign.explicit_dests)
 
 
 def test_store_without_wrapper_is_reported(store_dir, capsys):
