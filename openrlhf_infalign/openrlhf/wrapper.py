@@ -110,10 +110,10 @@ class CTRLRewardWrapper:
         cache = self._digest_cache
         if len(cache) > _KEY_CACHE_MAX:
             cache.clear()
-        new = list(dict.fromkeys(p for p in prompts if p not in cache))
+        new = {p: None for p in prompts if p not in cache}  # distinct, in order
         if new:
             blob = prompt_digests(new).tobytes()
-            cache.update((p, blob[i * DIGEST_BYTES : (i + 1) * DIGEST_BYTES]) for i, p in enumerate(new))
+            cache.update(zip(new, [blob[i : i + DIGEST_BYTES] for i in range(0, len(blob), DIGEST_BYTES)]))
         return np.frombuffer(b"".join([cache[p] for p in prompts]), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
 
     # ── the core call ──
