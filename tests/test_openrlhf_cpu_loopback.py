@@ -2,7 +2,8 @@
 
 A driver process in CPU mode, as ``openrlhf train_ppo --infalign.cpu`` runs it (:func:`cpu.apply`, then ``ray.init``
 with :func:`cpu.ray_init_kwargs` and the setup hook :func:`cpu.apply` in every worker), reports what it sees as one
-JSON line. Inside a Ray worker, as OpenRLHF's actors are, the real upstream code picks its addresses: ``BaseDistributedActor``
+JSON line. Inside a Ray worker, as OpenRLHF's actors are, the real upstream code picks its addresses:
+``BaseDistributedActor``
 (DeepSpeed's ``MASTER_ADDR``) and DeepSpeed's own ``init_distributed`` rendezvous, ``ActorPPOTrainer.
 _init_vllm_sync_group`` (the weight-sync group, joined by a second worker through the real
 :class:`CpuWorkerWrap` engine side), and vLLM's ``get_ip``/``get_loopback_ip``. Each address is 127.0.0.1 and no
@@ -86,7 +87,8 @@ class TrainerSide:
         from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
 
         vllm_args = SimpleNamespace(num_engines=1, tensor_parallel_size=1, sync_with_ray=False)
-        trainer = SimpleNamespace(strategy=SimpleNamespace(args=SimpleNamespace(vllm=vllm_args)), vllm_engines=[engine])
+        strategy = SimpleNamespace(args=SimpleNamespace(vllm=vllm_args))
+        trainer = SimpleNamespace(strategy=strategy, vllm_engines=[engine])
         ActorPPOTrainer._init_vllm_sync_group(trainer, "gloo")
         group = trainer._model_update_group
         return {"group": type(group).__name__, "world_size": group.world_size, "listening": _listening_addresses()}
