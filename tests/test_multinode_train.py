@@ -70,14 +70,14 @@ class PeakRss(threading.Thread):
 
     def __init__(self, trees):
         super().__init__(daemon=True)
-        self.trees, self.peak_mb, self._stop = trees, 0.0, threading.Event()
+        self.trees, self.peak_mb, self._done = trees, 0.0, threading.Event()
 
     def run(self):
-        while not self._stop.wait(1.0):
+        while not self._done.wait(1.0):
             self.peak_mb = max(self.peak_mb, sum(tree() for tree in self.trees))
 
     def stop(self):
-        self._stop.set()
+        self._done.set()
         self.join()
 
 
