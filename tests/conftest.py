@@ -1,0 +1,139 @@
+"""Shared fixtures. ``two_node_cluster``: two real Ray nodes (raylets) on this machine, bound to 127.0.0.1.
+
+Each node has its own temp directory (its own session, sockets and logs), a custom resource naming it ({"head": 1} or
+{"worker": 1}) and fake GPUs for OpenRLHF's {"GPU": 1} bundles. Torn down whatever the test did: ``Cluster.shutdown``
+first, then every process the nodes started (raylets, GCS, their workers and the vLLM processes under them) is killed
+by pid, so a failed or timed-out test leaves no raylet behind on a machine others share.
+"""
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import pytest
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class TwoNodeCluster:
+    """What a test gets: the head's address (``RAY_ADDRESS``), the nodes and the figures of their start."""
+
+    cluster: object
+    address: str
+    nodes: Dict[str, object]  # "head" / "worker" -> ray._private.node.Node
+    temp_dirs: Dict[str, str]
+    startup_s: float
+    rss_mb_after_start: float
+    pids: List[int] = field(default_factory=list)
+    _monkeypatch: object = None
+
+    def connect(self):
+        """``ray.init`` this process to the head. Ray resolves 127.0.0.1 in an address to the outbound address,
+        where no node listens; CPU mode's driver answers loopback (cpu.py, item 9), and so does this process."""
+        import ray
+
+        self._monkeypatch.setattr(ray._private.services, "get_node_ip_address", lambda address=None: LOOPBACK)
+        return ray.init(address=self.address, log_to_driver=False)
+
+    def node_ids(self) -> Dict[str, str]:
+        """Ray node id (hex) -> "head" / "worker"."""
+        return {node.node_id: name for name, node in self.nodes.items()}
+
+    def tree_rss_mb(self) -> float:
+        total = 0
+        for proc in _tree(self.pids):
+            try:
+                total += proc.memory_info().rss
+            except Exception:
+                continue
+        return total / 2**20
+
+
+def _node_pids(node) -> List[int]:
+    pids = []
+    for infos in node.all_processes.values():
+        pids += [info.process.pid for info in infos if info.process is not None]
+    return pids
+
+
+def _tree(pids: List[int]):
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs += [*root.children(recursive=True), root]
+        except psutil.NoSuchProcess:
+            continue
+    return procs
+
+
+def _kill(procs, grace_s: float = 5.0) -> None:
+    """Terminate, then kill, what is still running (psutil checks each pid still names the process it saw)."""
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    pytest.importorskip("ray")
+    pytest.importorskip("psutil")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # Short roots: Ray's Unix socket paths live under them and are capped at 107 bytes.
+    temp_dirs = {name: tempfile.mkdtemp(prefix=f"ray{name[0]}", dir="/tmp") for name in ("head", "worker")}
+    common = dict(node_ip_address=LOOPBACK, include_dashboard=False, object_store_memory=200 * 2**20)
+    started = time.perf_counter()
+    cluster = None
+    nodes: Dict[str, object] = {}
+    pids: List[int] = []
+    try:
+        cluster = Cluster(
+            initialize_head=True,
+            shutdown_at_exit=True,
+            head_node_args=dict(
+                common, num_cpus=4, num_gpus=1, resources={"head": 1}, temp_dir=temp_dirs["head"]
+            ),
+        )
+        nodes["head"] = cluster.head_node
+        pids += _node_pids(cluster.head_node)
+        nodes["worker"] = cluster.add_node(
+            **common, num_cpus=4, num_gpus=1, resources={"worker": 1}, temp_dir=temp_dirs["worker"]
+        )
+        pids += _node_pids(nodes["worker"])
+        cluster.wait_for_nodes()
+        startup_s = time.perf_counter() - started
+        handle = TwoNodeCluster(cluster, cluster.address, nodes, temp_dirs, startup_s, 0.0, pids, monkeypatch)
+        handle.rss_mb_after_start = handle.tree_rss_mb()
+        yield handle
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        # Snapshot the trees first: once a raylet is gone its workers are re-parented and no longer found under it.
+        procs = _tree(pids)
+        if cluster is not None:
+            try:
+                cluster.shutdown()
+            except Exception:
+                pass
+        _kill(procs)
+        for path in temp_dirs.values():
+            shutil.rmtree(path, ignore_errors=True)
+        os.environ.pop("RAY_ADDRESS", None)
