@@ -29,13 +29,13 @@ for _mod in ("openrlhf", "vllm", "ray", "deepspeed", "transformers", "psutil"):
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "Q : {} A :"
 
-# Runs the console exactly as `openrlhf train_ppo` does, with plugin.prepare wrapped: once the driver has opened the
+# Runs the console exactly as `openrlhf train_ppo` does, with launch.prepare wrapped: once the driver has opened the
 # stores, their directories are moved away (only the driver ever had them).
 DRIVER = """
 import os, sys
-from openrlhf_infalign.openrlhf import console, plugin
+from openrlhf_infalign.openrlhf import console, launch
 
-real_prepare = plugin.prepare
+real_prepare = launch.prepare
 
 def prepare(args):
     state = real_prepare(args)
@@ -44,7 +44,7 @@ def prepare(args):
     print("[test] stores moved away after the driver opened them", flush=True)
     return state
 
-plugin.prepare = prepare
+launch.prepare = prepare
 sys.exit(console.run_train_ppo(sys.argv[1:]))
 """
 
