@@ -75,7 +75,7 @@ def test_calibrate_factory_is_identity_without_a_plan(store_dir):
 
 def test_settings_are_the_constructor_arguments(store_dir):
     settings = build.ctrl_settings(make_args(store_dir, transform="exp:t=3", kl_budget=None), "infalign.ctrl")
-    assert set(settings) == {"store", "transform", "inference", "beta", "kl_budget", "on_missing", "name"}
+    assert set(settings) == {"store", "transform", "inference", "beta", "kl_budget", "on_missing", "name"} | {"kl_coef", "k"}
     assert settings["transform"].spec == "exp:t=3" and settings["kl_budget"] is None
 
 
