@@ -16,8 +16,8 @@ import pytest
 from openrlhf_infalign.core.finite_k import expected_kl_k, expected_win_rate_k
 from openrlhf_infalign.core.planning import resolve_transform
 from openrlhf_infalign.openrlhf import build
-from openrlhf_infalign.openrlhf.kl_coef import ACCEPT_FLAG, kl_coef_for_beta
 from openrlhf_infalign.openrlhf.args import get
+from openrlhf_infalign.openrlhf.kl_coef import ACCEPT_FLAG, kl_coef_for_beta
 from openrlhf_infalign.openrlhf.wrapper import CTRLRewardWrapper, make_calibrate_wrapper, make_ctrl_wrapper
 from openrlhf_infalign.store import prompt_digests, prompt_key, write_store
 
