@@ -67,9 +67,11 @@ class CTRLRewardWrapper:
     ``store``: an opened :class:`openrlhf_infalign.store.ReferenceStore` (picklable by value, so the wrapper ships
     through Ray to the trainer actor with its data). ``transform``: a callable [0, 1] -> [0, 1] on float64 arrays
     (:mod:`openrlhf_infalign.core.transforms`). ``inference``, ``beta``, ``kl_budget``: the plan the transform
-    comes from (an ``InferenceProcedure``, the planned KL coefficient, the KL budget in nats; None when not
-    planned), read by the logs and the evaluation hook. ``on_missing``: ``"error"`` (a prompt absent from the store
-    stops training, naming its key and text) or ``"raw"`` (such samples keep their raw reward; a warning counts them).
+    comes from (an ``InferenceProcedure``, the effective KL coefficient beta in force, the KL budget in nats; None
+    when not planned), read by the logs and the evaluation hook. ``kl_coef``: the ``--algo.kl.init_coef`` in force
+    (beta converted for the advantage estimator); ``k``: the store's median K the plan was made for.
+    ``on_missing``: ``"error"`` (a prompt absent from the store stops training, naming its key and text) or ``"raw"``
+    (such samples keep their raw reward; a warning counts them).
     """
 
     def __init__(
@@ -81,6 +83,8 @@ class CTRLRewardWrapper:
         kl_budget: Optional[float] = None,
         on_missing: str = "error",
         name: str = "infalign.ctrl",
+        kl_coef: Optional[float] = None,
+        k: Optional[int] = None,
     ):
         if on_missing not in ("error", "raw"):
             raise ValueError(f"on_missing must be 'error' or 'raw', got {on_missing!r}")
@@ -89,6 +93,8 @@ class CTRLRewardWrapper:
         self.inference = inference
         self.beta = beta
         self.kl_budget = kl_budget
+        self.kl_coef = kl_coef
+        self.k = k
         self.on_missing = on_missing
         self.name = name
         self._digest_cache: dict[str, bytes] = {}
