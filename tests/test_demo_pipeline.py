@@ -4,10 +4,12 @@ The pipeline itself runs end to end in tests/test_e2e_cpu.py (marked ``e2e``).
 """
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from openrlhf_infalign import evallog
 from openrlhf_infalign.demo import fit, pipeline, tiny
 
 
@@ -63,3 +65,23 @@ def test_train_command_runs_upstream_trainer_in_cpu_mode_with_matching_sampling(
     steps = args.train_prompts // args.rollout_batch * args.episodes
     assert steps % int(value("--eval.steps")) == 0  # an evaluation lands on the last step
     assert int(value("--train.batch_size")) == args.rollout_batch * args.n_samples
+
+
+def test_summary_takes_first_and_final_best_of_n_from_the_eval_log(tmp_path):
+    def record(step, kl, bon4):
+        stat = {"win_rate": bon4, "stderr": 0.02}
+        return {"step": step, "kl": kl, "standard": stat, "bon": {"4": stat}, "won": {"4": stat}}
+
+    log = evallog.eval_log_path(tmp_path)
+    for rec in (record(0, None, 0.5), record(8, 0.3, 0.55), record(8, 0.4, 0.6)):  # a resumed run re-evaluated 8
+        evallog.append_record(log, rec)
+    summary = {"out": str(tmp_path), "args": {"inference": "bon:4"}, "phases": {"train": {"seconds": 1.0}}}
+    summary["evaluations"] = evallog.load_eval_log(log)
+    pipeline._write_summary(tmp_path, summary, time.time())
+    written = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert [e["step"] for e in written["evaluations"]] == [0, 8]
+    assert written["bon_win_rate"] == {
+        "n": 4,
+        "first": {"step": 0, "win_rate": 0.5, "stderr": 0.02},
+        "final": {"step": 8, "kl": 0.4, "win_rate": 0.6, "stderr": 0.02},
+    }
