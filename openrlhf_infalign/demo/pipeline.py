@@ -18,6 +18,7 @@ import json
 import math
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
