@@ -482,7 +482,11 @@ def ray_init_kwargs(
     runtime_env: dict = {"env_vars": env_vars}
     if setup_hook:
         runtime_env["worker_process_setup_hook"] = setup_hook
+    # A fresh local cluster unless RAY_ADDRESS names one: a bare ray.init() would join whatever cluster another
+    # process left in /tmp/ray/ray_current_cluster, and refuse these num_cpus/num_gpus there.
+    where = {} if os.environ.get("RAY_ADDRESS") else {"address": "local"}
     return dict(
+        **where,
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=False,
