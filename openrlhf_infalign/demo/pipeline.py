@@ -179,7 +179,11 @@ def _max_len(args) -> int:
 
 def _plan(out: Path, args) -> dict:
     proc = subprocess.run(
-        _py("-m", "openrlhf_infalign", "plan", "--inference", args.inference, "--kl", str(args.kl), "--json"),
+        _py(
+            *("-m", "openrlhf_infalign", "plan", "--inference", args.inference, "--kl", str(args.kl), "--json"),
+            # Planned for the store's K and the run's estimator: the flags then carry the converted init_coef.
+            *("--k", str(args.k), "--estimator", args.estimator, "--n-samples-per-prompt", str(args.n_samples)),
+        ),
         capture_output=True,
         text=True,
     )
