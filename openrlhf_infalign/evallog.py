@@ -17,7 +17,11 @@ update; ``infalign report`` and the demo read it. Schema (one object per line; e
       "kl_token_mean": 0.0,            # float or null: upstream's logged per-token mean KL of the same step
       "inference": "bon:4",            # the run's inference procedure: standard | bon:N | won:N
       "transform": "exp:t=10",         # the RESOLVED transform the run trains with (never "auto"), or null
-      "beta": 0.05,                    # float or null: KL coefficient in force (normalised-transform convention)
+      "beta": 0.05,                    # float or null: --algo.kl.init_coef in force (kl_ctl.value)
+      "kl_budget": 0.5,                # float or null: the KL budget the run was planned for
+      "planned_beta": 0.06,            # float or null: the plan's effective beta (what init_coef gives under the
+                                       #   run's estimator; normalised-transform convention)
+      "k": 16,                         # int or null: the training store's median K the plan used (null: continuum)
       "temperature": 1.0,              # eval sampling temperature
       "num_prompts": 512,              # int, eval prompts scored
       "num_samples_per_prompt": 16,    # int, M policy samples per eval prompt

@@ -379,6 +379,10 @@ class InfAlignEvalMixin:
             "inference": _spec(getattr(inf, "inference", None) or get(args, "infalign.inference")),
             "transform": _spec(getattr(inf, "transform", None) or get(args, "infalign.transform")),
             "beta": float(kl_ctl.value) if kl_ctl is not None else get(args, "algo.kl.init_coef"),
+            # The plan the run trains toward (report marks it beside where the run is).
+            "kl_budget": getattr(inf, "kl_budget", None),
+            "planned_beta": getattr(inf, "beta", None),
+            "k": getattr(inf, "k", None),
             "temperature": generate_kwargs.get("temperature"),
             "num_prompts": result["num_prompts"],
             "num_samples_per_prompt": int(min(len(p) for p in policy)),
