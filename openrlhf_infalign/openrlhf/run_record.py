@@ -12,9 +12,11 @@ weights. Two fine-tunes of one architecture can share one, so the model's direct
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
@@ -31,6 +33,7 @@ __all__ = [
     "model_fingerprint",
     "record_from_args",
     "restore_normalization",
+    "restore_normalization_on_load",
     "reward_normalization",
     "run_record",
     "store_record",
@@ -128,6 +131,31 @@ def restore_normalization(model, reward_model: str):
             model.mean.fill_(mean)
             model.std.fill_(std)
     return model
+
+
+def restore_normalization_on_load() -> None:
+    """Make OpenRLHF's ``get_llm_for_sequence_regression`` restore mean/std after loading (idempotent).
+
+    Called by the plugin's Ray worker hook, so the training reward model actors, the critic and the eval hook's local
+    reward model (the same actors) score like `infalign calibrate`, on CPU and GPU alike.
+    """
+    from openrlhf.models import model as model_module
+
+    original = model_module.get_llm_for_sequence_regression
+    if getattr(original, "_infalign_restores_normalization", False):
+        return
+
+    @functools.wraps(original)
+    def get_llm_for_sequence_regression(model_name_or_path, model_type, **kwargs):
+        return restore_normalization(original(model_name_or_path, model_type, **kwargs), model_name_or_path)
+
+    get_llm_for_sequence_regression._infalign_restores_normalization = True
+    # Modules imported before this call hold their own reference to the loader.
+    for name in ("openrlhf.models", "openrlhf.trainer.ray.launcher", "openrlhf.trainer.ray.ppo_critic"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "get_llm_for_sequence_regression", None) is original:
+            module.get_llm_for_sequence_regression = get_llm_for_sequence_regression
+    model_module.get_llm_for_sequence_regression = get_llm_for_sequence_regression
 
 
 def _reward_kind(url: str) -> str:
@@ -234,7 +262,7 @@ def _fix(field: str, store_value, role: str) -> str:
     if field == "template.apply_chat_template":
         return f"{'add' if store_value else 'drop'} --data.apply_chat_template"
     if flag.startswith("--") and not field.startswith(("policy.", "reward.")):
-        return f"pass {flag} {store_value if store_value is not None else '(unset)'}"
+        return f"drop {flag}" if store_value is None else f"pass {flag} {store_value}"
     return f"use what the store was built with ({flag})"
 
 
