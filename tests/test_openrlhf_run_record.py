@@ -150,13 +150,15 @@ def test_a_mismatch_is_refused_with_field_values_and_fix(built, change, field, f
 
 def test_another_policy_is_named_with_both_paths(built):
     with pytest.raises(StoreError, match=r"policy\.name: store 'policy', this run 'policy_v2'"):
-        check_store(_store(built), record_from_args(_args(built, **{"actor.model_name_or_path": built["other_policy"]})))
+        record = record_from_args(_args(built, **{"actor.model_name_or_path": built["other_policy"]}))
+        check_store(_store(built), record)
 
 
 def test_eval_store_checked_against_eval_sampling(built):
     # Eval samples at --eval.temperature (upstream default 0.6), not at --rollout.temperature.
     record = record_from_args(_args(built, **{"eval.temperature": 0.6}), role="eval")
-    with pytest.raises(StoreError, match=r"sampling\.temperature: store 1\.0, this run 0\.6 -> pass --eval\.temperature"):
+    expected = r"sampling\.temperature: store 1\.0, this run 0\.6 -> pass --eval\.temperature 1\.0"
+    with pytest.raises(StoreError, match=expected):
         check_store(_store(built), record, role="eval")
 
 

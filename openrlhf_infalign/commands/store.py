@@ -94,6 +94,10 @@ def _import(args) -> int:
         man["template"] = {**(man.get("template") or {}), **dict(args.template)}
     if args.sampling:
         man["sampling"] = {**(man.get("sampling") or {}), **dict(args.sampling)}
+    record = man.get("run_record")
+    if isinstance(record, dict):  # carried over by --manifest: what is given here overrides it there too
+        for section, given in (("template", args.template), ("sampling", args.sampling)):
+            record[section] = {**(record.get(section) or {}), **dict(given)}
     for k in ("format_version", "created"):  # this new store's, not the source's
         man.pop(k, None)
     man["source"] = {"imported_from": str(Path(args.jsonl).resolve())}

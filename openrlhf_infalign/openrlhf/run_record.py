@@ -184,8 +184,8 @@ def run_record(flag: Callable[[str], Any], *, tokenizer=None, role: str = "train
         path = urls[0]
         reward = {"kind": "reward_func", "path": path, "name": _name(path), "fingerprint": model_fingerprint(path)}
     else:
-        reward = {"kind": "remote_url" if urls else None, "path": ",".join(urls) or None, "fingerprint": None}
-        reward["name"] = reward["path"]
+        joined = ",".join(urls) or None
+        reward = {"kind": "remote_url" if urls else None, "path": joined, "name": joined, "fingerprint": None}
     mean, std = reward_normalization(rm) if rm else (None, None)
     return {
         "template": {
@@ -239,12 +239,12 @@ def store_record(manifest: Mapping) -> Dict:
     src = manifest.get("reward_source")
     if isinstance(src, dict) and src.get("kind"):  # written by an older `infalign calibrate`
         path = (src.get("model") or src.get("file") or {}).get("path") or ",".join(src.get("urls") or []) or None
-        rec["reward"] = {"kind": src["kind"], "path": path, "name": _name(path) if src["kind"] != "remote_url" else path}
+        rec["reward"] = {"kind": src["kind"], "path": path, "name": _name(path)}
         if src["kind"] == "reward_model":
             rec["normalization"] = {"enabled": bool(src.get("normalize_reward"))}
     elif isinstance(src, str) and src:  # `infalign store import --reward-source`
         kind = "reward_model" if not src.endswith(".py") and "://" not in src else _reward_kind(src)
-        rec["reward"] = {"kind": kind, "path": src, "name": _name(src) if kind != "remote_url" else src}
+        rec["reward"] = {"kind": kind, "path": src, "name": _name(src)}
     return rec
 
 
