@@ -18,6 +18,7 @@ from openrlhf_infalign.demo import tiny  # noqa: E402
 from openrlhf_infalign.openrlhf.calibrate import CalibrateSettings, run_calibration  # noqa: E402
 from openrlhf_infalign.openrlhf.run_record import (  # noqa: E402
     RECORD_KEY,
+    check_run,
     check_store,
     record_from_args,
     restore_normalization_on_load,
@@ -224,3 +225,17 @@ def test_normalised_rm_scores_alike_in_calibrate_and_training_loading(built, nor
         raw = (ours * STD + MEAN) if normalize else ours
     assert torch.equal(ours, theirs)
     assert np.isfinite(raw.numpy()).all()
+
+
+def test_agent_func_runs_are_refused(built):
+    with pytest.raises(StoreError, match=r"--train\.agent_func_path agent\.py: an agent's rewards cannot be reproduced"):
+        record_from_args(_args(built, **{"train.agent_func_path": "agent.py"}))
+
+
+def test_check_run_reads_allow_mismatch_from_args(built):
+    args = _args(built, **{"rollout.temperature": 0.7})
+    with pytest.raises(StoreError, match="sampling.temperature"):
+        check_run(args, _store(built))
+    args.infalign = SimpleNamespace(allow_mismatch=True)
+    with pytest.warns(UserWarning, match="sampling.temperature"):
+        assert [m.field for m in check_run(args, _store(built))] == ["sampling.temperature"]

@@ -28,6 +28,7 @@ __all__ = [
     "RECORD_KEY",
     "Mismatch",
     "chat_template_sha1",
+    "check_run",
     "check_store",
     "compare_records",
     "model_fingerprint",
@@ -166,6 +167,13 @@ def run_record(flag: Callable[[str], Any], *, tokenizer=None, role: str = "train
     """The record of a run from its flags: ``flag("data.input_key")`` etc. give the values of OpenRLHF's dotted
     flag names (None when unset). ``role="eval"`` takes the temperature from ``eval.temperature``, as OpenRLHF's
     evaluation samples. ``tokenizer``: the policy tokenizer, loaded from the policy when needed and not given."""
+    if flag("train.agent_func_path"):
+        raise StoreError(
+            f"--train.agent_func_path {flag('train.agent_func_path')}: an agent's rewards cannot be reproduced by "
+            "`infalign calibrate` (it samples one response per prompt and scores it with --reward.model_name_or_path "
+            "or --reward.remote_url), so no reference store matches them. Train with a single-turn reward source, "
+            "or without --reward_wrapper"
+        )
     policy = flag("actor.model_name_or_path")
     apply_chat = bool(flag("data.apply_chat_template"))
     if apply_chat and tokenizer is None:
@@ -219,6 +227,13 @@ def record_from_args(args, *, role: str = "training", tokenizer=None) -> Dict:
         return node
 
     return run_record(flag, tokenizer=tokenizer, role=role)
+
+
+def check_run(args, store, *, role: str = "training") -> List[Mismatch]:
+    """:func:`check_store` of ``store`` against the record of train_ppo_ray ``args`` (``role="eval"``: the eval
+    store against eval sampling), with ``--infalign.allow_mismatch``; what the wrapper builder and eval hook call."""
+    allow = bool(getattr(getattr(args, "infalign", None), "allow_mismatch", False))
+    return check_store(store, record_from_args(args, role=role), role=role, allow_mismatch=allow)
 
 
 def _flat(record: Mapping) -> Dict[str, Any]:
