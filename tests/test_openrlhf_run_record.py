@@ -228,7 +228,8 @@ def test_normalised_rm_scores_alike_in_calibrate_and_training_loading(built, nor
 
 
 def test_agent_func_runs_are_refused(built):
-    with pytest.raises(StoreError, match=r"--train\.agent_func_path agent\.py: an agent's rewards cannot be reproduced"):
+    expected = r"--train\.agent_func_path agent\.py: an agent's rewards cannot be reproduced"
+    with pytest.raises(StoreError, match=expected):
         record_from_args(_args(built, **{"train.agent_func_path": "agent.py"}))
 
 
