@@ -55,6 +55,8 @@ def main() -> None:
 
     argv = ["plan", "--inference", inf0, "--kl", str(kl0), "--json"]
     sub = best_of(lambda: run_cli(argv), args.repeats)
+    # The K-aware plan (betas from the expected KL over stores with K = 16 and 64 reference samples per prompt).
+    sub_k = {k: best_of(lambda: run_cli(argv + ["--k", str(k)]), args.repeats) for k in (16, 64)}
     start = best_of(
         lambda: subprocess.run([sys.executable, "-c", "import numpy"], check=True, capture_output=True), args.repeats
     )
@@ -67,6 +69,8 @@ def main() -> None:
             f"{p['recommended']['transform']:>16}  {p['gap_to_optimal']:7.4f}  {p['optimal']['iterations']}"
         )
     print(f"`infalign plan --inference {inf0} --kl {kl0:g} --json` as a process: {sub:.3f} s")
+    for k, sec in sub_k.items():
+        print(f"  ... with --k {k}:{' ' * 37}{sec:.3f} s")
     print(f"bare `python -c 'import numpy'` process:                    {start:.3f} s")
     full0 = rows[0][2]
     print(
@@ -76,12 +80,13 @@ def main() -> None:
                 "case": f"{inf0}@{kl0:g}",
                 "seconds": round(full0, 4),
                 "subprocess_seconds": round(sub, 4),
+                "subprocess_seconds_k": {str(k): round(v, 4) for k, v in sub_k.items()},
                 "process_start_seconds": round(start, 4),
                 "baseline_seconds": round(point, 5),
                 "ratio": round(full0 / point, 1),
                 "all_cases_seconds": {f"{i}@{k:g}": round(f, 4) for i, k, f, _, _ in rows},
                 "target_seconds": 2.0,
-                "within_target": sub < 2.0 and max(r[2] for r in rows) < 2.0,
+                "within_target": max(sub, *sub_k.values()) < 2.0 and max(r[2] for r in rows) < 2.0,
             }
         )
     )

@@ -4,7 +4,8 @@ Reads the evaluation log through ``openrlhf_infalign.evallog`` (its schema is do
 
 The theory curve on the KL plot is the calibrated-space frontier (core/theory.py) of the run's transform: the win
 rate the RLHF optimum reaches at each KL. KL in calibrated space is at most the sequence KL, so a run sits at or
-below the curve; the gap is what training left on the table. This module never imports openrlhf.
+below the curve; the gap is what training left on the table. Several runs side by side (``plot_arms_vs_kl``,
+``compare_markdown``) take their numbers from compare.py. This module never imports openrlhf.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from openrlhf_infalign import compare
 from openrlhf_infalign.evallog import EVAL_LOG, load_eval_log
 from openrlhf_infalign.files import pyplot, save_figure
 
@@ -24,6 +26,8 @@ __all__ = [
     "plot_winrate_vs_kl",
     "summary_markdown",
     "winrate_table",
+    "plot_arms_vs_kl",
+    "compare_markdown",
     "save_figure",
 ]
 
@@ -133,6 +137,23 @@ def plot_winrate_vs_n(
 _BASELINE_NAMES = {"optimal": "theory: optimal transform (ceiling)", "identity": "theory: identity (calibration only)"}
 
 
+def _frontier_to(inference: str, spec: str, kl_top: float) -> tuple[np.ndarray, np.ndarray]:
+    """The calibrated-space frontier of a transform from KL 0 to a little past kl_top, sorted by KL, for plots."""
+    from openrlhf_infalign.core import theory
+
+    if spec == "optimal":
+        # 24 betas from KL ~0.01 to ~3.5: smooth enough, and the fixed point is the slow part (~1 s).
+        ck, cw = theory.frontier_curve(inference, "optimal", betas=np.geomspace(3.0, 0.003, 24))
+    else:
+        # Sweep beta from ~0 KL to just past the largest observed KL.
+        b_end = theory.beta_for_kl(spec, kl_top * 1.05)
+        ck, cw = theory.frontier_curve(inference, spec, betas=np.geomspace(b_end * 1e3, b_end, 80))
+    keep = ck <= kl_top * 1.5  # a little past the axis so the line reaches the edge; far points off autoscale
+    ck, cw = np.concatenate([[0.0], ck[keep]]), np.concatenate([[0.5], cw[keep]])
+    order = np.argsort(ck)
+    return ck[order], cw[order]
+
+
 def plot_winrate_vs_kl(
     records: list[dict], path, kind: str, n: int, transform: str | None, with_optimal: bool = True
 ) -> Path:
@@ -148,8 +169,6 @@ def plot_winrate_vs_kl(
     kl_top = max(float(kls.max()) if kls.size else 0.0, 1e-3) * 1.3
     notes = []
     if transform:
-        from openrlhf_infalign.core import theory
-
         curves = [(transform, "tab:green", "-")]
         if str(transform).strip().lower() != "identity":  # the calibration-only baseline: what CTRL's transform adds
             curves.append(("identity", "gray", ":"))
@@ -157,21 +176,12 @@ def plot_winrate_vs_kl(
             curves.append(("optimal", "black", "--"))
         for spec, color, ls in curves:
             try:
-                if spec == "optimal":
-                    # 24 betas from KL ~0.01 to ~3.5: smooth enough, and the fixed point is the slow part (~1 s).
-                    ck, cw = theory.frontier_curve(inference, "optimal", betas=np.geomspace(3.0, 0.003, 24))
-                else:
-                    # Sweep beta from ~0 KL to just past the largest observed KL.
-                    b_end = theory.beta_for_kl(spec, kl_top * 1.05)
-                    ck, cw = theory.frontier_curve(inference, spec, betas=np.geomspace(b_end * 1e3, b_end, 80))
+                ck, cw = _frontier_to(inference, spec, kl_top)
             except ValueError as e:
                 notes.append(f"no theory curve for {spec}: {e}")
                 continue
-            keep = ck <= kl_top * 1.5  # a little past the axis so the line reaches the edge; far points off autoscale
-            ck, cw = np.concatenate([[0.0], ck[keep]]), np.concatenate([[0.5], cw[keep]])
-            order = np.argsort(ck)
             name = f"theory: {spec} (this run)" if spec == transform else _BASELINE_NAMES[spec]
-            ax.plot(ck[order], cw[order], color=color, linestyle=ls, linewidth=1.2, label=name)
+            ax.plot(ck, cw, color=color, linestyle=ls, linewidth=1.2, label=name)
     if pts:
         ax.errorbar(
             kls,
@@ -237,4 +247,102 @@ def winrate_table(result: dict) -> str:
         count = (b or w)["num_prompts"] if (b or w) and "num_prompts" in (b or w) else result["num_prompts"]
         lines.append(f"{n:>5}  {_fmt(b):>20}  {_fmt(w):>20}  {count:>8}")
     lines.append("(win rate ± prompt-level standard error; ties count 1/2; 0.5 = no better than the reference)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# several runs side by side
+
+
+def plot_arms_vs_kl(
+    arms: dict[str, list[list[dict]]],
+    transforms: dict[str, str | None],
+    inference: str,
+    path,
+    kl_grid=(),
+    with_optimal: bool = True,
+) -> Path:
+    """One metric against KL for several arms: per arm a colour, its seeds as thin lines (first-crossing
+    trajectories), the seed mean with a +-1 se band (compare.arm_at_kl), and beneath, the calibrated-space
+    frontier of each arm's transform and of identity. arms: label -> the seeds' records; matched KLs drawn faint."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.6, 4.6))
+    label = compare.metric_name(inference)
+    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arms)}
+    seed_kls = [compare.trajectory(records, inference)[1] for seeds in arms.values() for records in seeds]
+    kl_top = max([float(k.max()) for k in seed_kls if k.size] + [1e-3]) * 1.1
+    specs: dict[str, tuple] = {}
+    for arm, spec in transforms.items():
+        if spec and spec not in specs:
+            specs[spec] = colors[arm]
+    specs.setdefault("identity", "gray")
+    notes = []
+    for spec, color in specs.items():
+        if spec == "optimal" and not with_optimal:
+            continue
+        try:
+            ck, cw = _frontier_to(inference, spec, kl_top)
+        except ValueError as e:
+            notes.append(f"no theory curve for {spec}: {e}")
+            continue
+        ax.plot(ck, cw, color=color, linestyle=":", linewidth=1.2, alpha=0.8, zorder=1, label=f"theory: {spec}")
+    for arm, seeds in arms.items():
+        color = colors[arm]
+        ranges = [compare.run_kl_range(records) for records in seeds]
+        for records in seeds:
+            _, kl, win, _ = compare.trajectory(records, inference)
+            ax.plot(kl, win, color=color, linewidth=0.7, alpha=0.35, marker=".", markersize=3, zorder=2)
+        span = compare.common_kl_range(ranges) if len(ranges) > 1 else ranges[0]
+        if span is None or span[1] <= span[0]:
+            continue
+        grid = np.linspace(span[0], span[1], 64)
+        mean, se = compare.arm_at_kl(seeds, inference, grid)
+        ax.fill_between(grid, mean - se, mean + se, color=color, alpha=0.2, linewidth=0, zorder=3)
+        name = f"{arm} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
+        ax.plot(grid, mean, color=color, linewidth=2, zorder=4, label=name)
+    for k in kl_grid:
+        ax.axvline(k, color="gray", linewidth=0.6, alpha=0.4, zorder=0)
+    ax.axhline(0.5, color="gray", linewidth=0.8, linestyle="--")
+    ax.set_xlim(0, kl_top)
+    ax.set_xlabel("KL(policy || reference) [nats per sequence]")
+    ax.set_ylabel(f"{label} win rate vs reference policy")
+    ax.set_title(f"{label} win rate vs KL (lines: seed mean, band: ±1 se; thin: seeds; dotted: theory)", fontsize=9)
+    if notes:
+        ax.text(0.01, 0.01, "\n".join(notes)[:200], transform=ax.transAxes, fontsize=6, va="bottom")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return save_figure(fig, path)
+
+
+def _pm(value, se, signed: bool = False) -> str:
+    if value is None or se is None:
+        return "-"
+    return f"{value:+.4f} ± {se:.4f}" if signed else f"{value:.4f} ± {se:.4f}"
+
+
+def compare_markdown(result: dict) -> str:
+    """Markdown of compare.compare_runs' result: the arms (seeds, final KL per seed), then each arm's win rates at
+    every matched KL ± se and their difference to the baseline arm ± the se of the difference, then the notes."""
+    base = result["baseline"]
+    lines = ["| arm | transform | seeds | final KL per seed | KL covered by every seed |", "|---|---|---:|---|---|"]
+    for arm in result["arms"]:
+        finals = ", ".join("-" if r["final_kl"] is None else f"{r['final_kl']:.3f}" for r in arm["runs"])
+        span = "none" if arm["kl_range"] is None else "{:.3f} to {:.3f}".format(*arm["kl_range"])
+        lines.append(f"| {arm['label']} | {arm['transform'] or '-'} | {arm['seeds']} | {finals} | {span} |")
+    metrics = list(result["metrics"])
+    if result["kl_grid"]:
+        intro = f"Win rate at matched KL ± se; Δ: minus the baseline arm `{base}`, ± se of that difference."
+        lines += ["", intro, ""]
+        head = "".join(f" {m} | Δ {m} |" for m in metrics)
+        lines += [f"| arm | seeds | KL |{head}", "|---|---:|---:|" + "---:|---:|" * len(metrics)]
+        for arm in result["arms"]:
+            for i, k in enumerate(result["kl_grid"]):
+                cells = ""
+                for m in metrics:
+                    e = result["metrics"][m]["arms"][arm["label"]]
+                    diff = "(baseline)" if arm["label"] == base else _pm(e["diff"][i], e["diff_stderr"][i], True)
+                    cells += f" {_pm(e['win_rate'][i], e['stderr'][i])} | {diff} |"
+                lines.append(f"| {arm['label']} | {arm['seeds']} | {k:.3g} |{cells}")
+    if result["notes"]:
+        lines += [""] + [f"* {n}" for n in result["notes"]]
     return "\n".join(lines)

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from openrlhf_infalign.cli import main
@@ -76,6 +77,11 @@ def test_plots_are_written_atomically(tmp_path, capsys):
         (["frontier", "--transform", "sigmoid", "--kl", "0.5"], "unknown transform"),
         (["frontier", "--kl", "0.5,abc"], "not a number"),
         (["frontier", "--kl", "0.5,-2"], "KL budget must be a positive"),
+        (["plan", "--k", "1"], "K (reference samples per prompt) must be an integer >= 2"),
+        (["frontier", "--k", "0", "--kl", "0.5"], "K (reference samples per prompt) must be an integer >= 2"),
+        (["plan", "--estimator", "ppo2"], "unknown advantage estimator 'ppo2'"),
+        (["plan", "--estimator", "rloo"], "needs --rollout.n_samples_per_prompt >= 2"),
+        (["plan", "--estimator", "group_norm", "--n-samples-per-prompt", "4"], "no fixed KL coefficient"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(capsys, argv, fragment):
@@ -101,3 +107,40 @@ def test_console_entry_point_subprocess():
         timeout=120,
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "bon:0" in bad.stderr
+
+
+def _independent_expected_kl(transform: str, beta: float, k: int, stores: int = 40_000, seed: int = 7) -> tuple:
+    # Stores of K uniform base quantiles: bin j (calibrated reward j/K) has Dirichlet(1, ..., 1) probability p_j;
+    # the optimum reweights it by exp(Phi(j/K) / beta). Written from scratch, sharing no code with core/finite_k.py.
+    from openrlhf_infalign.core.transforms import parse_transform
+
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.ones(k + 1), size=stores)
+    logw = parse_transform(transform).phi(np.arange(k + 1) / k) / beta
+    logw = logw - logw.max()
+    q = p * np.exp(logw)
+    q /= q.sum(axis=1, keepdims=True)
+    kl = (q * (np.log(q) - np.log(p))).sum(axis=1)
+    return kl.mean(), kl.std(ddof=1) / np.sqrt(stores)
+
+
+def test_k_aware_plan_spends_the_budget_on_average_over_stores(capsys):
+    p = _json(capsys, ["plan", "--inference", "bon:4", "--kl", "0.5", "--k", "16", "--json"])
+    assert p["k"] == 16
+    rec = p["recommended"]
+    mean, se = _independent_expected_kl(rec["transform"], rec["beta"], 16)
+    assert abs(mean - 0.5) < 0.02 and se < 0.005, (mean, se)
+    # the continuum beta over-spends with K = 16 (the reason for --k)
+    cont = _json(capsys, ["plan", "--inference", "bon:4", "--kl", "0.5", "--json"])["recommended"]
+    assert cont["transform"] == rec["transform"] and cont["beta"] < rec["beta"]
+    assert _independent_expected_kl(cont["transform"], cont["beta"], 16)[0] > 0.7
+    # a larger K returns toward the continuum plan
+    p64 = _json(capsys, ["plan", "--inference", "bon:4", "--kl", "0.5", "--k", "64", "--json"])["recommended"]
+    assert cont["beta"] < p64["beta"] < rec["beta"]
+    assert rec["win_rate"] < p64["win_rate"] < cont["win_rate"]
+
+
+def test_k_aware_frontier_matches_the_plan(capsys):
+    f = _json(capsys, ["frontier", "--inference", "bon:4", "--transform", "auto", "--kl", "0.5", "--k", "16", "--json"])
+    rec = plan_with_flags("bon:4", 0.5, k=16)["recommended"]
+    assert f["points"][0]["beta"] == pytest.approx(rec["beta"]) and f["points"][0]["transform"] == rec["transform"]

@@ -17,7 +17,7 @@ import openrlhf.trainer.ppo_trainer as upstream_ppo_trainer  # noqa: E402
 import openrlhf.trainer.ppo_trainer_async as upstream_async  # noqa: E402
 import ray  # noqa: E402
 
-from openrlhf_infalign.openrlhf import plugin  # noqa: E402
+from openrlhf_infalign.openrlhf import launch  # noqa: E402
 from openrlhf_infalign.openrlhf.console import main, run_train_ppo  # noqa: E402
 from openrlhf_infalign.openrlhf.trainer import (  # noqa: E402
     InfAlignPPOTrainerActor,
@@ -122,10 +122,10 @@ def test_wrapper_flags_reach_train_and_trainer_is_swapped(spelling, store_dir):
 
 
 def test_runtime_env_merge_keeps_upstream_env_and_adds_hook():
-    env = plugin._merge_runtime_env({"env_vars": {"NCCL_DEBUG": "WARN", "TOKENIZERS_PARALLELISM": "true"}}, False)
+    env = launch.merge_runtime_env({"env_vars": {"NCCL_DEBUG": "WARN", "TOKENIZERS_PARALLELISM": "true"}}, False)
     assert env["worker_process_setup_hook"] == "openrlhf_infalign.openrlhf.plugin.worker_setup"
     assert env["env_vars"] == {"NCCL_DEBUG": "WARN", "TOKENIZERS_PARALLELISM": "true"}
-    cpu_env = plugin._merge_runtime_env({"env_vars": {"TOKENIZERS_PARALLELISM": "true"}}, True)
+    cpu_env = launch.merge_runtime_env({"env_vars": {"TOKENIZERS_PARALLELISM": "true"}}, True)
     assert cpu_env["env_vars"]["INFALIGN_CPU"] == "1" and cpu_env["env_vars"]["TOKENIZERS_PARALLELISM"] == "true"
     # the dotted hook path resolves to a callable, as Ray 2.55 requires
     mod, _, fn = env["worker_process_setup_hook"].rpartition(".")
@@ -141,9 +141,12 @@ def test_auto_transform_plans_and_reports_beta(store_dir, capsys):
     assert state.transform.spec.startswith("exp:t=") and state.beta > 0
     err = capsys.readouterr().err
     assert "--algo.kl.init_coef was not given" in err and f"{state.beta:.4g}" in err
-    # given explicitly: no advice to pass it
+    assert "algo.kl.init_coef" not in seen["args"].infalign.explicit_dests
+    assert state.wrapper.beta == state.beta and state.kl_budget == state.wrapper.kl_budget == 0.5
+    # given explicitly (with upstream's default value): no advice to pass it; the console hands the dests over on args
     rc, seen = run(argv + ["--algo.kl.init_coef", "0.01"])
     assert "--algo.kl.init_coef was not given" not in capsys.readouterr().err
+    assert {"algo.kl.init_coef", "infalign.kl_budget", "reward.wrapper"} <= set(seen["args"].infalign.explicit_dests)
 
 
 def test_store_without_wrapper_is_reported(store_dir, capsys):

@@ -27,7 +27,7 @@ from openrlhf_infalign.core.transforms import parse_transform  # noqa: E402
 from openrlhf_infalign.openrlhf import trainer as T  # noqa: E402
 from openrlhf_infalign.openrlhf.console import run_train_ppo  # noqa: E402
 from openrlhf_infalign.openrlhf.evaluation import InfAlignEvalMixin  # noqa: E402
-from openrlhf_infalign.openrlhf.plugin import InfAlignState  # noqa: E402
+from openrlhf_infalign.openrlhf.launch import InfAlignState  # noqa: E402
 from openrlhf_infalign.openrlhf.wrapper import INFO_TRANSFORMED, CTRLRewardWrapper  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, prompt_key  # noqa: E402
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 
+import cloudpickle
 import numpy as np
 import pytest
 import torch
@@ -233,11 +234,13 @@ def test_install_is_per_instance_and_idempotent(store):
 
 def test_wrapper_pickles_by_value(store, refs):
     # Ray ships the wrapper (store arrays included) to the trainer actor; the copy must work without the directory.
-    w = CTRLRewardWrapper(store, parse_transform("negexp:t=4"), on_missing="error", name="infalign.ctrl")
+    w = CTRLRewardWrapper(
+        store, parse_transform("negexp:t=4"), inference="won:4", beta=0.2, kl_budget=1.0, name="infalign.ctrl"
+    )
     w.prompt_digests(PROMPTS)  # fill the cache: it must not travel
-    import cloudpickle
-
     w2 = pickle.loads(cloudpickle.dumps(w))
     assert w2._digest_cache == {}
+    assert (w2.inference, w2.beta, w2.kl_budget) == ("won:4", 0.2, 1.0)
+    assert (w2.on_missing, w2.name) == ("error", "infalign.ctrl")
     r = torch.tensor([0.2, 1.5])
     np.testing.assert_array_equal(w(PROMPTS[:2], r)[0].numpy(), w2(PROMPTS[:2], r)[0].numpy())

@@ -40,6 +40,13 @@ def add_arguments(p) -> None:
         help="identity | exp:t=T | negexp:t=T | log | power:k=K | optimal | auto (the plan's pick per KL)",
     )
     p.add_argument("--kl", default="0.1,0.25,0.5,1,2", help="comma-separated KL budgets in nats (each > 0)")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="reference samples per prompt in the store: expected KL and win rates with K-bin calibrated rewards; "
+        "default: K = infinity (the continuum)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="also plot win rate vs KL to this PNG")
 
@@ -80,7 +87,7 @@ def plot_frontier(f: dict, path: str) -> None:
 
 
 def run(args) -> int:
-    f = frontier(args.inference, args.transform, _kl_list(args.kl))
+    f = frontier(args.inference, args.transform, _kl_list(args.kl), k=args.k)
     if args.plot:
         plot_frontier(f, args.plot)
     print(dumps(f) if args.json else format_table(f))

@@ -13,7 +13,9 @@ import sys
 
 from openrlhf_infalign.core import planning
 from openrlhf_infalign.core.inference import InferenceProcedure
+from openrlhf_infalign.errors import UserError
 from openrlhf_infalign.files import pyplot, save_figure
+from openrlhf_infalign.openrlhf.kl_coef import ESTIMATORS, kl_coef_for_beta, unplanned_reason
 from openrlhf_infalign.openrlhf.plan_flags import openrlhf_args
 
 
@@ -24,6 +26,25 @@ def add_arguments(p) -> None:
         help="inference procedure the policy will be used with: standard, bon:N (Best-of-N), won:N (Worst-of-N)",
     )
     p.add_argument("--kl", type=float, default=0.5, help="KL budget KL(pi || pi_ref) in nats (> 0)")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="reference samples per prompt in the store (`infalign store info` shows its median K): beta is chosen "
+        "so that the expected KL over such stores equals the budget; default: K = infinity (the continuum)",
+    )
+    p.add_argument(
+        "--estimator",
+        default="gae",
+        help="the run's --algo.advantage.estimator (" + ", ".join(ESTIMATORS) + "): it decides which "
+        "--algo.kl.init_coef gives the planned beta",
+    )
+    p.add_argument(
+        "--n-samples-per-prompt",
+        type=int,
+        default=1,
+        help="the run's --rollout.n_samples_per_prompt (group size of the group-baseline estimators)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     p.add_argument(
         "--plot",
@@ -33,12 +54,24 @@ def add_arguments(p) -> None:
     )
 
 
-def plan_with_flags(inference, kl: float) -> dict:
-    """The plan and the OpenRLHF flags that train it: exactly the JSON of `infalign plan --json`."""
-    p = planning.plan(inference, kl)
+def plan_with_flags(inference, kl: float, k=None, estimator: str = "gae", n_samples_per_prompt: int = 1) -> dict:
+    """The plan and the OpenRLHF flags that train it: exactly the JSON of `infalign plan --json`.
+
+    Every entry with a beta also gets ``kl_coef``, the --algo.kl.init_coef that gives that beta under the estimator.
+    """
+    reason = unplanned_reason(estimator, n_samples_per_prompt)  # also checks the estimator and n
+    if reason:
+        raise UserError(reason)
+    p = planning.plan(inference, kl, k=k)
     notes = p.pop("notes")
+    for entry in [p["recommended"], p.get("optimal"), *p["baselines"].values()]:
+        if entry is not None:
+            entry["kl_coef"] = kl_coef_for_beta(entry["beta"], estimator, n_samples_per_prompt)
+    head = {"inference": p.pop("inference"), "kl": p.pop("kl"), "k": k, "estimator": estimator}
+    head["n_samples_per_prompt"] = n_samples_per_prompt
+    out = {**head, **p}
     # The flags sit before the notes, where the plan has always printed them.
-    return {**p, "openrlhf_args": openrlhf_args(p), "notes": notes}
+    return {**out, "openrlhf_args": openrlhf_args(out), "notes": notes}
 
 
 def dumps(obj) -> str:
@@ -64,21 +97,30 @@ def win_rate_meaning(inf: InferenceProcedure) -> str:
 def format_table(p: dict) -> str:
     inf = InferenceProcedure.parse(p["inference"])
     rec = p["recommended"]
-    rows = [(rec["transform"], rec["beta"], rec["win_rate"], "recommended")]
+    optimal_what = "exact optimum (tabulated)" if p.get("k") is None else "continuum optimum's shape on K bins"
+    rows = [(rec["transform"], rec, "recommended")]
     if "optimal" in p:
-        rows.append(("optimal", p["optimal"]["beta"], p["optimal"]["win_rate"], "exact optimum (tabulated)"))
-    for name, b in p["baselines"].items():
-        rows.append((name, b["beta"], b["win_rate"], "baseline"))
+        rows.append(("optimal", p["optimal"], optimal_what))
+    rows += [(name, b, "baseline") for name, b in p["baselines"].items()]
     best = p["optimal"]["win_rate"] if "optimal" in p else rec["win_rate"]
+    coef = any(abs(r["kl_coef"] - r["beta"]) > 1e-12 * r["beta"] for _, r, _ in rows if "kl_coef" in r)
     w = max(len(r[0]) for r in rows) + 2
+    k_words = "K = infinity (continuum)" if p.get("k") is None else f"K = {p['k']} reference samples per prompt"
     lines = [
-        f"InfAlign plan: {procedure_words(inf)} ({p['inference']}), KL budget {p['kl']:g} nats",
+        f"InfAlign plan: {procedure_words(inf)} ({p['inference']}), KL budget {p['kl']:g} nats, {k_words}",
         f"win rate = {win_rate_meaning(inf)}, at the RLHF optimum (calibrated-space theory)",
-        "",
-        f"  {'transform':<{w}}{'beta':>10}  {'win rate':>9}  {'vs optimal':>10}",
     ]
-    for name, beta, wr, what in rows:
-        lines.append(f"  {name:<{w}}{beta:>10.4g}  {wr:>9.4f}  {wr - best:>+10.4f}  {what}")
+    if coef:
+        lines.append(
+            f"estimator {p['estimator']} with n = {p['n_samples_per_prompt']}: --algo.kl.init_coef = beta * (n-1)/n"
+        )
+    lines += ["", f"  {'transform':<{w}}{'beta':>10}" + (f"{'init_coef':>11}" if coef else "")]
+    lines[-1] += f"  {'win rate':>9}  {'vs optimal':>10}"
+    for name, r, what in rows:
+        extra = f"{r['kl_coef']:>11.4g}" if coef else ""
+        lines.append(
+            f"  {name:<{w}}{r['beta']:>10.4g}{extra}  {r['win_rate']:>9.4f}  {r['win_rate'] - best:>+10.4f}  {what}"
+        )
     lines += ["", "Train with (add to your OpenRLHF command):", "  " + " ".join(p["openrlhf_args"])]
     for note in p.get("notes", []):
         lines.append(f"note: {note}")
@@ -96,11 +138,11 @@ def plot_plan(p: dict, path: str) -> None:
     curves = [(rec["transform"], rec["transform"] + " (recommended)", "-", 2.2)]
     curves += [("identity", "identity", "--", 1.5), ("log", "log", ":", 1.8)]
     for spec, label, style, lw in curves:
-        pts = planning.frontier(inf, spec, kls)["points"]
+        pts = planning.frontier(inf, spec, kls, k=p.get("k"))["points"]
         ax.plot([q["kl"] for q in pts], [q["win_rate"] for q in pts], style, lw=lw, label=label)
     if "optimal" in p:
         # Each optimum is a fixed-point solve: fewer points, drawn as dots (a chord would dip under the curve).
-        pts = planning.frontier(inf, "optimal", np.geomspace(kls[0], kls[-1], 10))["points"]
+        pts = planning.frontier(inf, "optimal", np.geomspace(kls[0], kls[-1], 10), k=p.get("k"))["points"]
         ax.plot([q["kl"] for q in pts], [q["win_rate"] for q in pts], "ko", ms=4, label="optimal (exact)")
     ax.axvline(kl, color="grey", lw=0.8, ls="-.")
     ax.plot(
@@ -116,7 +158,7 @@ def plot_plan(p: dict, path: str) -> None:
 
 
 def run(args) -> int:
-    p = plan_with_flags(args.inference, args.kl)
+    p = plan_with_flags(args.inference, args.kl, args.k, args.estimator, args.n_samples_per_prompt)
     if args.plot:
         plot_plan(p, args.plot)
     print(dumps(p) if args.json else format_table(p))

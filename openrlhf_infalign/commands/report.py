@@ -1,39 +1,90 @@
-"""Plot a training run's inference-time win rates from RUN_DIR/infalign_eval.jsonl (PNG plots + Markdown summary).
+"""Plot training runs' inference-time win rates from RUN_DIR/infalign_eval.jsonl: one run, or several side by side.
 
-Writes three files to --out. winrate_vs_n.png: Best-of-N and Worst-of-N win rate vs N at the last evaluation, with
+One run: three files in --out. winrate_vs_n.png: Best-of-N and Worst-of-N win rate vs N at the last evaluation, with
 the first evaluation drawn faint beside it. bon_vs_kl.png: the run's BoN_N (or WoN_N) win rate vs training KL
 across evaluations, over the calibrated-space theory frontier of the run's transform, the identity (calibration
 only) baseline and the optimal-transform ceiling. summary.md: step, KL, standard, BoN_N and WoN_N win rates with
 standard errors (also printed). The record schema the training hook writes is documented in
 openrlhf_infalign/evallog.py.
+
+Several runs: runs sharing a --label are seeds of one arm, compared at matched KL (openrlhf_infalign/compare.py
+says how: first-crossing trajectories interpolated linearly, never extrapolated; seed mean and standard error;
+differences to the baseline arm). Writes <metric>_vs_kl.png for BoN_N and WoN_N (N = 4 and the N the runs
+trained for) and standard, summary.md (also printed) and compare.json (printed with --json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from openrlhf_infalign.errors import UserError
 from openrlhf_infalign.evallog import eval_log_path, load_eval_log
-from openrlhf_infalign.files import write_text
+from openrlhf_infalign.files import write_json, write_text
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the training run's save path (holds infalign_eval.jsonl)")
-    parser.add_argument("--out", default=argparse.SUPPRESS, help="output directory (default: RUN_DIR/infalign_report)")
+    parser.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        nargs="+",
+        help="the training run's save path (holds infalign_eval.jsonl); several: compared side by side",
+    )
+    parser.add_argument(
+        "--out",
+        default=argparse.SUPPRESS,
+        help="output directory (default: RUN_DIR/infalign_report for one run, ./infalign_compare for several)",
+    )
     parser.add_argument(
         "--no-optimal",
         action="store_true",
         help="leave the optimal-transform ceiling off the KL plot (it takes a fixed-point solve, ~1-2 s)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of the Markdown table")
+    compare = parser.add_argument_group("several runs")
+    compare.add_argument(
+        "--label",
+        action="append",
+        default=None,
+        help="arm label of each run, repeated in run order (default: the run directory's name); "
+        "runs sharing a label are seeds of one arm",
+    )
+    compare.add_argument(
+        "--baseline",
+        default=None,
+        help="arm the differences are taken to (default: the arm trained with the identity transform, else the first)",
+    )
+    compare.add_argument(
+        "--kl-grid",
+        default=None,
+        help="matched KLs (nats per sequence) for the table, e.g. 0.25,0.5,1 "
+        "(default: a few KLs inside the range every arm covers)",
+    )
+    compare.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="the store's K (reference samples per prompt) for the theory curves; stored in compare.json, "
+        "the curves drawn are the continuum (K -> infinity) frontiers for now",
+    )
 
 
 def run(args) -> int:
+    if len(args.run_dir) > 1:
+        return run_compare(args)
+    flags = {"--label": args.label, "--baseline": args.baseline, "--kl-grid": args.kl_grid, "--k": args.k}
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} compare several runs: give two or more RUN_DIRs, or drop the flag")
+    return run_single(args, args.run_dir[0])
+
+
+def run_single(args, run_dir) -> int:
     from openrlhf_infalign import report
 
-    run_dir = Path(args.run_dir)
+    run_dir = Path(run_dir)
     if not run_dir.exists():
         raise UserError(f"run directory {run_dir} does not exist")
     log = eval_log_path(run_dir)  # RUN_DIR is the run's save path; the log file itself is accepted too
@@ -89,4 +140,85 @@ def run(args) -> int:
     else:
         print(table)
         print(f"\nwrote {vs_n}, {vs_kl}, {md}")
+    return 0
+
+
+def _kl_grid(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        grid = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        grid = []
+    if not grid or not all(math.isfinite(k) and k >= 0 for k in grid):
+        raise UserError(f"--kl-grid {text!r}: give KLs in nats per sequence, comma-separated, e.g. 0.25,0.5,1")
+    return sorted(set(grid))
+
+
+def run_compare(args) -> int:
+    from openrlhf_infalign import compare, report
+
+    paths = [Path(p) for p in args.run_dir]
+    if args.label is not None and len(args.label) != len(paths):
+        raise UserError(
+            f"{len(paths)} runs but {len(args.label)} --label: give one --label per run, in run order "
+            f"(or none: each run is labelled with its directory's name)"
+        )
+    runs, by_name = [], {}
+    for i, path in enumerate(paths):
+        if not path.exists():
+            raise UserError(f"run directory {path} does not exist")
+        log = eval_log_path(path)
+        label = args.label[i] if args.label is not None else log.parent.name
+        by_name.setdefault(label, set()).add(str(log.parent.resolve()))
+        runs.append({"run": str(path), "label": label, "records": load_eval_log(log)})
+    result = compare.compare_runs(runs, baseline=args.baseline, kl_grid=_kl_grid(args.kl_grid))
+    if args.label is None:
+        for name, dirs in by_name.items():
+            if len(dirs) > 1:
+                result["notes"].append(
+                    f"{len(dirs)} runs in different places share the directory name {name!r}: they are seeds of one "
+                    f"arm; pass --label per run to separate them"
+                )
+    result["k"] = args.k
+    result["theory"] = "continuum (K -> infinity) calibrated-space frontiers" + (
+        f"; --k {args.k} is stored, K-aware curves are not drawn yet" if args.k is not None else ""
+    )
+    out = Path(args.out) if getattr(args, "out", None) else Path("infalign_compare")
+    out.mkdir(parents=True, exist_ok=True)
+
+    arms: dict[str, list[list[dict]]] = {}
+    for r in runs:
+        arms.setdefault(r["label"], []).append(r["records"])
+    transforms = {a["label"]: a["transform"] for a in result["arms"]}
+    figures = {}
+    for name, metric in result["metrics"].items():
+        figures[name] = str(
+            report.plot_arms_vs_kl(
+                arms,
+                transforms,
+                metric["inference"],
+                out / f"{name.lower()}_vs_kl.png",
+                kl_grid=result["kl_grid"],
+                with_optimal=not args.no_optimal,
+            )
+        )
+    table = report.compare_markdown(result)
+    md = out / "summary.md"
+    result["files"] = {"figures": figures, "summary": str(md), "json": str(out / "compare.json")}
+    header = [
+        "# InfAlign runs side by side",
+        "",
+        f"runs: {', '.join(r['run'] for r in runs)}; baseline arm: `{result['baseline']}`; theory: {result['theory']}",
+        "",
+        "",
+    ]
+    footer = [""] + [f"![{name} vs KL]({Path(f).name})" for name, f in figures.items()] + [""]
+    write_text(md, "\n".join(header) + table + "\n" + "\n".join(footer))
+    write_json(out / "compare.json", result)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(table)
+        print(f"\nwrote {', '.join(figures.values())}, {md}, {out / 'compare.json'}")
     return 0

@@ -5,6 +5,11 @@ Worst-of-N; identity is already optimal for standard sampling) for the t with th
 at the KL budget, and sets it beside the exact optimum and the identity / log baselines. The frontier is the same
 question over several budgets. ``resolve_transform`` turns a run's ``--transform`` (``auto``, ``optimal`` or a
 fixed spec) into the transform and beta to train with. All of it is the calibrated-space theory of theory.py.
+
+With K reference samples per prompt (``k``), the calibrated reward takes only K+1 values and the optimum spends
+more KL at a given beta (finite_k.py): beta is then chosen so that the EXPECTED KL over stores equals the budget,
+and win rates are expected ones against the true base distribution. The transform's shape t is searched in the
+continuum (K = infinity) and kept; ``k=None`` gives the continuum plan.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import math
 
 import numpy as np
 
+from openrlhf_infalign.core.finite_k import beta_for_kl_k, expected_win_rate_k
 from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.core.theory import (
     as_grid,
@@ -66,20 +72,34 @@ def _search_t(grid, inf, family, kl) -> tuple[Transform, float, float]:
     return _family_point(grid, inf, family, best[1], kl)
 
 
-def _point(grid, inf, tr: Transform, kl: float) -> dict:
+def _point(grid, inf, tr: Transform, kl: float, k: int | None = None) -> dict:
+    if k is not None:
+        beta = beta_for_kl_k(tr, kl, k)
+        return {"transform": tr.spec, "beta": beta, "win_rate": expected_win_rate_k(inf, tr, beta, k)}
     beta, d = beta_and_optimum_for_kl(grid, tr.phi(grid.u), kl, tr.spec)
     return {"transform": tr.spec, "beta": beta, "win_rate": d.win_rate(inf)}
 
 
-def plan(inference, kl: float, with_optimal: bool = True, grid=None) -> dict:
+def check_k(k) -> int | None:
+    """K reference samples per prompt (None = the continuum); a one-line error below 2."""
+    if k is None:
+        return None
+    if isinstance(k, bool) or not float(k).is_integer() or int(k) < 2:
+        raise ValueError(f"K (reference samples per prompt) must be an integer >= 2, got {k!r}")
+    return int(k)
+
+
+def plan(inference, kl: float, with_optimal: bool = True, grid=None, k: int | None = None) -> dict:
     """Best transform and beta for (inference procedure, KL budget): the exp:t (BoN) / negexp:t (WoN) with the
     highest inference-time win rate at that KL, beside the exact optimum and the identity / log baselines.
+    With ``k``, betas and win rates are those of K reference samples per prompt (module docstring).
     The JSON of `infalign plan --json` less the OpenRLHF flags, which the adapter adds (openrlhf/plan_flags.py)."""
     inf = InferenceProcedure.coerce(inference)
     kl = check_kl(kl)
+    k = check_k(k)
     gr = as_grid(grid)
     family = _family(inf)
-    baselines = {name: _point(gr, inf, parse_transform(name), kl) for name in ("identity", "log")}
+    baselines = {name: _point(gr, inf, parse_transform(name), kl, k) for name in ("identity", "log")}
     if family is None:  # standard / N = 1: identity is the exact optimum
         rec = dict(baselines["identity"])
     else:
@@ -87,13 +107,18 @@ def plan(inference, kl: float, with_optimal: bool = True, grid=None) -> dict:
         if not math.isfinite(beta):
             raise ValueError(f"no {family}:t transform reaches KL {kl:g}; use a smaller KL budget")
         rec = {"transform": tr.spec, "beta": beta, "win_rate": wr, "t": tr.params["t"]}
+        if k is not None:
+            rec.update(_point(gr, inf, tr, kl, k))
     for b in baselines.values():
         b.pop("transform")
     out = {"inference": inf.spec, "kl": kl, "recommended": rec}
     notes: list[str] = []
     if with_optimal:
-        start = optimum_density(rec["transform"], rec["beta"], gr)[1]  # near the optimum
-        _, info = optimal_transform_for_kl(inf, kl, grid=gr, start=start)
+        beta0 = rec["beta"] if k is None else beta_for_kl(rec["transform"], kl)  # the continuum's beta
+        start = optimum_density(rec["transform"], beta0, gr)[1]  # near the optimum
+        opt, info = optimal_transform_for_kl(inf, kl, grid=gr, start=start)
+        if k is not None:  # the continuum's optimal shape, read at the K+1 bin values
+            info = {**info, **_point(gr, inf, opt, kl, k), "kl": kl}
         out["optimal"] = {
             "win_rate": info["win_rate"],
             "beta": info["beta"],
@@ -119,12 +144,13 @@ def plan(inference, kl: float, with_optimal: bool = True, grid=None) -> dict:
     return out
 
 
-def frontier(inference, transform, kls, grid=None) -> dict:
+def frontier(inference, transform, kls, grid=None, k: int | None = None) -> dict:
     """Win rate against KL for one transform: for each KL budget, the beta putting the optimum there and its
     inference-time win rate. ``transform`` may be ``optimal`` or ``auto`` (re-planned per KL; each point then
-    names its transform). Exactly the JSON of `infalign frontier --json`."""
+    names its transform); ``k`` as in plan(). Exactly the JSON of `infalign frontier --json`."""
     inf = InferenceProcedure.coerce(inference)
-    kls = [check_kl(k) for k in kls]
+    k = check_k(k)
+    kls = [check_kl(x) for x in kls]
     if not kls:
         raise ValueError("give at least one KL budget")
     gr = as_grid(grid)
@@ -133,31 +159,36 @@ def frontier(inference, transform, kls, grid=None) -> dict:
     points = []
     if name == "optimal" and not isinstance(transform, Transform):
         start = None
-        for k in kls:
-            tr, info = optimal_transform_for_kl(inf, k, grid=gr, start=start)
+        for x in kls:
+            tr, info = optimal_transform_for_kl(inf, x, grid=gr, start=start)
             start = optimum_density(tr, info["beta"], gr)[1]  # neighbouring KLs have neighbouring optima
+            if k is not None:
+                info = {**info, **_point(gr, inf, tr, x, k)}
             points.append(
-                {"kl": k, "beta": info["beta"], "win_rate": info["win_rate"], "converged": info["converged"]}
+                {"kl": x, "beta": info["beta"], "win_rate": info["win_rate"], "converged": info["converged"]}
             )
     elif name == "auto":
-        for k in kls:
-            rec = plan(inf, k, with_optimal=False, grid=gr)["recommended"]
-            points.append({"kl": k, "beta": rec["beta"], "win_rate": rec["win_rate"], "transform": rec["transform"]})
+        for x in kls:
+            rec = plan(inf, x, with_optimal=False, grid=gr, k=k)["recommended"]
+            points.append({"kl": x, "beta": rec["beta"], "win_rate": rec["win_rate"], "transform": rec["transform"]})
     else:
         tr = transform if isinstance(transform, Transform) else parse_transform(transform)
         spec = tr.spec
-        for k in kls:
-            p = _point(gr, inf, tr, k)
-            points.append({"kl": k, "beta": p["beta"], "win_rate": p["win_rate"]})
+        for x in kls:
+            p = _point(gr, inf, tr, x, k)
+            points.append({"kl": x, "beta": p["beta"], "win_rate": p["win_rate"]})
     return {"inference": inf.spec, "transform": spec, "points": points}
 
 
-def resolve_transform(spec: str, inference=None, kl_budget: float | None = None) -> tuple[Transform, float | None]:
+def resolve_transform(
+    spec: str, inference=None, kl_budget: float | None = None, k: int | None = None
+) -> tuple[Transform, float | None]:
     """Transform for a training run and its beta (KL coefficient for the normalised transform, or None).
 
     ``auto``: the plan's recommended transform (exp:t for bon, negexp:t for won, identity for standard) and its
     beta at ``kl_budget``. ``optimal``: the tabulated fixed-point optimum whose RLHF solution sits at ``kl_budget``.
-    Fixed transforms: beta is the one that puts the optimum at ``kl_budget`` if given, else None.
+    Fixed transforms: beta is the one that puts the optimum at ``kl_budget`` if given, else None. With ``k``
+    (the store's K per prompt), beta puts the EXPECTED KL of the K-bin optimum at ``kl_budget``.
     """
     name, _ = split_spec(spec) if isinstance(spec, str) else ("", {})
     if name in ("optimal", "auto"):
@@ -165,12 +196,12 @@ def resolve_transform(spec: str, inference=None, kl_budget: float | None = None)
             raise ValueError(f"transform {spec!r} needs an inference procedure and a KL budget")
         inf = InferenceProcedure.coerce(inference)
         if name == "auto":
-            p = plan(inf, kl_budget, with_optimal=False)
+            p = plan(inf, kl_budget, with_optimal=False, k=k)
             rec = p["recommended"]
             return parse_transform(rec["transform"]), rec["beta"]
         tr, info = optimal_transform_for_kl(inf, kl_budget)
-        return tr, info["beta"]
+        return tr, (info["beta"] if k is None else beta_for_kl_k(tr, kl_budget, k))
     tr = parse_transform(spec)
     if kl_budget is None:
         return tr, None
-    return tr, beta_for_kl(tr, kl_budget)
+    return tr, beta_for_kl_k(tr, kl_budget, k)

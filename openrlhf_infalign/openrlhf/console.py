@@ -8,7 +8,8 @@ calls ``train(args)``. We run that very module as ``__main__`` (``runpy``), so i
   flags are added first (:mod:`.flags`), so ``--help`` lists upstream's flags and ours and every upstream flag passes
   through unchanged; then our argv is parsed.
 * ``train`` in the module's namespace, looked up when the ``__main__`` block calls it, is wrapped by
-  :func:`openrlhf_infalign.openrlhf.plugin.run_train` (the plugin's preparation around upstream's ``train``).
+  :func:`openrlhf_infalign.openrlhf.launch.run_train` (the plugin's preparation around upstream's ``train``), which
+  is also handed ``args.infalign.explicit_dests``: the dests given on the command line (see :mod:`.flags`).
 
 ``python -m openrlhf_infalign.train_ppo ...`` is the same command.
 """
@@ -20,6 +21,8 @@ import contextlib
 import runpy
 import sys
 from typing import Callable, Optional, Sequence
+
+from openrlhf_infalign.openrlhf.flags import add_infalign_arguments
 
 __all__ = ["main", "run_train_ppo", "train_ppo_parser", "UPSTREAM_MODULE"]
 
@@ -65,8 +68,8 @@ def _wants_help(argv: Sequence[str]) -> bool:
 @contextlib.contextmanager
 def _intercept(argv: Sequence[str], prog: str, train: Optional[Callable]):
     """Patch ArgumentParser.parse_args for the upstream module's own call (identified by its calling frame)."""
-    from openrlhf_infalign.openrlhf import plugin
-    from openrlhf_infalign.openrlhf.flags import add_infalign_arguments
+    # Here, not at the top: launch imports OpenRLHF, which must come after cpu.apply() (run_train_ppo).
+    from openrlhf_infalign.openrlhf import launch
 
     real_parse_args = argparse.ArgumentParser.parse_args
     done = []
@@ -85,7 +88,7 @@ def _intercept(argv: Sequence[str], prog: str, train: Optional[Callable]):
         self.prog = prog
         add_infalign_arguments(self)
         given = list(argv) if args is None else list(args)
-        plugin._explicit_dests = _explicit_dests(self, given)
+        explicit = sorted(_explicit_dests(self, given))
         ns = real_parse_args(self, given, namespace)
         eval_dataset = _hide_local_rm_eval_dataset(ns)
         upstream_train = g["train"]
@@ -94,7 +97,8 @@ def _intercept(argv: Sequence[str], prog: str, train: Optional[Callable]):
         def train_with_infalign(hargs):
             if eval_dataset is not None:
                 hargs.eval.dataset = eval_dataset
-            return plugin.run_train(inner, hargs)
+            hargs.infalign.explicit_dests = explicit
+            return launch.run_train(inner, hargs)
 
         train_with_infalign.__wrapped__ = upstream_train
         g["train"] = train_with_infalign  # the __main__ block calls train(args) by this global name
@@ -105,7 +109,6 @@ def _intercept(argv: Sequence[str], prog: str, train: Optional[Callable]):
         yield done
     finally:
         argparse.ArgumentParser.parse_args = real_parse_args
-        plugin._explicit_dests = None
 
 
 class _ParserBuilt(Exception):
@@ -118,8 +121,6 @@ def train_ppo_parser() -> argparse.ArgumentParser:
     Runs the module up to its ``parse_args`` call and stops there: nothing is parsed, validated or trained. For tools
     and tests that check command lines against the real flags. ``flash_attn`` must be importable (or stood in).
     """
-    from openrlhf_infalign.openrlhf.flags import add_infalign_arguments
-
     built = {}
     real_parse_args = argparse.ArgumentParser.parse_args
 

@@ -40,6 +40,8 @@ import torch
 
 from openrlhf_infalign.core.winrate import default_ns, win_rates
 from openrlhf_infalign.evallog import EVAL_LOG, append_record
+from openrlhf_infalign.openrlhf.args import get
+from openrlhf_infalign.store import ReferenceStore
 
 METRIC_PREFIX = "infalign/"
 
@@ -182,15 +184,6 @@ def _spec(x) -> str | None:
     return str(x)
 
 
-def _nested(ns, dotted: str, default=None):
-    """args.a.b.c with a default at any missing level (flags of ours may be absent on a plain upstream args)."""
-    for part in dotted.split("."):
-        if ns is None:
-            return default
-        ns = ns.get(part) if isinstance(ns, dict) else getattr(ns, part, None)
-    return default if ns is None else ns
-
-
 # ---- the mixin ---------------------------------------------------------------------------------------------------
 class InfAlignEvalMixin:
     """Adds InfAlign win rates to OpenRLHF's ``PPOTrainer.evaluate`` and a step-0 evaluation.
@@ -222,7 +215,7 @@ class InfAlignEvalMixin:
         maker = getattr(self, "experience_maker", None)
         if maker is None or getattr(maker, "_infalign_kl_wrapped", False):
             return
-        measured = getattr(self, "reference_model_group", None) is not None and not _nested(
+        measured = getattr(self, "reference_model_group", None) is not None and not get(
             self.args, "algo.kl.use_loss", False
         )
         inner = maker.make_experience_batch
@@ -252,7 +245,7 @@ class InfAlignEvalMixin:
             return {}
         at_start = getattr(getattr(self, "infalign", None), "eval_at_start", None)
         if at_start is None:  # the trainer's state decides; a bare args namespace (no state) is read as a fallback
-            at_start = _nested(self.args, "infalign.eval_at_start", True)
+            at_start = get(self.args, "infalign.eval_at_start", True)
         if isinstance(at_start, str):
             at_start = at_start.strip().lower() not in ("false", "0", "no", "off")
         if not at_start:
@@ -271,6 +264,7 @@ class InfAlignEvalMixin:
     @torch.no_grad()
     def evaluate(self, global_step, **generate_kwargs):
         """Upstream's evaluate (generate eval samples, pass@k metrics, log_eval) plus InfAlign win rates."""
+        # OpenRLHF's trainer modules are imported where used: the pure helpers above work without them loaded.
         from openrlhf.trainer.ppo_trainer import compute_eval_metrics, logger
 
         start = time.time()
@@ -339,8 +333,6 @@ class InfAlignEvalMixin:
         inf = getattr(self, "infalign", None)
         store = getattr(inf, "eval_store", None) or getattr(inf, "store", None)
         if isinstance(store, (str, os.PathLike)):
-            from openrlhf_infalign.store import ReferenceStore
-
             store = ReferenceStore.open(store)
             inf.eval_store = store
         return store
@@ -356,12 +348,12 @@ class InfAlignEvalMixin:
         self._infalign_check_sampling(store, generate_kwargs)
         prompts, policy = group_rewards_by_prompt(samples_list)
         reference, _ = reference_rewards(store, prompts)
-        on_missing = _nested(args, "infalign.on_missing", "error")
+        on_missing = get(args, "infalign.on_missing", "error")
         result = win_rate_record(
             prompts,
             policy,
             reference,
-            parse_eval_n(_nested(args, "infalign.eval_n")),
+            parse_eval_n(get(args, "infalign.eval_n")),
             on_missing=on_missing,
             store_name=str(getattr(store, "path", None) or "the eval store"),
         )
@@ -372,9 +364,9 @@ class InfAlignEvalMixin:
             "step": int(global_step),
             "kl": self._infalign_kl,
             "kl_token_mean": self._infalign_kl_token_mean,
-            "inference": _spec(getattr(inf, "inference", None) or _nested(args, "infalign.inference")),
-            "transform": _spec(getattr(inf, "transform", None) or _nested(args, "infalign.transform")),
-            "beta": float(kl_ctl.value) if kl_ctl is not None else _nested(args, "algo.kl.init_coef"),
+            "inference": _spec(getattr(inf, "inference", None) or get(args, "infalign.inference")),
+            "transform": _spec(getattr(inf, "transform", None) or get(args, "infalign.transform")),
+            "beta": float(kl_ctl.value) if kl_ctl is not None else get(args, "algo.kl.init_coef"),
             "temperature": generate_kwargs.get("temperature"),
             "num_prompts": result["num_prompts"],
             "num_samples_per_prompt": int(min(len(p) for p in policy)),
@@ -384,7 +376,7 @@ class InfAlignEvalMixin:
             "won": result["won"],
             "time": time.time(),
         }
-        out_dir = _nested(args, "ckpt.output_dir")
+        out_dir = get(args, "ckpt.output_dir")
         if out_dir:
             append_record(os.path.join(out_dir, EVAL_LOG), record)
         logs = metric_logs(result)

@@ -4,28 +4,26 @@
 ``args.infalign.x``. Added by the ``openrlhf`` console before upstream parses, or by the source patch through the
 wrapper factories' ``add_arguments``. Options the parser already has (a patched OpenRLHF defines
 ``--reward.wrapper`` natively) are left alone, so both paths can meet on one parser.
+
+Not a flag: ``args.infalign.explicit_dests``, the sorted dests the user gave on the command line, set by the
+``openrlhf`` console (:mod:`.console`) before ``train()``. It tells a flag left at its default from one given with
+the default's value (the KL coefficient advice uses it); absent (the source patch path), a value equal to upstream's
+default counts as not given.
 """
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["WRAPPER_GROUP", "add_infalign_arguments", "known_wrappers", "DEFAULTS"]
+from openrlhf_infalign.openrlhf.registry import WRAPPER_GROUP, known_wrappers
 
-WRAPPER_GROUP = "openrlhf.reward_wrappers"
+__all__ = ["add_infalign_arguments", "DEFAULTS"]
 
 DEFAULTS = {
     "inference": "bon:4",
     "transform": "auto",
     "on_missing": "error",
 }
-
-
-def known_wrappers() -> list[str]:
-    """Names registered in the ``openrlhf.reward_wrappers`` entry-point group (this package's and third parties')."""
-    from importlib.metadata import entry_points
-
-    return sorted({ep.name for ep in entry_points(group=WRAPPER_GROUP)})
 
 
 def _has(parser: argparse.ArgumentParser, option: str) -> bool:

@@ -12,8 +12,10 @@ __all__ = ["openrlhf_args"]
 
 def openrlhf_args(plan: dict) -> list[str]:
     """``train_ppo_ray`` flags for a plan (core.planning.plan): the CTRL wrapper, the inference procedure, the
-    recommended transform, the KL budget it was planned for, and its beta as the initial KL coefficient."""
+    recommended transform, the KL budget it was planned for, and its beta as --algo.kl.init_coef, converted for
+    the run's advantage estimator when the plan names one (kl_coef.py)."""
     rec = plan["recommended"]
+    coef = rec.get("kl_coef", rec["beta"])
     return [
         "--reward_wrapper",
         "infalign.ctrl",
@@ -24,5 +26,5 @@ def openrlhf_args(plan: dict) -> list[str]:
         "--infalign.kl_budget",
         f"{plan['kl']:g}",
         "--algo.kl.init_coef",
-        f"{rec['beta']:.4g}",
+        f"{coef:.4g}",
     ]

@@ -9,7 +9,7 @@ the driver never reaches it; the actor's own ``__init__`` does. ``PPOTrainer.__r
 
 Attributes it adds (the evaluation mixin reads them):
 
-    self.infalign            InfAlignState (plugin.py) or None when the trainer is built without it (plain upstream)
+    self.infalign            InfAlignState (launch.py) or None when the trainer is built without it (plain upstream)
     self.infalign.wrapper    the reward wrapper (CTRLRewardWrapper for infalign.*), installed in self.experience_maker
     self.infalign.store      ReferenceStore of the training prompts (shipped by value through Ray)
     self.infalign.eval_store ReferenceStore of the eval prompts (default: the training store)
@@ -34,14 +34,7 @@ from openrlhf.trainer import ppo_trainer as _ppo_trainer
 from openrlhf.trainer import ppo_trainer_async as _ppo_trainer_async
 from openrlhf.trainer.ppo_trainer import PPOTrainer as _UpstreamPPOTrainerActor
 
-try:  # the Best-of-N-aware evaluation hook (issue 4); the trainer works without it
-    from openrlhf_infalign.openrlhf.evaluation import InfAlignEvalMixin
-except ImportError:  # pragma: no cover - only while the evaluation module is absent
-
-    class InfAlignEvalMixin:  # type: ignore[no-redef]
-        def infalign_initial_evaluate(self, global_step: int = 0):
-            return {}
-
+from openrlhf_infalign.openrlhf.evaluation import InfAlignEvalMixin
 
 __all__ = [
     "InfAlignPPOTrainer",
@@ -49,6 +42,7 @@ __all__ = [
     "InfAlignPPOTrainerAsync",
     "InfAlignTrainingActor",
     "install_reward_wrapper",
+    "patched",
     "use_infalign_trainer",
     "UpstreamPPOTrainer",
 ]
@@ -123,7 +117,7 @@ class InfAlignPPOTrainerAsync(_ppo_trainer_async.PPOTrainerAsync.__ray_actor_cla
 
     def __init__(self, *args, infalign_state=None, **kwargs):
         # Upstream's __init__ looks the module global up at call time, in this actor's process.
-        with _patched(_ppo_trainer_async, "TrainingActor", _Launcher(InfAlignTrainingActorActor, infalign_state)):
+        with patched(_ppo_trainer_async, "TrainingActor", _Launcher(InfAlignTrainingActorActor, infalign_state)):
             super().__init__(*args, **kwargs)
 
 
@@ -148,18 +142,22 @@ class _Launcher:
 
 
 @contextlib.contextmanager
-def _patched(module, name: str, value):
-    old = getattr(module, name)
-    setattr(module, name, value)
+def patched(obj, name: str, value):
+    """``obj.name`` is ``value`` while the block runs (yields the original), then the original again.
+
+    How the plugin reaches upstream code without editing it: upstream looks these names up at call time.
+    """
+    old = getattr(obj, name)
+    setattr(obj, name, value)
     try:
-        yield
+        yield old
     finally:
-        setattr(module, name, old)
+        setattr(obj, name, old)
 
 
 @contextlib.contextmanager
 def use_infalign_trainer(state):
     """Driver side: while active, upstream ``train()`` builds our trainer (sync and async) with ``state``."""
-    with _patched(_ppo_trainer, "PPOTrainer", _Launcher(InfAlignPPOTrainerActor, state)):
-        with _patched(_ppo_trainer_async, "PPOTrainerAsync", _Launcher(InfAlignPPOTrainerAsyncActor, state)):
+    with patched(_ppo_trainer, "PPOTrainer", _Launcher(InfAlignPPOTrainerActor, state)):
+        with patched(_ppo_trainer_async, "PPOTrainerAsync", _Launcher(InfAlignPPOTrainerAsyncActor, state)):
             yield

@@ -17,22 +17,23 @@ to at least float32 exactly as upstream does next. Per-sample ``infalign/raw_rew
 Upstream then re-syncs ``info["reward"]`` to the reward trained on (after its length penalties), so its ``reward``
 and ``rollout/reward_mean`` read in transformed units; ``infalign/raw_reward`` keeps the reward model's.
 
-Plugin protocol (entry-point group ``openrlhf.reward_wrappers``): an entry point names a factory
-``factory(args) -> wrapper``; the wrapper has ``wrap_experiences(list[Experience]) -> list[Experience]``; a factory
-may carry ``add_arguments(parser)`` to register its flags. This module registers ``infalign.ctrl``
-(calibrate + transform) and ``infalign.calibrate`` (identity transform: the paper's calibration baseline).
+Plugin protocol: :mod:`.registry` (entry-point group ``openrlhf.reward_wrappers``). This module's factories are
+``infalign.ctrl`` (calibrate + transform) and ``infalign.calibrate`` (identity transform: the paper's calibration
+baseline); :mod:`.build` reads their arguments.
 """
 
 from __future__ import annotations
 
 import logging
 from itertools import chain
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from openrlhf_infalign.openrlhf.build import ctrl_settings
 from openrlhf_infalign.openrlhf.flags import add_infalign_arguments
+from openrlhf_infalign.store.format import DIGEST_BYTES, prompt_digests, prompt_key
 
 __all__ = [
     "CTRLRewardWrapper",
@@ -65,20 +66,31 @@ class CTRLRewardWrapper:
 
     ``store``: an opened :class:`openrlhf_infalign.store.ReferenceStore` (picklable by value, so the wrapper ships
     through Ray to the trainer actor with its data). ``transform``: a callable [0, 1] -> [0, 1] on float64 arrays
-    (:mod:`openrlhf_infalign.core.transforms`). ``on_missing``: ``"error"`` (a prompt absent from the store stops
-    training, naming its key and text) or ``"raw"`` (such samples keep their raw reward; a warning counts them).
+    (:mod:`openrlhf_infalign.core.transforms`). ``inference``, ``beta``, ``kl_budget``: the plan the transform
+    comes from (an ``InferenceProcedure``, the planned KL coefficient, the KL budget in nats; None when not
+    planned), read by the logs and the evaluation hook. ``on_missing``: ``"error"`` (a prompt absent from the store
+    stops training, naming its key and text) or ``"raw"`` (such samples keep their raw reward; a warning counts them).
     """
 
-    def __init__(self, store, transform, on_missing: str = "error", name: str = "infalign.ctrl"):
+    def __init__(
+        self,
+        store,
+        transform,
+        inference=None,
+        beta: Optional[float] = None,
+        kl_budget: Optional[float] = None,
+        on_missing: str = "error",
+        name: str = "infalign.ctrl",
+    ):
         if on_missing not in ("error", "raw"):
             raise ValueError(f"on_missing must be 'error' or 'raw', got {on_missing!r}")
         self.store = store
         self.transform = transform
+        self.inference = inference
+        self.beta = beta
+        self.kl_budget = kl_budget
         self.on_missing = on_missing
         self.name = name
-        # Extra attributes the factories fill in (for logs and the evaluation hook).
-        self.inference = None
-        self.beta = None
         self._digest_cache: dict[str, bytes] = {}
 
     def __getstate__(self):
@@ -93,17 +105,16 @@ class CTRLRewardWrapper:
     # ── keys ──
 
     def prompt_digests(self, prompts: Sequence[str]) -> np.ndarray:
-        """(B, 20) uint8 sha1 digests of the prompts; each distinct prompt is hashed once per process."""
+        """(B, 20) uint8 digests of the prompts (``store.format.prompt_digests``); each distinct prompt is hashed once
+        per process: the same prompts come back every epoch and n_samples_per_prompt times per batch."""
         cache = self._digest_cache
         if len(cache) > _KEY_CACHE_MAX:
             cache.clear()
-        parts = []
-        for p in prompts:
-            d = cache.get(p)
-            if d is None:
-                d = cache[p] = _sha1(p)
-            parts.append(d)
-        return np.frombuffer(b"".join(parts), dtype=np.uint8).reshape(-1, 20)
+        new = {p: None for p in prompts if p not in cache}  # distinct, in order
+        if new:
+            blob = prompt_digests(new).tobytes()
+            cache.update(zip(new, [blob[i : i + DIGEST_BYTES] for i in range(0, len(blob), DIGEST_BYTES)]))
+        return np.frombuffer(b"".join([cache[p] for p in prompts]), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
 
     # ── the core call ──
 
@@ -160,7 +171,7 @@ class CTRLRewardWrapper:
     def _handle_missing(self, prompts, missing: np.ndarray, n_missing: int) -> None:
         first = int(np.flatnonzero(missing)[0])
         prompt = prompts[first]
-        key = self.prompt_digests([prompt])[0].tobytes().hex()
+        key = prompt_key(prompt)
         shown = prompt if len(prompt) <= _SHOW_PROMPT else prompt[:_SHOW_PROMPT] + "..."
         where = getattr(self.store, "path", None) or getattr(self.store, "directory", None) or "the reference store"
         if self.on_missing == "error":
@@ -219,27 +230,17 @@ class CTRLRewardWrapper:
         return experiences
 
 
-def _sha1(prompt: str) -> bytes:
-    import hashlib
-
-    return hashlib.sha1(prompt.encode("utf-8")).digest()
-
-
 # ── entry-point factories (group openrlhf.reward_wrappers) ──
 
 
 def make_ctrl_wrapper(args) -> CTRLRewardWrapper:
     """``infalign.ctrl``: calibrate against ``--infalign.store``, then apply ``--infalign.transform``."""
-    from openrlhf_infalign.openrlhf.plugin import build_reward_wrapper
-
-    return build_reward_wrapper(args, name="infalign.ctrl", transform_spec=None)
+    return CTRLRewardWrapper(**ctrl_settings(args, name="infalign.ctrl"))
 
 
 def make_calibrate_wrapper(args) -> CTRLRewardWrapper:
     """``infalign.calibrate``: calibrated reward only (identity transform), the paper's calibration baseline."""
-    from openrlhf_infalign.openrlhf.plugin import build_reward_wrapper
-
-    return build_reward_wrapper(args, name="infalign.calibrate", transform_spec="identity")
+    return CTRLRewardWrapper(**ctrl_settings(args, name="infalign.calibrate", transform_spec="identity"))
 
 
 # The source patch registers each factory's flags on upstream's own parser.

@@ -1,0 +1,255 @@
+"""Several runs at matched KL: trajectories on a common KL grid, seeds aggregated per arm, differences to a baseline.
+
+Used by `infalign report RUN [RUN ...]`; reads records of the evaluation log (schema in evallog.py). numpy only.
+
+Trajectory of one run (a seed): its evaluations in step order, keeping only those whose KL exceeds every earlier
+one (the first crossing of each KL level). A run's KL can go back and forth; first crossing makes KL strictly
+increasing, so win rate is a function of KL, and each KL level is read when the run first got there (later visits
+at a lower KL are left out rather than averaged with earlier steps, which sorting by KL would do). The win rate and
+its within-run evaluation standard error are interpolated linearly in KL, only inside [first KL, largest KL] of that
+run: outside it the value is NaN (no extrapolation). Records without a measured KL are left out.
+
+Arm (runs sharing a label, its seeds): at a grid KL every one of its S seeds must cover it, else NaN. With
+x_s the seeds' interpolated win rates and e_s their interpolated within-run standard errors:
+
+    mean = (1/S) sum_s x_s
+    se   = sqrt( var_between / S + mean_s(e_s^2) / S ),    var_between = sum_s (x_s - mean)^2 / (S - 1)
+
+and with S = 1, se = e_1 (the within-run standard error). Difference of arm a to the baseline arm b at one KL:
+d = mean_a - mean_b with se_d = sqrt(se_a^2 + se_b^2) (arms are independent runs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "metric_name",
+    "metric_stat",
+    "run_kl_range",
+    "trajectory",
+    "interpolate",
+    "aggregate_seeds",
+    "difference",
+    "common_kl_range",
+    "default_kl_grid",
+    "arm_at_kl",
+    "compared_metrics",
+    "compare_runs",
+]
+
+
+def metric_name(inference: str) -> str:
+    """'bon:4' -> 'BoN_4', 'won:4' -> 'WoN_4', 'standard' -> 'standard'."""
+    kind, _, n = inference.partition(":")
+    return {"bon": f"BoN_{n}", "won": f"WoN_{n}"}.get(kind, "standard")
+
+
+def metric_stat(record: dict, inference: str) -> dict | None:
+    """The record's {'win_rate', 'stderr'} for an inference procedure (standard, bon:N, won:N), None if absent."""
+    kind, _, n = inference.partition(":")
+    if kind == "standard":
+        return record.get("standard")
+    return (record.get(kind) or {}).get(n)
+
+
+def _first_crossings(records: list[dict]) -> list[dict]:
+    """Records in step order whose KL exceeds every earlier KL (see the module docstring)."""
+    kept, top = [], -math.inf
+    for r in sorted(records, key=lambda r: r["step"]):
+        kl = r.get("kl")
+        if kl is not None and kl > top:
+            kept.append(r)
+            top = kl
+    return kept
+
+
+def run_kl_range(records: list[dict]) -> tuple[float, float] | None:
+    """[first KL, largest KL] of a run's trajectory, or None when no evaluation has a measured KL."""
+    kept = _first_crossings(records)
+    return (float(kept[0]["kl"]), float(kept[-1]["kl"])) if kept else None
+
+
+def trajectory(records: list[dict], inference: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(step, kl, win_rate, stderr) of a run's first-crossing trajectory for one metric, KL strictly increasing."""
+    pts = [(r["step"], r["kl"], metric_stat(r, inference)) for r in _first_crossings(records)]
+    pts = [(s, k, st) for s, k, st in pts if st is not None]
+    return (
+        np.array([p[0] for p in pts], dtype=int),
+        np.array([p[1] for p in pts], dtype=float),
+        np.array([p[2]["win_rate"] for p in pts], dtype=float),
+        np.array([p[2]["stderr"] for p in pts], dtype=float),
+    )
+
+
+def interpolate(kl: np.ndarray, values: np.ndarray, grid) -> np.ndarray:
+    """Piecewise-linear values at the grid KLs, NaN outside [kl[0], kl[-1]] (kl strictly increasing)."""
+    grid = np.asarray(grid, dtype=float)
+    out = np.full(grid.shape, np.nan)
+    if kl.size == 0:
+        return out
+    inside = (grid >= kl[0]) & (grid <= kl[-1])
+    out[inside] = np.interp(grid[inside], kl, values)
+    return out
+
+
+def aggregate_seeds(win: np.ndarray, stderr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, se) across seeds from (S, G) arrays of interpolated win rates and within-run standard errors.
+
+    Formula in the module docstring; a grid point that any seed leaves NaN is NaN.
+    """
+    win, stderr = np.atleast_2d(np.asarray(win, dtype=float)), np.atleast_2d(np.asarray(stderr, dtype=float))
+    s = win.shape[0]
+    mean = win.mean(axis=0)
+    if s == 1:
+        return mean, stderr[0].copy()
+    between = win.var(axis=0, ddof=1)
+    return mean, np.sqrt(between / s + (stderr**2).mean(axis=0) / s)
+
+
+def difference(mean_a, se_a, mean_b, se_b) -> tuple[np.ndarray, np.ndarray]:
+    """Arm a minus arm b and its standard error sqrt(se_a^2 + se_b^2) (independent arms)."""
+    mean_a, se_a, mean_b, se_b = (np.asarray(x, dtype=float) for x in (mean_a, se_a, mean_b, se_b))
+    return mean_a - mean_b, np.sqrt(se_a**2 + se_b**2)
+
+
+def common_kl_range(ranges: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """The KL interval every range covers, None when they do not overlap (or meet in a single point)."""
+    lo, hi = max(r[0] for r in ranges), min(r[1] for r in ranges)
+    return (lo, hi) if hi > lo else None
+
+
+def default_kl_grid(kl_range: tuple[float, float] | None, points: int = 4) -> list[float]:
+    """A few KLs strictly inside the common range (at 1/5 ... 4/5 of it), to 3 significant digits when that keeps
+    them inside; empty when there is no common range."""
+    if kl_range is None:
+        return []
+    lo, hi = kl_range
+    grid = []
+    for x in lo + (hi - lo) * np.arange(1, points + 1) / (points + 1):
+        r = float(f"{x:.3g}")
+        grid.append(r if lo < r < hi else float(x))
+    return grid
+
+
+def arm_at_kl(seeds: list[list[dict]], inference: str, grid) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, se) of one arm at the grid KLs: each seed's trajectory interpolated, then aggregated."""
+    curves = [trajectory(records, inference) for records in seeds]
+    win = np.array([interpolate(kl, w, grid) for _, kl, w, _ in curves])
+    err = np.array([interpolate(kl, e, grid) for _, kl, _, e in curves])
+    return aggregate_seeds(win, err)
+
+
+def compared_metrics(runs: list[list[dict]], default_n: int = 4) -> list[str]:
+    """BoN_N and WoN_N for every N the runs trained for (their records' `inference`) and N = default_n, then
+    standard; as inference specs, only those some record has."""
+    ns = {default_n}
+    for records in runs:
+        kind, _, n = str(records[-1].get("inference") or "").strip().lower().partition(":")
+        if kind in ("bon", "won") and n.isdigit() and int(n) >= 1:
+            ns.add(int(n))
+    specs = [f"{kind}:{n}" for n in sorted(ns) for kind in ("bon", "won")] + ["standard"]
+    return [s for s in specs if any(metric_stat(r, s) is not None for records in runs for r in records)]
+
+
+def _is_identity(transform) -> bool:
+    return str(transform or "").strip().lower() == "identity"
+
+
+def _json_list(a) -> list:
+    return [None if not math.isfinite(x) else float(x) for x in np.asarray(a, dtype=float)]
+
+
+def compare_runs(runs: list[dict], baseline: str | None = None, kl_grid=None, default_n: int = 4) -> dict:
+    """Arms side by side at matched KL, JSON-ready (NaN written as null).
+
+    runs: [{"run": name, "label": arm label, "records": evaluation log records}], in the user's order; runs
+    sharing a label are seeds of one arm. baseline: the arm differences are taken to (default: the arm whose
+    transform is identity, else the first arm). kl_grid: matched KLs (default: default_kl_grid of the range
+    every arm covers; empty, with a note, when there is none).
+    """
+    arms: dict[str, list[dict]] = {}
+    for run in runs:
+        arms.setdefault(run["label"], []).append(run)
+    notes = []
+    arm_info = []
+    for label, members in arms.items():
+        ranges = []
+        seeds = []
+        for run in members:
+            rng = run_kl_range(run["records"])
+            if rng is None:
+                raise ValueError(
+                    f"run {run['run']} has no evaluation with a measured KL: it cannot be put at matched KL"
+                )
+            ranges.append(rng)
+            last = run["records"][-1]
+            seeds.append(
+                {"run": run["run"], "final_step": last["step"], "final_kl": last.get("kl"), "kl_range": list(rng)}
+            )
+        transforms = sorted({str(run["records"][-1].get("transform")) for run in members})
+        if len(transforms) > 1:
+            notes.append(f"arm {label!r}: its seeds trained with different transforms ({', '.join(transforms)})")
+        arm_range = common_kl_range(ranges) if len(ranges) > 1 else ranges[0]
+        if arm_range is None:
+            notes.append(f"arm {label!r}: its seeds' KL ranges do not overlap, so it has no value at any matched KL")
+        arm_info.append(
+            {
+                "label": label,
+                "transform": members[0]["records"][-1].get("transform"),
+                "inference": members[0]["records"][-1].get("inference"),
+                "seeds": len(members),
+                "kl_range": None if arm_range is None else list(arm_range),
+                "runs": seeds,
+            }
+        )
+    labels = list(arms)
+    if baseline is None:
+        baseline = next((a["label"] for a in arm_info if _is_identity(a["transform"])), labels[0])
+    elif baseline not in arms:
+        raise ValueError(f"--baseline {baseline!r} is not an arm; the arms are: {', '.join(labels)}")
+
+    covered = [tuple(a["kl_range"]) for a in arm_info if a["kl_range"] is not None]
+    common = common_kl_range(covered) if len(covered) == len(arm_info) else None
+    if common is None:
+        spans = "; ".join(
+            f"{a['label']}: " + ("none" if a["kl_range"] is None else "{:.3g} to {:.3g}".format(*a["kl_range"]))
+            for a in arm_info
+        )
+        notes.append(f"no KL range is common to every arm ({spans}): nothing is compared at matched KL by default")
+    grid_source = "given" if kl_grid is not None else "default"
+    grid = [float(k) for k in kl_grid] if kl_grid is not None else default_kl_grid(common)
+    for a in arm_info:
+        lo, hi = a["kl_range"] or (math.nan, math.nan)
+        outside = [k for k in grid if not lo <= k <= hi]
+        if outside and grid_source == "given":
+            notes.append(
+                f"arm {a['label']!r} covers KL {lo:.3g} to {hi:.3g}: no value at KL "
+                + ", ".join(f"{k:g}" for k in outside)
+                + " (never extrapolated)"
+            )
+
+    metrics = {}
+    for spec in compared_metrics([run["records"] for run in runs], default_n):
+        values = {label: arm_at_kl([m["records"] for m in arms[label]], spec, grid) for label in labels}
+        base_mean, base_se = values[baseline]
+        table = {}
+        for label in labels:
+            mean, se = values[label]
+            entry = {"win_rate": _json_list(mean), "stderr": _json_list(se)}
+            if label != baseline:
+                d, d_se = difference(mean, se, base_mean, base_se)
+                entry.update(diff=_json_list(d), diff_stderr=_json_list(d_se))
+            table[label] = entry
+        metrics[metric_name(spec)] = {"inference": spec, "arms": table}
+    return {
+        "baseline": baseline,
+        "kl_grid": grid,
+        "kl_grid_source": grid_source,
+        "common_kl_range": None if common is None else list(common),
+        "arms": arm_info,
+        "metrics": metrics,
+        "notes": notes,
+    }
