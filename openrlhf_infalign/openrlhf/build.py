@@ -1,7 +1,7 @@
 """Building the ``infalign.*`` reward wrappers from OpenRLHF's parsed arguments, in the driver.
 
-:func:`ctrl_settings` opens the reference store (``--infalign.store``), checks that its recorded prompt settings
-match this run's (else keys would miss), plans the transform for ``--infalign.inference`` at
+:func:`ctrl_settings` opens the reference store (``--infalign.store``), checks its run record against this run's
+(:mod:`.run_record`: template, sampling, policy, reward source, normalisation), plans the transform for ``--infalign.inference`` at
 ``--infalign.kl_budget``, and says where training would differ from the plan: reward flags that distort [0, 1]
 rewards, and the planned KL coefficient beta against ``--algo.kl.init_coef``. Its result is the complete set of
 constructor arguments of :class:`~openrlhf_infalign.openrlhf.wrapper.CTRLRewardWrapper`; the entry-point factories
@@ -17,9 +17,10 @@ from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.core.planning import resolve_transform
 from openrlhf_infalign.openrlhf.args import get
 from openrlhf_infalign.openrlhf.flags import DEFAULTS
+from openrlhf_infalign.openrlhf.run_record import check_run
 from openrlhf_infalign.store import ReferenceStore
 
-__all__ = ["UPSTREAM_KL_INIT_COEF", "ctrl_settings", "say", "template_settings"]
+__all__ = ["UPSTREAM_KL_INIT_COEF", "ctrl_settings", "say"]
 
 UPSTREAM_KL_INIT_COEF = 0.01  # train_ppo_ray's default for --algo.kl.init_coef
 
@@ -41,7 +42,7 @@ def ctrl_settings(args, name: str, transform_spec: Optional[str] = None) -> dict
             "(build them with `infalign calibrate`)"
         )
     store = ReferenceStore.open(store_dir)
-    store.check_template(template_settings(args), allow_mismatch=bool(get(args, "infalign.allow_mismatch", False)))
+    check_run(args, store)
 
     inference = InferenceProcedure.parse(get(args, "infalign.inference", DEFAULTS["inference"]))
     spec = transform_spec or get(args, "infalign.transform", DEFAULTS["transform"])
@@ -71,15 +72,6 @@ def ctrl_settings(args, name: str, transform_spec: Optional[str] = None) -> dict
     )
 
 
-def template_settings(args) -> dict:
-    """What decides the exact prompt string (hence its key) in OpenRLHF's PromptDataset."""
-    return {
-        "input_template": get(args, "data.input_template"),
-        "apply_chat_template": bool(get(args, "data.apply_chat_template", False)),
-        "input_key": get(args, "data.input_key"),
-    }
-
-
 def _check_reward_flags(args) -> None:
     clip = get(args, "reward.clip_range")
     if clip is not None and len(clip) == 2:
@@ -89,11 +81,6 @@ def _check_reward_flags(args) -> None:
                 f"warning: --reward.clip_range {lo:g} {hi:g} clips transformed rewards, which lie in [0, 1] "
                 "(before baselines and KL). Use a range containing [0, 1], e.g. the default -10 10."
             )
-    if get(args, "reward.normalize_enable", False):
-        say(
-            "note: --reward.normalize_enable: the reference store's rewards must come from the same normalised "
-            "reward model, or calibrated ranks are off."
-        )
 
 
 def _advise_beta(args, inference, transform, beta: float, kl_budget: float, spec: str) -> None:

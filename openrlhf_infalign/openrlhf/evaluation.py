@@ -31,7 +31,6 @@ import json
 import math
 import os
 import time
-import warnings
 from datetime import timedelta
 from typing import Any, Sequence
 
@@ -345,7 +344,6 @@ class InfAlignEvalMixin:
 
         args = self.args
         inf = getattr(self, "infalign", None)
-        self._infalign_check_sampling(store, generate_kwargs)
         prompts, policy = group_rewards_by_prompt(samples_list)
         reference, _ = reference_rewards(store, prompts)
         on_missing = get(args, "infalign.on_missing", "error")
@@ -383,28 +381,6 @@ class InfAlignEvalMixin:
         if self._infalign_kl is not None:
             logs[f"{METRIC_PREFIX}kl"] = self._infalign_kl
         return logs
-
-    def _infalign_check_sampling(self, store, generate_kwargs) -> None:
-        """Warn once when eval sampling differs from the store's: then even the base policy would not score 0.5."""
-        if getattr(self, "_infalign_sampling_checked", False):
-            return
-        self._infalign_sampling_checked = True
-        sampling = (getattr(store, "manifest", None) or {}).get("sampling") or {}
-        ours = {k: generate_kwargs.get(k) for k in ("temperature", "top_p", "max_new_tokens")}
-        diffs = [
-            f"{k}: store={sampling[k]!r} eval={v!r}"
-            for k, v in ours.items()
-            if v is not None and sampling.get(k) is not None and float(sampling[k]) != float(v)
-        ]
-        if diffs:
-            warnings.warn(
-                "InfAlign eval samples are drawn differently from the eval store's reference samples ("
-                + "; ".join(diffs)
-                + "): win rates then measure the sampling change too, and the base policy would not score 0.5. "
-                "Match --eval.temperature / --rollout.top_p / --rollout.max_new_tokens to the `infalign calibrate` "
-                "settings",
-                stacklevel=2,
-            )
 
 
 def sequence_kl(experiences) -> float | None:

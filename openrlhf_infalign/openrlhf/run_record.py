@@ -194,7 +194,10 @@ def run_record(flag: Callable[[str], Any], *, tokenizer=None, role: str = "train
     else:
         joined = ",".join(urls) or None
         reward = {"kind": "remote_url" if urls else None, "path": joined, "name": joined, "fingerprint": None}
-    mean, std = reward_normalization(rm) if rm else (None, None)
+    try:
+        mean, std = reward_normalization(rm) if rm else (None, None)
+    except (OSError, ValueError):  # no readable config here (a path of another node): nothing to record
+        mean = std = None
     return {
         "template": {
             "input_key": flag("data.input_key"),
