@@ -1,11 +1,11 @@
 """Building the ``infalign.*`` reward wrappers from OpenRLHF's parsed arguments, in the driver.
 
-:func:`ctrl_settings` opens the reference store (``--infalign.store``), checks its run record against this run's
-(:mod:`.run_record`: template, sampling, policy, reward source, normalisation), plans the transform for ``--infalign.inference`` at
-``--infalign.kl_budget``, and says where training would differ from the plan: reward flags that distort [0, 1]
-rewards, and the planned KL coefficient beta against ``--algo.kl.init_coef``. Its result is the complete set of
-constructor arguments of :class:`~openrlhf_infalign.openrlhf.wrapper.CTRLRewardWrapper`; the entry-point factories
-in :mod:`.wrapper` build the wrapper from it.
+:func:`ctrl_settings` opens the reference store (``--infalign.store``), checks its run record against this
+run's (:mod:`.run_record`: template, sampling, policy, reward source, normalisation), plans the transform for
+``--infalign.inference`` at ``--infalign.kl_budget``, and says where training would differ from the plan: reward
+flags that distort [0, 1] rewards, and the planned KL coefficient beta against ``--algo.kl.init_coef``. Its result
+is the complete set of constructor arguments of :class:`~openrlhf_infalign.openrlhf.wrapper.CTRLRewardWrapper`; the
+entry-point factories in :mod:`.wrapper` build the wrapper from it.
 """
 
 from __future__ import annotations
