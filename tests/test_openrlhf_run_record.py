@@ -16,6 +16,7 @@ pytest.importorskip("openrlhf")
 
 from openrlhf_infalign.demo import tiny  # noqa: E402
 from openrlhf_infalign.openrlhf.calibrate import CalibrateSettings, run_calibration  # noqa: E402
+from openrlhf_infalign.openrlhf.plugin import worker_setup  # noqa: E402
 from openrlhf_infalign.openrlhf.run_record import (  # noqa: E402
     RECORD_KEY,
     check_run,
@@ -210,7 +211,7 @@ def test_normalised_rm_scores_alike_in_calibrate_and_training_loading(built, nor
     settings = CalibrateSettings(policy=built["policy"], prompt_dataset="x", out="x", reward_model=built["rm"])
     settings.normalize_reward = normalize
     scorer = RewardModelScorer(settings, tokenizer=SimpleNamespace(pad_token_id=0))
-    restore_normalization_on_load()
+    worker_setup()  # what every Ray worker of a run (CPU or GPU) runs first: the RM actors load after it
     from openrlhf.trainer.ray import launcher
 
     model = launcher.get_llm_for_sequence_regression(
@@ -224,6 +225,10 @@ def test_normalised_rm_scores_alike_in_calibrate_and_training_loading(built, nor
         theirs = model(ids, mask).float()
         raw = (ours * STD + MEAN) if normalize else ours
     assert torch.equal(ours, theirs)
+    assert launcher.get_llm_for_sequence_regression._infalign_restores_normalization
+    restore_normalization_on_load()  # idempotent: not wrapped twice
+    assert launcher.get_llm_for_sequence_regression.__wrapped__.__name__ == "get_llm_for_sequence_regression"
+    assert not getattr(launcher.get_llm_for_sequence_regression.__wrapped__, "_infalign_restores_normalization", 0)
     assert np.isfinite(raw.numpy()).all()
 
 
