@@ -379,14 +379,22 @@ def test_initial_evaluate_step0(parser, tmp_path):
     assert t.infalign_initial_evaluate() == {}
 
 
-def test_eval_sampling_mismatch_warns(parser, tmp_path):
-    rng = np.random.default_rng(4)
+def test_eval_sampling_mismatch_is_refused_before_training(parser, tmp_path):
+    # The driver checks the eval store against eval sampling (--eval.temperature) before any trainer exists.
+    from openrlhf_infalign.openrlhf import launch
+    from openrlhf_infalign.store import StoreError, write_store
+
     prompts = [f"prompt {i}" for i in range(10)]
-    store, loc, _ = make_store(prompts, rng, k=4, manifest={"sampling": {"temperature": 1.0}})
-    args = make_args(parser, tmp_path, "--eval.temperature", "0.6")
-    t = make_trainer(args, store, _policy_samples(prompts, loc, rng, args), prompts)
-    with pytest.warns(UserWarning, match="temperature: store=1.0 eval=0.6"):
-        t.evaluate(1, **t._infalign_eval_generate_kwargs())
+    d = write_store(tmp_path / "eval_refs", [prompt_key(p) for p in prompts], [[0.0] * 16] * 10,
+                    manifest={"sampling": {"temperature": 1.0}})  # fmt: skip
+    args = make_args(parser, tmp_path, "--eval.temperature", "0.6", "--infalign.eval_store", str(d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fields this store lacks
+        with pytest.raises(StoreError, match=r"sampling\.temperature: store 1\.0, this run 0\.6 -> pass --eval"):
+            launch.prepare(args)
+        args.infalign.allow_mismatch = True
+        with pytest.warns(UserWarning, match="temperature: store 1.0, this run 0.6"):
+            assert launch.prepare(args).eval_store is not None
 
 
 def test_no_store_is_plain_upstream(parser, tmp_path):

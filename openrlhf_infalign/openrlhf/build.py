@@ -1,11 +1,11 @@
 """Building the ``infalign.*`` reward wrappers from OpenRLHF's parsed arguments, in the driver.
 
-:func:`ctrl_settings` opens the reference store (``--infalign.store``), checks that its recorded prompt settings
-match this run's (else keys would miss), plans the transform for ``--infalign.inference`` at
-``--infalign.kl_budget`` with K = the store's median reference samples per prompt, and says where training would
-differ from the plan (reward flags that distort [0, 1] rewards). Its result is the complete set of constructor
-arguments of :class:`~openrlhf_infalign.openrlhf.wrapper.CTRLRewardWrapper`; the entry-point factories in
-:mod:`.wrapper` build the wrapper from it.
+:func:`ctrl_settings` opens the reference store (``--infalign.store``), checks its run record against this
+run's (:mod:`.run_record`: template, sampling, policy, reward source, normalisation), plans the transform for
+``--infalign.inference`` at ``--infalign.kl_budget`` with K = the store's median reference samples per prompt, and
+says where training would differ from the plan (reward flags that distort [0, 1] rewards). Its result is the
+complete set of constructor arguments of :class:`~openrlhf_infalign.openrlhf.wrapper.CTRLRewardWrapper`; the
+entry-point factories in :mod:`.wrapper` build the wrapper from it.
 
 The planned KL coefficient is APPLIED (:func:`apply_kl_coef`): without an explicit ``--algo.kl.init_coef``,
 ``args.algo.kl.init_coef`` is set to the coefficient that gives the planned beta under the run's advantage
@@ -34,17 +34,10 @@ from openrlhf_infalign.openrlhf.kl_coef import (
     kl_coef_for_beta,
     unplanned_reason,
 )
+from openrlhf_infalign.openrlhf.run_record import check_run
 from openrlhf_infalign.store import ReferenceStore
 
-__all__ = [
-    "UPSTREAM_KL_INIT_COEF",
-    "apply_kl_coef",
-    "ctrl_settings",
-    "kl_settings",
-    "say",
-    "store_k",
-    "template_settings",
-]
+__all__ = ["UPSTREAM_KL_INIT_COEF", "apply_kl_coef", "ctrl_settings", "kl_settings", "say", "store_k"]
 
 UPSTREAM_KL_INIT_COEF = 0.01  # train_ppo_ray's default for --algo.kl.init_coef
 
@@ -66,7 +59,7 @@ def ctrl_settings(args, name: str, transform_spec: Optional[str] = None) -> dict
             "(build them with `infalign calibrate`)"
         )
     store = ReferenceStore.open(store_dir)
-    store.check_template(template_settings(args), allow_mismatch=bool(get(args, "infalign.allow_mismatch", False)))
+    check_run(args, store)
 
     inference = InferenceProcedure.parse(get(args, "infalign.inference", DEFAULTS["inference"]))
     spec = transform_spec or get(args, "infalign.transform", DEFAULTS["transform"])
@@ -101,15 +94,6 @@ def ctrl_settings(args, name: str, transform_spec: Optional[str] = None) -> dict
     )
 
 
-def template_settings(args) -> dict:
-    """What decides the exact prompt string (hence its key) in OpenRLHF's PromptDataset."""
-    return {
-        "input_template": get(args, "data.input_template"),
-        "apply_chat_template": bool(get(args, "data.apply_chat_template", False)),
-        "input_key": get(args, "data.input_key"),
-    }
-
-
 def _check_reward_flags(args) -> None:
     clip = get(args, "reward.clip_range")
     if clip is not None and len(clip) == 2:
@@ -119,11 +103,6 @@ def _check_reward_flags(args) -> None:
                 f"warning: --reward.clip_range {lo:g} {hi:g} clips transformed rewards, which lie in [0, 1] "
                 "(before baselines and KL). Use a range containing [0, 1], e.g. the default -10 10."
             )
-    if get(args, "reward.normalize_enable", False):
-        say(
-            "note: --reward.normalize_enable: the reference store's rewards must come from the same normalised "
-            "reward model, or calibrated ranks are off."
-        )
 
 
 def store_k(store) -> Optional[int]:

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import time
-import warnings
 from datetime import timedelta
 from typing import Any, Sequence
 
@@ -350,7 +349,6 @@ class InfAlignEvalMixin:
 
         args = self.args
         inf = getattr(self, "infalign", None)
-        self._infalign_check_sampling(store, generate_kwargs)
         prompts, policy = group_rewards_by_prompt(samples_list)
         reference, _ = reference_rewards(store, prompts)
         on_missing = get(args, "infalign.on_missing", "error")
@@ -441,28 +439,6 @@ class InfAlignEvalMixin:
         log_probs = maker._flatten_results(actor_refs, duplicate)[: len(merged)]
         ref_log_probs = maker._flatten_results(ref_refs, duplicate)[: len(merged)]
         return eval_sequence_kl(log_probs, ref_log_probs, [m.action_mask for m in merged]), None
-
-    def _infalign_check_sampling(self, store, generate_kwargs) -> None:
-        """Warn once when eval sampling differs from the store's: then even the base policy would not score 0.5."""
-        if getattr(self, "_infalign_sampling_checked", False):
-            return
-        self._infalign_sampling_checked = True
-        sampling = (getattr(store, "manifest", None) or {}).get("sampling") or {}
-        ours = {k: generate_kwargs.get(k) for k in ("temperature", "top_p", "max_new_tokens")}
-        diffs = [
-            f"{k}: store={sampling[k]!r} eval={v!r}"
-            for k, v in ours.items()
-            if v is not None and sampling.get(k) is not None and float(sampling[k]) != float(v)
-        ]
-        if diffs:
-            warnings.warn(
-                "InfAlign eval samples are drawn differently from the eval store's reference samples ("
-                + "; ".join(diffs)
-                + "): win rates then measure the sampling change too, and the base policy would not score 0.5. "
-                "Match --eval.temperature / --rollout.top_p / --rollout.max_new_tokens to the `infalign calibrate` "
-                "settings",
-                stacklevel=2,
-            )
 
 
 def _effective_actors(group) -> int:

@@ -37,6 +37,7 @@ from openrlhf_infalign.openrlhf.build import say
 from openrlhf_infalign.openrlhf.flags import DEFAULTS
 from openrlhf_infalign.openrlhf.plugin import CPU_ENV, SETUP_HOOK
 from openrlhf_infalign.openrlhf.registry import load_reward_wrapper
+from openrlhf_infalign.openrlhf.run_record import check_run
 from openrlhf_infalign.openrlhf.trainer import patched, use_infalign_trainer
 from openrlhf_infalign.store import ReferenceStore
 
@@ -95,6 +96,9 @@ def prepare(args) -> Optional[InfAlignState]:
             "(eval/infalign/...) and the step-0 evaluation are not computed; the reward wrapper is active."
         )
         eval_at_start = False
+    elif has_eval and eval_store is not None:
+        # Win rates against the store mean something only if eval samples are drawn as its references were.
+        check_run(args, eval_store, role="eval")
     return InfAlignState(
         wrapper=wrapper,
         store=store,
