@@ -1,4 +1,5 @@
-"""Shared fixtures. ``two_node_cluster``: two real Ray nodes (raylets) on this machine, bound to 127.0.0.1.
+"""Shared fixtures: reference implementations and data builders used by several test files, and
+``two_node_cluster``: two real Ray nodes (raylets) on this machine, bound to 127.0.0.1.
 
 Each node has its own temp directory (its own session, sockets and logs), a custom resource naming it ({"head": 1} or
 {"worker": 1}) and fake GPUs for OpenRLHF's {"GPU": 1} bundles. Torn down whatever the test did: ``Cluster.shutdown``
@@ -13,9 +14,86 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List
 
+import json
+import warnings
+
+import numpy as np
 import pytest
 
 LOOPBACK = "127.0.0.1"
+
+
+# ---- reference implementations and data builders -----------------------------------------------------------------
+
+
+def _midrank(r, refs):
+    """Eq. 12 written out literally: (1/K) sum_k [1{r > z_k} + 0.5 * 1{r == z_k}]."""
+    refs = [float(z) for z in refs]
+    return sum((1.0 if r > z else 0.5 if r == z else 0.0) for z in refs) / len(refs)
+
+
+@pytest.fixture
+def midrank():
+    """The calibrated reward of one reward against a list of reference rewards, by the paper's formula."""
+    return _midrank
+
+
+def _make_data(n=50, seed=0, kmax=24):
+    rng = np.random.default_rng(seed)
+    prompts = [f"Q : question number {i} ?" + (" é" if i % 7 == 0 else "") + " A :" for i in range(n)]
+    # Rewards on a coarse grid so ties between policy and reference rewards actually occur.
+    refs = [rng.integers(-5, 6, size=int(rng.integers(1, kmax))).astype(np.float32) / 4 for _ in range(n)]
+    return prompts, refs
+
+
+@pytest.fixture
+def make_data():
+    """make_data(n, seed, kmax) -> (prompts, ragged float32 reference rewards with ties), for store tests."""
+    return _make_data
+
+
+@pytest.fixture
+def quiet():
+    """Silence warnings (small-K stores warn on purpose) inside one test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+@pytest.fixture
+def write_jsonl():
+    """write_jsonl(path, rows): one row per line; a str row is written as is (blank or broken lines)."""
+    return _write_jsonl
+
+
+def _ref_rows(n=30, k=20, seed=0):
+    from openrlhf_infalign.store import prompt_key
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        rewards = (rng.normal(size=k) * 3).astype(np.float32).astype(float).tolist()
+        if i % 3 == 0:
+            rows.append({"prompt_key": prompt_key(f"prompt {i}"), "rewards": rewards})
+        else:
+            rows.append({"prompt": f"prompt {i}", "rewards": rewards})
+    return rows
+
+
+@pytest.fixture
+def ref_rows():
+    """ref_rows(n, k, seed): reference-store JSONL rows, every third one keyed by prompt_key."""
+    return _ref_rows
+
+
+# ---- two Ray nodes -----------------------------------------------------------------------------------------------
 
 
 @dataclass

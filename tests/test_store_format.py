@@ -1,7 +1,6 @@
 """store/format.py: prompt keys (sha1 of the exact prompt) and their digests, in every form a caller may pass."""
 
 import hashlib
-import warnings
 
 import numpy as np
 import pytest
@@ -10,27 +9,12 @@ from openrlhf_infalign.store import ReferenceStore, StoreError, prompt_key, writ
 from openrlhf_infalign.store.format import digests_from_keys, key_digest, prompt_digest, prompt_digests
 
 
-@pytest.fixture
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def make_data(n=50, seed=0, kmax=24):
-    rng = np.random.default_rng(seed)
-    prompts = [f"Q : question number {i} ?" + (" é" if i % 7 == 0 else "") + " A :" for i in range(n)]
-    # Rewards on a coarse grid so ties between policy and reference rewards actually occur.
-    refs = [rng.integers(-5, 6, size=int(rng.integers(1, kmax))).astype(np.float32) / 4 for _ in range(n)]
-    return prompts, refs
-
-
 def test_prompt_key_is_sha1_of_utf8():
     assert prompt_key("héllo") == hashlib.sha1("héllo".encode("utf-8")).hexdigest()
     assert len(prompt_key("")) == 40
 
 
-def test_keys_accepted_as_hex_bytes_digests_and_uppercase(tmp_path, quiet):
+def test_keys_accepted_as_hex_bytes_digests_and_uppercase(tmp_path, quiet, make_data):
     prompts, refs = make_data(10)
     keys = [prompt_key(p) for p in prompts]
     s = ReferenceStore.open(write_store(tmp_path / "s", keys, refs))

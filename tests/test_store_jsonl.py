@@ -10,26 +10,7 @@ from openrlhf_infalign.store import ReferenceStore, prompt_key, write_store
 from openrlhf_infalign.store.jsonl import _read_fast, export_jsonl, import_jsonl, read_reference_jsonl
 
 
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return path
-
-
-def ref_rows(n=30, k=20, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        rewards = (rng.normal(size=k) * 3).astype(np.float32).astype(float).tolist()
-        if i % 3 == 0:
-            rows.append({"prompt_key": prompt_key(f"prompt {i}"), "rewards": rewards})
-        else:
-            rows.append({"prompt": f"prompt {i}", "rewards": rewards})
-    return rows
-
-
-def test_fast_reader_matches_checked_reader(tmp_path):
+def test_fast_reader_matches_checked_reader(tmp_path, ref_rows, write_jsonl):
     rows = ref_rows(40) + ["", '{"prompt": "ints", "rewards": [3, 1, 2], "extra": {"ignored": [1]}}', "   "]
     rows += [{"prompt": "both", "prompt_key": prompt_key("both"), "rewards": [0.25]}]
     src = write_jsonl(tmp_path / "refs.jsonl", rows)
@@ -43,7 +24,7 @@ def test_fast_reader_matches_checked_reader(tmp_path):
     assert fast[3][-1] == 44 and fast[3][-2] == 42
 
 
-def test_export_replaces_the_file_whole_and_leaves_no_temporary(tmp_path, monkeypatch):
+def test_export_replaces_the_file_whole_and_leaves_no_temporary(tmp_path, monkeypatch, ref_rows, write_jsonl):
     src = write_jsonl(tmp_path / "refs.jsonl", ref_rows(5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

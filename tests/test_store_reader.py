@@ -13,28 +13,7 @@ import pytest
 from openrlhf_infalign.store import FORMAT_VERSION, ReferenceStore, StoreError, prompt_key, write_store
 
 
-def midrank(r, refs):
-    """Eq. 12 written out literally: (1/K) sum_k [1{r > z_k} + 0.5 * 1{r == z_k}]."""
-    refs = [float(z) for z in refs]
-    return sum((1.0 if r > z else 0.5 if r == z else 0.0) for z in refs) / len(refs)
-
-
-def make_data(n=50, seed=0, kmax=24):
-    rng = np.random.default_rng(seed)
-    prompts = [f"Q : question number {i} ?" + (" é" if i % 7 == 0 else "") + " A :" for i in range(n)]
-    # Rewards on a coarse grid so ties between policy and reference rewards actually occur.
-    refs = [rng.integers(-5, 6, size=int(rng.integers(1, kmax))).astype(np.float32) / 4 for _ in range(n)]
-    return prompts, refs
-
-
-@pytest.fixture
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def test_round_trip_and_exact_midrank(tmp_path, quiet):
+def test_round_trip_and_exact_midrank(tmp_path, quiet, make_data, midrank):
     prompts, refs = make_data()
     keys = [prompt_key(p) for p in prompts]
     out = write_store(tmp_path / "s", keys, refs, prompts=prompts, manifest={"policy_model": "m", "custom": [1, 2]})
@@ -74,7 +53,7 @@ def test_k_equal_one_is_exact(tmp_path, quiet):
     np.testing.assert_array_equal(got, [0.0, 0.5, 1.0, 0.5])
 
 
-def test_missing_prompt_error_and_raw(tmp_path, quiet):
+def test_missing_prompt_error_and_raw(tmp_path, quiet, make_data):
     prompts, refs = make_data(5)
     s = ReferenceStore.open(write_store(tmp_path / "s", None, refs, prompts=prompts))
     with pytest.raises(StoreError) as e:
@@ -101,7 +80,7 @@ def test_not_a_store(tmp_path):
         ReferenceStore.open(tmp_path)
 
 
-def test_index_rebuilt_from_parquet(tmp_path, quiet):
+def test_index_rebuilt_from_parquet(tmp_path, quiet, make_data):
     prompts, refs = make_data(20)
     out = write_store(tmp_path / "s", None, refs, prompts=prompts)
     ref = ReferenceStore.open(out)
@@ -114,7 +93,7 @@ def test_index_rebuilt_from_parquet(tmp_path, quiet):
     s.verify()
 
 
-def test_pickle_by_value_without_the_directory(tmp_path, quiet):
+def test_pickle_by_value_without_the_directory(tmp_path, quiet, make_data):
     prompts, refs = make_data(40)
     out = write_store(tmp_path / "s", None, refs, prompts=prompts)
     s = ReferenceStore.open(out)

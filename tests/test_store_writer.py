@@ -10,28 +10,7 @@ from openrlhf_infalign.store import Ragged, ReferenceStore, StoreError, prompt_k
 from openrlhf_infalign.store import writer as store_writer
 
 
-def midrank(r, refs):
-    """Eq. 12 written out literally: (1/K) sum_k [1{r > z_k} + 0.5 * 1{r == z_k}]."""
-    refs = [float(z) for z in refs]
-    return sum((1.0 if r > z else 0.5 if r == z else 0.0) for z in refs) / len(refs)
-
-
-def make_data(n=50, seed=0, kmax=24):
-    rng = np.random.default_rng(seed)
-    prompts = [f"Q : question number {i} ?" + (" é" if i % 7 == 0 else "") + " A :" for i in range(n)]
-    # Rewards on a coarse grid so ties between policy and reference rewards actually occur.
-    refs = [rng.integers(-5, 6, size=int(rng.integers(1, kmax))).astype(np.float32) / 4 for _ in range(n)]
-    return prompts, refs
-
-
-@pytest.fixture
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def test_ragged_csr_and_dense_inputs_agree(tmp_path, quiet):
+def test_ragged_csr_and_dense_inputs_agree(tmp_path, quiet, make_data, midrank):
     prompts, refs = make_data(30)
     keys = [prompt_key(p) for p in prompts]
     lengths = np.array([len(r) for r in refs])
@@ -189,7 +168,7 @@ def test_sigkill_midway_leaves_old_store_complete(tmp_path, quiet):
     assert ReferenceStore.open(out).keys() == [prompt_key("newer")]
 
 
-def test_ragged_rows_permuted_in_chunks(tmp_path, monkeypatch, quiet):
+def test_ragged_rows_permuted_in_chunks(tmp_path, monkeypatch, quiet, make_data):
     # Force the chunked gather (normally 1M values per chunk) to cross many chunk boundaries.
     monkeypatch.setattr(store_writer, "_GATHER_CHUNK", 7)
     prompts, refs = make_data(60, seed=5)

@@ -10,32 +10,13 @@ from openrlhf_infalign.cli import main
 from openrlhf_infalign.store import ReferenceStore, prompt_key
 
 
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return path
-
-
-def ref_rows(n=30, k=20, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        rewards = (rng.normal(size=k) * 3).astype(np.float32).astype(float).tolist()
-        if i % 3 == 0:
-            rows.append({"prompt_key": prompt_key(f"prompt {i}"), "rewards": rewards})
-        else:
-            rows.append({"prompt": f"prompt {i}", "rewards": rewards})
-    return rows
-
-
 def open_quiet(path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return ReferenceStore.open(path)
 
 
-def test_import_info_export_round_trip(tmp_path, capsys):
+def test_import_info_export_round_trip(tmp_path, capsys, ref_rows, write_jsonl):
     src = write_jsonl(tmp_path / "refs.jsonl", ref_rows() + [""])  # a blank line is skipped
     rc = main(
         [
@@ -109,7 +90,7 @@ def test_import_info_export_round_trip(tmp_path, capsys):
         ('{"prompt": 7, "rewards": [1.0]}', '"prompt" must be a string'),
     ],
 )
-def test_bad_row_is_named_by_file_and_line(tmp_path, capsys, bad_line, pattern):
+def test_bad_row_is_named_by_file_and_line(tmp_path, capsys, bad_line, pattern, ref_rows, write_jsonl):
     src = write_jsonl(tmp_path / "refs.jsonl", ref_rows(3) + [bad_line] + ref_rows(2, seed=1))
     rc = main(["store", "import", "--jsonl", str(src), "--out", str(tmp_path / "st"), "--no-progress"])
     err = capsys.readouterr().err
@@ -119,7 +100,7 @@ def test_bad_row_is_named_by_file_and_line(tmp_path, capsys, bad_line, pattern):
     assert not (tmp_path / "st").exists()
 
 
-def test_duplicate_prompts(tmp_path, capsys):
+def test_duplicate_prompts(tmp_path, capsys, write_jsonl):
     rows = [
         {"prompt": "a", "rewards": [1.0, 2.0]},
         {"prompt": "b", "rewards": [1.0]},
@@ -138,7 +119,7 @@ def test_duplicate_prompts(tmp_path, capsys):
     assert open_quiet(tmp_path / "st").num_prompts == 3
 
 
-def test_k_min_and_small_k_warning(tmp_path, capsys):
+def test_k_min_and_small_k_warning(tmp_path, capsys, write_jsonl):
     src = write_jsonl(
         tmp_path / "refs.jsonl", [{"prompt": "a", "rewards": [1.0] * 20}, {"prompt": "b", "rewards": [1.0]}]
     )
@@ -154,7 +135,7 @@ def test_k_min_and_small_k_warning(tmp_path, capsys):
     assert "K below 16" in capsys.readouterr().out
 
 
-def test_import_refuses_existing_store_without_overwrite(tmp_path, capsys):
+def test_import_refuses_existing_store_without_overwrite(tmp_path, capsys, ref_rows, write_jsonl):
     src = write_jsonl(tmp_path / "refs.jsonl", ref_rows(3))
     args = ["store", "import", "--jsonl", str(src), "--out", str(tmp_path / "st"), "--no-progress"]
     assert main(args) == 0
@@ -163,7 +144,7 @@ def test_import_refuses_existing_store_without_overwrite(tmp_path, capsys):
     assert main(args + ["--overwrite"]) == 0
 
 
-def test_info_on_missing_and_newer_store(tmp_path, capsys):
+def test_info_on_missing_and_newer_store(tmp_path, capsys, ref_rows, write_jsonl):
     assert main(["store", "info", str(tmp_path / "nothing")]) == 2
     assert "not a reference store" in capsys.readouterr().err
     src = write_jsonl(tmp_path / "refs.jsonl", ref_rows(3))

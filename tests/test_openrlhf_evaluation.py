@@ -5,13 +5,12 @@ TensorboardLogger), PPOTrainer's fit-side helpers (save_best_checkpoint / _detec
 compute_eval_metrics, SamplesGenerator._process_response_into_experience and Experience. Stand-in: only the vLLM
 engines (the samples generator's generate_eval_samples returns Experiences built by upstream's own
 response->Experience code).
-The local reward model path (Ray actors) is in test_openrlhf_eval_ray.py.
+The local reward model path (Ray actors) is in test_openrlhf_evaluation_ray.py.
 """
 
 import json
 import math
 import os
-import threading
 import warnings
 from types import SimpleNamespace
 
@@ -32,7 +31,6 @@ from openrlhf.utils.config import hierarchize  # noqa: E402
 
 from openrlhf_infalign.core.transforms import parse_transform  # noqa: E402
 from openrlhf_infalign.core.winrate import win_rates  # noqa: E402
-from openrlhf_infalign import evallog  # noqa: E402
 from openrlhf_infalign.openrlhf import evaluation as ev  # noqa: E402
 from openrlhf_infalign.openrlhf.console import train_ppo_parser  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, prompt_key  # noqa: E402
@@ -217,28 +215,6 @@ def test_metric_logs_names():
     assert set(logs) == want
     assert logs["infalign/bon_4"] == res["bon"]["4"]["win_rate"]
     assert all(isinstance(v, float) and math.isfinite(v) for v in logs.values())
-
-
-def test_append_record_whole_lines_under_concurrency(tmp_path):
-    path = str(tmp_path / "deep" / "infalign_eval.jsonl")
-    big = {"pad": "x" * 20000}
-
-    def writer(w):
-        for i in range(25):
-            evallog.append_record(path, {"writer": w, "i": i, **big})
-
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    with open(path) as f:
-        lines = f.read().splitlines()
-    recs = [json.loads(line) for line in lines]
-    assert sorted((r["writer"], r["i"]) for r in recs) == [(w, i) for w in range(4) for i in range(25)]
-    with pytest.raises(ValueError):  # NaN is not JSON: refused before anything is written
-        evallog.append_record(path, {"x": float("nan")})
-    assert len(open(path).read().splitlines()) == 100
 
 
 def test_sequence_kl_and_tracking(parser, tmp_path):

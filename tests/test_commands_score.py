@@ -12,10 +12,6 @@ from openrlhf_infalign.core.transforms import parse_transform
 from openrlhf_infalign.store import prompt_key, write_store
 
 
-def midrank(r, refs):
-    return sum((1.0 if r > z else 0.5 if r == z else 0.0) for z in refs) / len(refs)
-
-
 @pytest.fixture
 def store(tmp_path):
     rng = np.random.default_rng(0)
@@ -32,7 +28,7 @@ def write_samples(path, rows):
     return path
 
 
-def test_score_matches_midrank_in_input_order(store, tmp_path, capsys):
+def test_score_matches_midrank_in_input_order(store, tmp_path, capsys, midrank):
     st, prompts, refs = store
     rng = np.random.default_rng(1)
     idx = rng.integers(0, len(prompts), size=60)
@@ -81,7 +77,7 @@ def test_score_matches_midrank_in_input_order(store, tmp_path, capsys):
     assert "transform identity" in text and "mean calibrated" in text and "40 more rows" in text
 
 
-def test_default_transform_is_identity(store, tmp_path, capsys):
+def test_default_transform_is_identity(store, tmp_path, capsys, midrank):
     st, prompts, refs = store
     src = write_samples(tmp_path / "s.jsonl", [{"prompt": prompts[0], "reward": 1.0}])
     assert main(["score", "--store", str(st), "--jsonl", str(src), "--json"]) == 0

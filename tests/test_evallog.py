@@ -1,0 +1,46 @@
+"""evallog.py: the evaluation log's writer (whole lines, even from concurrent writers) and reader (validated)."""
+
+import json
+import threading
+
+import pytest
+
+from openrlhf_infalign import evallog
+
+
+def test_append_record_whole_lines_under_concurrency(tmp_path):
+    path = str(tmp_path / "deep" / "infalign_eval.jsonl")
+    big = {"pad": "x" * 20000}
+
+    def writer(w):
+        for i in range(25):
+            evallog.append_record(path, {"writer": w, "i": i, **big})
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    with open(path) as f:
+        lines = f.read().splitlines()
+    recs = [json.loads(line) for line in lines]
+    assert sorted((r["writer"], r["i"]) for r in recs) == [(w, i) for w in range(4) for i in range(25)]
+    with pytest.raises(ValueError):  # NaN is not JSON: refused before anything is written
+        evallog.append_record(path, {"x": float("nan")})
+    assert len(open(path).read().splitlines()) == 100
+
+
+def test_load_eval_log_validates_and_keeps_the_last_record_of_a_step(tmp_path):
+    stat = {"win_rate": 0.5, "stderr": 0.01}
+    rec = {"step": 0, "kl": None, "standard": stat, "bon": {"1": stat}, "won": {"1": stat}}
+    path = tmp_path / evallog.EVAL_LOG
+    for r in (rec, {**rec, "step": 4, "kl": 0.2}, {**rec, "step": 4, "kl": 0.3}):
+        evallog.append_record(path, r)
+    recs = evallog.load_eval_log(evallog.eval_log_path(tmp_path))
+    assert [(r["step"], r["kl"]) for r in recs] == [(0, 0.0), (4, 0.3)]  # kl null at step 0 reads 0
+    with open(path, "a") as f:
+        f.write('{"step": 5, "kl": 0.1, "standard": {"win_rate": 0.5}, "bon": {"1": {}}, "won": {}}\n')
+    with pytest.raises(ValueError, match=f"{evallog.EVAL_LOG}:4: 'standard' must be"):
+        evallog.load_eval_log(path)
+    with pytest.raises(FileNotFoundError, match="written by the training hook"):
+        evallog.load_eval_log(tmp_path / "nope.jsonl")
