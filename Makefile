@@ -17,7 +17,7 @@ test: setup
 	$(PY) -m pytest tests
 
 test-fast: setup
-	$(PY) -m pytest tests -m "not e2e"
+	$(PY) -m pytest tests -m "not e2e and not multinode"
 
 bench: setup
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
