@@ -306,10 +306,11 @@ def plot_arms_vs_kl(
     path,
     kl_grid=(),
     with_optimal: bool = True,
+    k: int | None = None,
 ) -> Path:
     """One metric against KL for several arms: per arm a colour, its seeds as thin lines (first-crossing
-    trajectories), the seed mean with a +-1 se band (compare.arm_at_kl), and beneath, the calibrated-space
-    frontier of each arm's transform and of identity. arms: label -> the seeds' records; matched KLs drawn faint."""
+    trajectories), the seed mean with a +-1 se band (compare.arm_at_kl), and beneath, the frontier of each arm's
+    transform and of identity (K-aware with ``k``). arms: label -> the seeds' records; matched KLs drawn faint."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.6, 4.6))
     label = compare.metric_name(inference)
@@ -326,11 +327,12 @@ def plot_arms_vs_kl(
         if spec == "optimal" and not with_optimal:
             continue
         try:
-            ck, cw = _frontier_to(inference, spec, kl_top)
+            ck, cw = _frontier_to(inference, spec, kl_top, k=k)
         except ValueError as e:
             notes.append(f"no theory curve for {spec}: {e}")
             continue
-        ax.plot(ck, cw, color=color, linestyle=":", linewidth=1.2, alpha=0.8, zorder=1, label=f"theory: {spec}")
+        name = f"theory: {spec}" + (f", K={k}" if k else "")
+        ax.plot(ck, cw, color=color, linestyle=":", linewidth=1.2, alpha=0.8, zorder=1, label=name)
     for arm, seeds in arms.items():
         color = colors[arm]
         ranges = [compare.run_kl_range(records) for records in seeds]

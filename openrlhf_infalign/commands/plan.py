@@ -108,7 +108,8 @@ def format_table(p: dict) -> str:
     k_words = "K = infinity (continuum)" if p.get("k") is None else f"K = {p['k']} reference samples per prompt"
     lines = [
         f"InfAlign plan: {procedure_words(inf)} ({p['inference']}), KL budget {p['kl']:g} nats, {k_words}",
-        f"win rate = {win_rate_meaning(inf)}, at the RLHF optimum (calibrated-space theory)",
+        f"win rate = {win_rate_meaning(inf)}, at the RLHF optimum "
+        + ("(calibrated-space theory)" if p.get("k") is None else "(expected over stores of K reference samples)"),
     ]
     if coef:
         lines.append(

@@ -66,8 +66,8 @@ def add_arguments(parser) -> None:
         "--k",
         type=int,
         default=None,
-        help="the store's K (reference samples per prompt) for the theory curves; stored in compare.json, "
-        "the curves drawn are the continuum (K -> infinity) frontiers for now",
+        help="the store's K (reference samples per prompt) for the K-aware theory curves (default: the K the runs "
+        "recorded, when they agree; else the continuum)",
     )
 
 
@@ -194,9 +194,13 @@ def run_compare(args) -> int:
                     f"{len(dirs)} runs in different places share the directory name {name!r}: they are seeds of one "
                     f"arm; pass --label per run to separate them"
                 )
-    result["k"] = args.k
-    result["theory"] = "continuum (K -> infinity) calibrated-space frontiers" + (
-        f"; --k {args.k} is stored, K-aware curves are not drawn yet" if args.k is not None else ""
+    recorded = {r["records"][-1].get("k") for r in runs}
+    k = args.k if args.k is not None else (recorded.pop() if len(recorded) == 1 else None)
+    result["k"] = k
+    result["theory"] = (
+        "continuum (K -> infinity) calibrated-space frontiers"
+        if k is None
+        else f"K-aware frontiers: expected over stores of K = {k} reference samples per prompt"
     )
     out = Path(args.out) if getattr(args, "out", None) else Path("infalign_compare")
     out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +219,7 @@ def run_compare(args) -> int:
                 out / f"{name.lower()}_vs_kl.png",
                 kl_grid=result["kl_grid"],
                 with_optimal=not args.no_optimal,
+                k=k,
             )
         )
     table = report.compare_markdown(result)
