@@ -112,8 +112,8 @@ def add_infalign_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "--infalign.allow_mismatch",
         action="store_true",
         default=False,
-        help="Train even if the store's recorded prompt settings (template, chat template, input key) differ from "
-        "this run's (keys would then miss). Default: off.",
+        help="Train even if the store's run record (template and chat template, sampling, policy, reward source, "
+        "normalisation) differs from this run's: one warning per differing field instead of an error. Default: off.",
     )
     add(
         "--infalign.cpu",
