@@ -84,12 +84,6 @@ def prepare(args) -> Optional[InfAlignState]:
     eval_at_start = bool(has_eval and eval_store is not None and (at_start is None or at_start))
     if getattr(args, "infalign", None) is not None:
         args.infalign.eval_at_start = eval_at_start  # what the trainer's eval hook reads
-    if get(args, "train.async_enable", False) and has_eval and eval_store is not None:
-        say(
-            "note: with --train.async_enable, evaluation runs in upstream's generator actor: the InfAlign win rates "
-            "(eval/infalign/...) and the step-0 evaluation are not computed; the reward wrapper is active."
-        )
-        eval_at_start = False
     return InfAlignState(
         wrapper=wrapper,
         store=store,
