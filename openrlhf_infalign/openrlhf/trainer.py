@@ -207,6 +207,7 @@ class InfAlignTrainingActor(InfAlignEvalMixin, _ppo_trainer_async.TrainingActor.
         if step % every or step == self._infalign_last_eval_step:
             return
         logs = self.infalign_async_eval_logs(step, ray.get(self._infalign_generator.infalign_evaluate.remote()))
+        _ppo_trainer_async.logger.info(f"Eval at step {step}: {logs}")
         if self.wandb_logger:
             self.wandb_logger.log_eval(step, logs)
         if self.tensorboard_logger:
