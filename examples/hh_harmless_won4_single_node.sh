@@ -11,12 +11,15 @@
 #   OpenRLHF's `openrlhf.cli.train_rm` on Anthropic/hh-rlhf harmless-base). Use the same RM in steps 2 and 3.
 # Data: Anthropic/hh-rlhf harmless-base (red-teaming prompts): all train prompts for RL, 500 test prompts for eval.
 #
-# Transform t and KL coefficient: from the InfAlign planner for Worst-of-4 at a KL budget of 0.5 nat:
-#   $ infalign plan --inference won:4 --kl 0.5 --json
-#   "recommended": {"transform": "negexp:t=9.676", "beta": 0.01302, "win_rate": 0.9476}
-#   "optimal": {"win_rate": 0.9479, "beta": 0.05447}, baselines: identity 0.8860 (beta 0.2428), log 0.9270
-#   -> --infalign.transform negexp:t=9.676 --algo.kl.init_coef 0.01302 (beta of the normalised transform in [0, 1];
-#      win rates are calibrated-space theory at the RLHF optimum: what a perfectly optimised run would reach)
+# Transform t and KL coefficient: from the InfAlign planner for Worst-of-4 at a KL budget of 0.5 nat, for this run's
+# store (K = 32 reference samples per prompt) and estimator (reinforce_baseline, 4 samples per prompt):
+#   $ infalign plan --inference won:4 --kl 0.5 --k 32 --estimator reinforce_baseline --n-samples-per-prompt 4 --json
+#   "recommended": {"transform": "negexp:t=9.676", "beta": 0.01406, "win_rate": 0.9387, "kl_coef": 0.01055}
+#   "optimal": {"win_rate": 0.9390}, baselines: identity 0.8819, log 0.9213
+#   -> --infalign.transform negexp:t=9.676 --algo.kl.init_coef 0.01055: reinforce_baseline's group mean includes
+#      the sample, so the coefficient is beta * (n-1)/n; beta is that of the normalised transform in [0, 1]. Win
+#      rates are the theory at the RLHF optimum with K = 32. Training sets the planned coefficient itself when
+#      --algo.kl.init_coef is not given.
 #
 # Steps: 1. prompts  2. reference stores, K = 32 base-policy samples per prompt scored by the RM, for the training
 #   prompts and for the eval prompts (resumable: re-run after a kill)  3. PPO on the CTRL reward, with Worst-of-N win
@@ -91,7 +94,7 @@ run openrlhf train_ppo \
     --train.batch_size 128 --train.micro_batch_size 4 \
     --train.max_epochs 1 --train.num_episodes 1 \
     --algo.advantage.estimator reinforce_baseline \
-    --algo.kl.init_coef 0.01302 --algo.kl.estimator k1 \
+    --algo.kl.init_coef 0.01055 --algo.kl.estimator k1 \
     --actor.adam.lr 5e-7 \
     --ds.zero_stage 3 --ds.param_dtype bf16 --actor.gradient_checkpointing_enable \
     --reward_wrapper infalign.ctrl \

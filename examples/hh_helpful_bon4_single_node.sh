@@ -7,12 +7,15 @@
 # Models: base policy pi_ref = OpenRLHF/Llama-3-8b-sft-mixture (8B), reward = OpenRLHF/Llama-3-8b-rm-mixture (8B).
 # Data: Anthropic/hh-rlhf helpful-base: all train prompts for RL, 500 test prompts for evaluation.
 #
-# Transform t and KL coefficient: from the InfAlign planner for Best-of-4 at a KL budget of 1 nat:
-#   $ infalign plan --inference bon:4 --kl 1 --json
-#   "recommended": {"transform": "exp:t=17.32", "beta": 0.2338, "win_rate": 0.9399}
-#   "optimal": {"win_rate": 0.9411, "beta": 0.2113}, baselines: identity 0.8770 (beta 0.1361), log 0.8631
-#   -> --infalign.transform exp:t=17.32 --algo.kl.init_coef 0.2338 (beta of the normalised transform in [0, 1];
-#      win rates are calibrated-space theory at the RLHF optimum: what a perfectly optimised run would reach)
+# Transform t and KL coefficient: from the InfAlign planner for Best-of-4 at a KL budget of 1 nat, for this run's
+# store (K = 32 reference samples per prompt) and estimator (reinforce_baseline, 4 samples per prompt):
+#   $ infalign plan --inference bon:4 --kl 1 --k 32 --estimator reinforce_baseline --n-samples-per-prompt 4 --json
+#   "recommended": {"transform": "exp:t=17.32", "beta": 0.2619, "win_rate": 0.9076, "kl_coef": 0.1965}
+#   "optimal": {"win_rate": 0.9067}, baselines: identity 0.8692, log 0.8559
+#   -> --infalign.transform exp:t=17.32 --algo.kl.init_coef 0.1965: reinforce_baseline's group mean includes the
+#      sample, so the coefficient is beta * (n-1)/n; beta is that of the normalised transform in [0, 1]. Win rates
+#      are the theory at the RLHF optimum with K = 32 (what a perfectly optimised run would reach). Training sets
+#      the planned coefficient itself when --algo.kl.init_coef is not given.
 #
 # Steps: 1. prompts  2. reference stores, K = 32 base-policy samples per prompt scored by the RM, for the training
 #   prompts and for the eval prompts (resumable: re-run after a kill)  3. PPO on the CTRL reward, with Best-of-N win
@@ -87,7 +90,7 @@ run openrlhf train_ppo \
     --train.batch_size 128 --train.micro_batch_size 4 \
     --train.max_epochs 1 --train.num_episodes 1 \
     --algo.advantage.estimator reinforce_baseline \
-    --algo.kl.init_coef 0.2338 --algo.kl.estimator k1 \
+    --algo.kl.init_coef 0.1965 --algo.kl.estimator k1 \
     --actor.adam.lr 5e-7 \
     --ds.zero_stage 3 --ds.param_dtype bf16 --actor.gradient_checkpointing_enable \
     --reward_wrapper infalign.ctrl \

@@ -15,12 +15,12 @@
 #   the trainer actor through Ray's object store.
 #
 # Transform t and KL coefficient per task, from the InfAlign planner:
-#   $ infalign plan --inference bon:4 --kl 1 --json
-#     "recommended": {"transform": "exp:t=17.32", "beta": 0.2338, "win_rate": 0.9399}  (optimal 0.9411)
-#   $ infalign plan --inference won:4 --kl 0.5 --json
-#     "recommended": {"transform": "negexp:t=9.676", "beta": 0.01302, "win_rate": 0.9476}  (optimal 0.9479)
-#   beta is --algo.kl.init_coef for the normalised transform; win rates are the calibrated-space theory at the RLHF
-#   optimum for that KL budget.
+#   $ infalign plan --inference bon:4 --kl 1 --k 32 --estimator reinforce_baseline --n-samples-per-prompt 4 --json
+#     "recommended": {"transform": "exp:t=17.32", "beta": 0.2619, "win_rate": 0.9076, "kl_coef": 0.1965}
+#   $ infalign plan --inference won:4 --kl 0.5 --k 32 --estimator reinforce_baseline --n-samples-per-prompt 4 --json
+#     "recommended": {"transform": "negexp:t=9.676", "beta": 0.01406, "win_rate": 0.9387, "kl_coef": 0.01055}
+#   kl_coef is --algo.kl.init_coef: beta * (n-1)/n under reinforce_baseline (its group mean includes the sample);
+#   win rates are the theory at the RLHF optimum for that KL budget with K = 32 reference samples per prompt.
 #
 # DRY_RUN=1 prints every command instead of running it.
 set -euo pipefail
@@ -28,10 +28,10 @@ set -euo pipefail
 TASK=${TASK:-helpful}
 case "$TASK" in
     helpful)
-        SUBSET=helpful-base; INFERENCE=bon:4; TRANSFORM=exp:t=17.32; KL_BUDGET=1; KL_COEF=0.2338
+        SUBSET=helpful-base; INFERENCE=bon:4; TRANSFORM=exp:t=17.32; KL_BUDGET=1; KL_COEF=0.1965
         BEST_METRIC=infalign/bon_4 ;;
     harmless)
-        SUBSET=harmless-base; INFERENCE=won:4; TRANSFORM=negexp:t=9.676; KL_BUDGET=0.5; KL_COEF=0.01302
+        SUBSET=harmless-base; INFERENCE=won:4; TRANSFORM=negexp:t=9.676; KL_BUDGET=0.5; KL_COEF=0.01055
         BEST_METRIC=infalign/won_4 ;;
     *) echo "TASK must be helpful or harmless, got '$TASK'" >&2; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 """openrlhf-infalign: InfAlign (inference-aware alignment, CTRL) as a plugin for OpenRLHF.
 
-Layers (DESIGN.md section 2): core/ (math, no openrlhf import) < store/ (reference reward store) < openrlhf/
+Layers (docs/architecture.md): core/ (math, no openrlhf import) < store/ (reference reward store) < openrlhf/
 (the only place that imports openrlhf). The `infalign` console lives in cli.py and commands/.
 """
 

@@ -5,13 +5,23 @@ update; ``infalign report`` and the demo read it. Schema (one object per line; e
 
     {
       "step": 0,                       # int, global training step of the evaluation (0 = before any update)
-      "kl": 0.0,                       # float or null: KL(pi || pi_ref) per SEQUENCE (summed over response tokens),
-                                       #   mean over samples; null at step 0 is read as 0, null elsewhere leaves
-                                       #   the point off the KL plot (not measured: no reference model, KL as loss)
+      "kl": 0.0,                       # float or null: KL(pi || pi_ref) per SEQUENCE of the EVALUATED policy
+                                       #   (summed over response tokens), mean over the eval samples; null at step 0
+                                       #   is read as 0, null elsewhere leaves the point off the KL plot
+      "kl_estimator": "k1_seq_eval",   # how "kl" was measured: "k1_seq_eval" (log pi - log pi_ref on the eval
+                                       #   samples), "step0_reference" (step 0, not measured: pi = pi_ref), or null
+      "kl_reason": null,               # string or null: why "kl" is null (no reference model, eval temperature
+                                       #   unlike the rollout's)
+      "kl_rollout": 0.0,               # float or null: the same KL estimated on the last training step's rollouts
+                                       #   (before that step's update); null when not measured (KL as loss)
       "kl_token_mean": 0.0,            # float or null: upstream's logged per-token mean KL of the same step
       "inference": "bon:4",            # the run's inference procedure: standard | bon:N | won:N
       "transform": "exp:t=10",         # the RESOLVED transform the run trains with (never "auto"), or null
-      "beta": 0.05,                    # float or null: KL coefficient in force (normalised-transform convention)
+      "beta": 0.05,                    # float or null: --algo.kl.init_coef in force (kl_ctl.value)
+      "kl_budget": 0.5,                # float or null: the KL budget the run was planned for
+      "planned_beta": 0.06,            # float or null: the plan's effective beta (what init_coef gives under the
+                                       #   run's estimator; normalised-transform convention)
+      "k": 16,                         # int or null: the training store's median K the plan used (null: continuum)
       "temperature": 1.0,              # eval sampling temperature
       "num_prompts": 512,              # int, eval prompts scored
       "num_samples_per_prompt": 16,    # int, M policy samples per eval prompt

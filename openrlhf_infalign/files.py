@@ -24,31 +24,12 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_open(path, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO]:
-    """``with atomic_open(path) as f: f.write(...)``: the file appears at path whole, or not at all."""
-    path = Path(path)
+def _temporary_beside(path: Path) -> Iterator[tuple[int, str]]:
+    """A temporary file beside path; on leaving normally it is synced, given the usual mode and moved over path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_with(path, write: Callable[[str], None]) -> Path:
-    """For writers that want a file name (pyarrow, matplotlib): write(tmp_name), then the same commit as above."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
+        yield fd, tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
@@ -56,7 +37,22 @@ def atomic_write_with(path, write: Callable[[str], None]) -> Path:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO]:
+    """``with atomic_open(path) as f: f.write(...)``: the file appears at path whole, or not at all."""
+    with _temporary_beside(Path(path)) as (fd, _):
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+
+
+def atomic_write_with(path, write: Callable[[str], None]) -> Path:
+    """For writers that want a file name (pyarrow, matplotlib): write(tmp_name), then the same commit as above."""
+    with _temporary_beside(Path(path)) as (fd, tmp):
+        os.close(fd)
+        write(tmp)
+    return Path(path)
 
 
 def write_text(path, text: str) -> Path:

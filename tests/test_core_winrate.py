@@ -95,7 +95,7 @@ def test_same_distribution_is_consistent_with_half():
 
 def test_unbiased_for_a_known_population_win_rate():
     # Policy rewards with CDF G(u) = u^c against Uniform[0,1] reference rewards:
-    # BoN_N = 1 - N * int u^(N-1) u^(cN) du = c / (1 + c) for every N (DESIGN.md section 1 formula).
+    # BoN_N = 1 - N * int u^(N-1) u^(cN) du = c / (1 + c) for every N (the BoN formula of docs/architecture.md).
     rng = np.random.default_rng(5)
     c = 2.0
     policy = rng.uniform(size=(4000, 8)) ** (1 / c)

@@ -42,6 +42,14 @@ def test_ray_init_kwargs_loopback_fake_gpus_and_hook():
     assert "worker_process_setup_hook" not in cpu.ray_init_kwargs(setup_hook=None)["runtime_env"]
 
 
+def test_ray_init_kwargs_start_a_fresh_local_cluster_unless_ray_address(monkeypatch):
+    # Another process's cluster recorded in /tmp/ray must not be joined by a CPU run (it refuses num_cpus there).
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cpu.ray_init_kwargs()["address"] == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert "address" not in cpu.ray_init_kwargs()
+
+
 def test_rollout_actor_gets_cpu_worker_extension():
     seen = {}
 

@@ -1,13 +1,15 @@
-"""Fast checks of the `make demo` pieces: the SFT corpus and fit, the trainer command line, and the log parsing.
+"""Fast checks of the `make demo` pieces: the SFT corpus and fit, and the trainer command line.
 
 The pipeline itself runs end to end in tests/test_e2e_cpu.py (marked ``e2e``).
 """
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from openrlhf_infalign import evallog
 from openrlhf_infalign.demo import fit, pipeline, tiny
 
 
@@ -65,19 +67,21 @@ def test_train_command_runs_upstream_trainer_in_cpu_mode_with_matching_sampling(
     assert int(value("--train.batch_size")) == args.rollout_batch * args.n_samples
 
 
-def test_step_and_eval_lines_are_parsed_and_condensed():
-    lines = [
-        (1.0, "(InfAlignPPOTrainer pid=1) INFO ⏰ Evaluation start time: 2026-01-01 00:00:00"),
-        (3.5, "✨ Evaluation completed in 0:00:02, global_step 0, eval_metrics: {'infalign/bon_4': 0.5, "
-              "'infalign/bon_4_stderr': 0.03, 'infalign/kl': 0.0}"),  # fmt: skip
-        (4.0, "INFO ppo_trainer.py:551] ✨ Global step 1: {'kl': 0.0, 'vllm_kl': 0.001, 'timing/step_total': 0.5, "
-              "'infalign/calibrated': 0.52, 'x': nan}"),  # fmt: skip
-        (4.2, "unrelated line"),
-    ]
-    parsed = pipeline.parse_step_logs(lines)
-    assert parsed["evals"] == [{"step": 0, "seconds": 2.5, "t": 3.5}]
-    assert len(parsed["steps"]) == 1 and parsed["steps"][0]["metrics"]["infalign/calibrated"] == 0.52
-    assert parsed["steps"][0]["metrics"]["x"] != parsed["steps"][0]["metrics"]["x"]  # nan survives
-    assert "calibrated 0.520" in pipeline.format_train_line(lines[2][1])
-    assert "bon 4 0.500±0.030" in pipeline.format_train_line(lines[1][1])
-    assert pipeline.format_train_line(lines[3][1]) is None
+def test_summary_takes_first_and_final_best_of_n_from_the_eval_log(tmp_path):
+    def record(step, kl, bon4):
+        stat = {"win_rate": bon4, "stderr": 0.02}
+        return {"step": step, "kl": kl, "standard": stat, "bon": {"4": stat}, "won": {"4": stat}}
+
+    log = evallog.eval_log_path(tmp_path)
+    for rec in (record(0, None, 0.5), record(8, 0.3, 0.55), record(8, 0.4, 0.6)):  # a resumed run re-evaluated 8
+        evallog.append_record(log, rec)
+    summary = {"out": str(tmp_path), "args": {"inference": "bon:4"}, "phases": {"train": {"seconds": 1.0}}}
+    summary["evaluations"] = evallog.load_eval_log(log)
+    pipeline._write_summary(tmp_path, summary, time.time())
+    written = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert [e["step"] for e in written["evaluations"]] == [0, 8]
+    assert written["bon_win_rate"] == {
+        "n": 4,
+        "first": {"step": 0, "win_rate": 0.5, "stderr": 0.02},
+        "final": {"step": 8, "kl": 0.4, "win_rate": 0.6, "stderr": 0.02},
+    }

@@ -158,10 +158,17 @@ def test_every_command_parses(script, task, train_ppo_parser):
 _PLAN_CACHE: dict = {}
 
 
-def plan(inference: str, kl: float) -> dict:
-    key = (inference, kl)
+def plan_argv(inference: str, kl: float, k: int, estimator: str, n: int) -> list:
+    return ["plan", "--inference", inference, "--kl", f"{kl:g}", "--k", str(k), "--estimator", estimator] + [
+        "--n-samples-per-prompt",
+        str(n),
+        "--json",
+    ]
+
+
+def plan(*key) -> dict:
     if key not in _PLAN_CACHE:
-        argv = ["plan", "--inference", inference, "--kl", str(kl), "--json"]
+        argv = plan_argv(*key)
         out = subprocess.run(
             [sys.executable, "-m", "openrlhf_infalign.cli", *argv],
             capture_output=True,
@@ -219,15 +226,18 @@ def test_pipeline_consistency_and_plan(script, task, train_ppo_parser):
         g["actor.num_nodes"] * g["actor.num_gpus_per_node"]
     )
 
-    # t and beta are the planner's answer for this inference procedure and KL budget (and the header says so).
-    p = plan(g["infalign.inference"], g["infalign.kl_budget"])
+    # t and the KL coefficient are the planner's answer for this inference procedure, KL budget, store K and
+    # estimator (and the header says so): the coefficient is the converted one that gives the planned beta.
+    key = (g["infalign.inference"], g["infalign.kl_budget"], by_out[store]["k"])
+    key += (g["algo.advantage.estimator"], g["rollout.n_samples_per_prompt"])
+    p = plan(*key)
     rec = p["recommended"]
     name, t = g["infalign.transform"].split(":t=")
     assert rec["transform"].split(":t=")[0] == name
     assert float(t) == pytest.approx(rec["t"], rel=0.02)
-    assert float(g["algo.kl.init_coef"]) == pytest.approx(rec["beta"], rel=0.05)
+    assert float(g["algo.kl.init_coef"]) == pytest.approx(rec["kl_coef"], rel=0.01)
     header = script.read_text()
-    assert f"infalign plan --inference {g['infalign.inference']} --kl {g['infalign.kl_budget']:g} --json" in header
+    assert "infalign " + " ".join(plan_argv(*key)) in header
     assert g["infalign.transform"] in header
 
 

@@ -13,8 +13,11 @@ import cloudpickle
 import numpy as np
 import pytest
 
+from openrlhf_infalign.core.finite_k import expected_kl_k, expected_win_rate_k
+from openrlhf_infalign.core.planning import resolve_transform
 from openrlhf_infalign.openrlhf import build
 from openrlhf_infalign.openrlhf.args import get
+from openrlhf_infalign.openrlhf.kl_coef import ACCEPT_FLAG, kl_coef_for_beta
 from openrlhf_infalign.openrlhf.wrapper import CTRLRewardWrapper, make_calibrate_wrapper, make_ctrl_wrapper
 from openrlhf_infalign.store import prompt_digests, prompt_key, write_store
 
@@ -75,7 +78,8 @@ def test_calibrate_factory_is_identity_without_a_plan(store_dir):
 
 def test_settings_are_the_constructor_arguments(store_dir):
     settings = build.ctrl_settings(make_args(store_dir, transform="exp:t=3", kl_budget=None), "infalign.ctrl")
-    assert set(settings) == {"store", "transform", "inference", "beta", "kl_budget", "on_missing", "name"}
+    keys = {"store", "transform", "inference", "beta", "kl_budget", "on_missing", "name"}
+    assert set(settings) == keys | {"kl_coef", "k"}
     assert settings["transform"].spec == "exp:t=3" and settings["kl_budget"] is None
 
 
@@ -104,3 +108,70 @@ def test_wrapper_digests_are_the_store_format_digests(store_dir):
     np.testing.assert_array_equal(w.prompt_digests(prompts), prompt_digests(prompts))
     assert len(w._digest_cache) == 3  # each distinct prompt once
     np.testing.assert_array_equal(w.prompt_digests(prompts[:2]), prompt_digests(prompts[:2]))  # from the cache
+
+
+def run_args(store_dir, estimator="reinforce_baseline", n=8, kl_init_coef=0.01, kl=None, **infalign):
+    """Args of a demo-like run: its advantage estimator, group size and KL settings (upstream's names)."""
+    args = make_args(store_dir, kl_init_coef=kl_init_coef, **infalign)
+    args.algo.advantage = NS(estimator=estimator)
+    args.rollout = NS(n_samples_per_prompt=n)
+    for key, value in (kl or {}).items():
+        setattr(args.algo.kl, key, value)
+    return args
+
+
+def test_plan_coefficient_is_applied_for_the_estimator_n_and_store_k(store_dir, capsys):
+    args = run_args(store_dir, kl_budget=2.0, explicit_dests=[])
+    w = make_ctrl_wrapper(args)
+    transform, beta = resolve_transform("auto", "bon:4", 2.0, k=16)  # K: the store's median (16 per prompt here)
+    assert w.k == 16 and w.transform.spec == transform.spec and w.beta == pytest.approx(beta)
+    assert w.kl_coef == pytest.approx(kl_coef_for_beta(beta, "reinforce_baseline", 8)) == pytest.approx(beta * 7 / 8)
+    assert args.algo.kl.init_coef == w.kl_coef  # set on args, which upstream's train() reads next
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "KL COEFFICIENT SET BY THE PLAN" in x)
+    assert "--algo.kl.init_coef was not given" in line and f"--algo.kl.init_coef {w.kl_coef:.4g}" in line
+    assert f"planned beta {beta:.4g}" in line and "estimator reinforce_baseline, n = 8, K = 16" in line
+    assert f"expected KL {expected_kl_k(transform, beta, 16):.3g} nats" in line and "expected KL 2 nats" in line
+    assert f"bon:4 win rate {expected_win_rate_k('bon:4', transform, beta, 16):.3f}" in line
+    # a fixed transform with a KL budget is planned (and applied) alike
+    args = run_args(store_dir, estimator="rloo", n=4, transform="exp:t=10", kl_budget=0.5)
+    w = make_ctrl_wrapper(args)
+    assert args.algo.kl.init_coef == w.kl_coef == pytest.approx(resolve_transform("exp:t=10", None, 0.5, k=16)[1])
+
+
+def test_explicit_coefficient_wins_with_the_expected_kl_at_it(store_dir, capsys):
+    args = run_args(store_dir, kl_init_coef=0.1, kl_budget=2.0, explicit_dests=["algo.kl.init_coef"])
+    w = make_ctrl_wrapper(args)
+    assert args.algo.kl.init_coef == w.kl_coef == 0.1 and w.beta == pytest.approx(0.1 * 8 / 7)
+    err = capsys.readouterr().err
+    assert "SET BY THE PLAN" not in err and "differs from the planned beta" in err
+    assert f"effective beta {0.1 * 8 / 7:.4g}" in err
+    assert f"expected KL {expected_kl_k(w.transform, 0.1 * 8 / 7, 16):.3g} nats" in err
+
+
+@pytest.mark.parametrize(
+    "estimator, kl, reason",
+    [
+        ("group_norm", {}, "group_norm divides"),
+        ("rloo", {"use_loss": True}, "--algo.kl.use_loss"),
+        ("reinforce_baseline", {"estimator": "k3"}, "--algo.kl.estimator k3"),
+        ("gae", {"target": 0.1}, "--algo.kl.target"),
+    ],
+)
+def test_unplanned_kl_settings_stop_unless_accepted(store_dir, capsys, estimator, kl, reason):
+    with pytest.raises(ValueError, match=reason) as e:
+        make_ctrl_wrapper(run_args(store_dir, estimator=estimator, kl=kl, kl_budget=0.5))
+    msg = str(e.value)
+    assert "\n" not in msg and ACCEPT_FLAG in msg and "Supported: --algo.advantage.estimator gae | reinforce" in msg
+    args = run_args(store_dir, estimator=estimator, kl=kl, kl_budget=0.5, accept_unplanned_kl=True)
+    w = make_ctrl_wrapper(args)
+    assert w.transform.spec.startswith("exp:t=") and w.beta is None and w.kl_coef == args.algo.kl.init_coef == 0.01
+    assert "the KL will NOT follow the plan" in capsys.readouterr().err
+    # without a KL budget nothing is planned, so nothing is refused
+    assert make_ctrl_wrapper(run_args(store_dir, estimator=estimator, kl=kl, transform="exp:t=3", kl_budget=None))
+
+
+def test_store_k_is_the_median_k_per_prompt(store_dir):
+    assert build.store_k(build.ReferenceStore.open(store_dir)) == 16
+    assert build.store_k(NS(manifest={"k_stats": {"median": 31.5}})) == 32
+    assert build.store_k(NS(manifest={"k_stats": {"median": 1}})) is None and build.store_k(NS(manifest={})) is None

@@ -225,3 +225,23 @@ def test_module_entry_point_help_subprocess():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--infalign.store" in out.stdout and "--reward.remote_url" in out.stdout
+
+
+def test_plan_coefficient_reaches_train_and_unplanned_settings_stop(store_dir, capsys):
+    argv = BASE + TEMPLATE + ["--reward_wrapper", "infalign.ctrl", "--infalign.store", store_dir,
+                              "--infalign.kl_budget", "2", "--algo.advantage.estimator", "reinforce_baseline",
+                              "--rollout.n_samples_per_prompt", "8"]  # fmt: skip
+    rc, seen = run(argv)
+    state = seen["PPOTrainer"].state
+    # set in the driver before upstream's train(args): it creates the reference model only when init_coef > 0
+    assert rc == 0 and seen["args"].algo.kl.init_coef == state.kl_coef == pytest.approx(state.beta * 7 / 8)
+    assert state.kl_coef > 0
+    assert state.k == 16 and "estimator reinforce_baseline, n = 8, K = 16" in capsys.readouterr().err
+    rc, seen = run(argv + ["--algo.kl.init_coef", "0.05"])
+    assert seen["args"].algo.kl.init_coef == seen["PPOTrainer"].state.kl_coef == 0.05
+    assert "using yours: effective beta" in capsys.readouterr().err
+    rc, seen = run(argv + ["--algo.kl.use_loss"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error:" in err and "--algo.kl.use_loss moves the KL" in err and "accept_unplanned_kl" in err
+    rc, seen = run(argv + ["--algo.kl.use_loss", "--infalign.accept_unplanned_kl"])
+    assert rc == 0 and seen["args"].algo.kl.init_coef == 0.01 and seen["PPOTrainer"].state.beta is None

@@ -314,12 +314,14 @@ def test_evaluate_logs_jsonl_and_best_checkpoint(parser, tmp_path, monkeypatch):
     want = win_rates(pol, [store.rewards_for_key(prompt_key(p)) for p in got_prompts], [1, 2, 4])
     assert logs["infalign/bon_4"] == pytest.approx(want["bon"]["4"]["win_rate"])
     assert logs["infalign/standard"] == pytest.approx(want["standard"]["win_rate"])
-    assert logs["infalign/kl"] == 1.25
+    # no reference model here: the evaluated policy's KL is not measured; the last rollouts' estimate is kept
+    assert logs["infalign/kl_rollout"] == 1.25 and "infalign/kl" not in logs
 
     # jsonl record: the schema `infalign report` reads.
     with open(tmp_path / "run" / ev.EVAL_LOG) as f:
         (rec,) = [json.loads(line) for line in f]
-    assert rec["step"] == 3 and rec["kl"] == 1.25 and rec["inference"] == "bon:4" and rec["transform"] == "exp:t=4"
+    assert rec["step"] == 3 and rec["kl_rollout"] == 1.25 and rec["inference"] == "bon:4"
+    assert rec["transform"] == "exp:t=4" and rec["kl"] is None and "no reference model" in rec["kl_reason"]
     assert rec["beta"] == pytest.approx(0.05) and rec["num_prompts"] == 60 and rec["temperature"] == 1.0
     assert rec["bon"]["4"]["win_rate"] == pytest.approx(want["bon"]["4"]["win_rate"])
     assert set(rec["won"]) == {"1", "2", "4"} and rec["standard"]["stderr"] > 0
@@ -377,14 +379,22 @@ def test_initial_evaluate_step0(parser, tmp_path):
     assert t.infalign_initial_evaluate() == {}
 
 
-def test_eval_sampling_mismatch_warns(parser, tmp_path):
-    rng = np.random.default_rng(4)
+def test_eval_sampling_mismatch_is_refused_before_training(parser, tmp_path):
+    # The driver checks the eval store against eval sampling (--eval.temperature) before any trainer exists.
+    from openrlhf_infalign.openrlhf import launch
+    from openrlhf_infalign.store import StoreError, write_store
+
     prompts = [f"prompt {i}" for i in range(10)]
-    store, loc, _ = make_store(prompts, rng, k=4, manifest={"sampling": {"temperature": 1.0}})
-    args = make_args(parser, tmp_path, "--eval.temperature", "0.6")
-    t = make_trainer(args, store, _policy_samples(prompts, loc, rng, args), prompts)
-    with pytest.warns(UserWarning, match="temperature: store=1.0 eval=0.6"):
-        t.evaluate(1, **t._infalign_eval_generate_kwargs())
+    d = write_store(tmp_path / "eval_refs", [prompt_key(p) for p in prompts], [[0.0] * 16] * 10,
+                    manifest={"sampling": {"temperature": 1.0}})  # fmt: skip
+    args = make_args(parser, tmp_path, "--eval.temperature", "0.6", "--infalign.eval_store", str(d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fields this store lacks
+        with pytest.raises(StoreError, match=r"sampling\.temperature: store 1\.0, this run 0\.6 -> pass --eval"):
+            launch.prepare(args)
+        args.infalign.allow_mismatch = True
+        with pytest.warns(UserWarning, match="temperature: store 1.0, this run 0.6"):
+            assert launch.prepare(args).eval_store is not None
 
 
 def test_no_store_is_plain_upstream(parser, tmp_path):
@@ -409,3 +419,58 @@ def test_infalign_trainer_uses_the_mixin():
     assert issubclass(trainer.InfAlignPPOTrainer, ev.InfAlignEvalMixin)
     mro = trainer.InfAlignPPOTrainer.__mro__
     assert mro.index(ev.InfAlignEvalMixin) < mro.index(PPOTrainer.__ray_actor_class__)
+
+
+class LogProbGroup:
+    """Stands in for an actor / reference model group: ``forward`` returns per-token log-probs (B, A)."""
+
+    def __init__(self, per_token, actors=1):
+        self.per_token, self._actor_handlers, self.duplicate_actors, self.calls = per_token, [None] * actors, 1, 0
+
+    def async_run_method_batch(self, method_name, sequences, action_mask, attention_mask):
+        assert method_name == "forward" and len(sequences) >= len(self._actor_handlers)
+        self.calls += 1
+        return [[self.per_token(s, a) for s, a in zip(sequences, action_mask)]]
+
+
+def test_eval_sequence_kl_from_log_probs():
+    lp = [torch.tensor([[0.5, 0.2, 9.0], [0.1, 0.1, 0.1]])]
+    ref = [torch.tensor([[0.0, 0.4, 0.0], [0.3, 0.1, 0.1]])]
+    mask = [torch.tensor([[1, 1, 0], [1, 1, 1]])]  # padding beyond a response is not counted
+    assert ev.eval_sequence_kl(lp, ref, mask) == pytest.approx(((0.5 - 0.2) + (-0.2)) / 2)
+    assert ev.eval_sequence_kl([], [], []) is None
+
+
+def test_evaluate_records_the_kl_of_the_evaluated_policy(parser, tmp_path, monkeypatch):
+    import openrlhf.trainer.ppo_utils.experience_maker as maker_mod
+
+    monkeypatch.setattr(maker_mod, "ray", SimpleNamespace(get=lambda refs: refs))  # groups answer directly
+    rng = np.random.default_rng(5)
+    prompts = [f"Q : prompt {i} A :" for i in range(12)]
+    store, loc, _ = make_store(prompts, rng, k=8)
+    args = make_args(parser, tmp_path, "--rollout.micro_batch_size", "5")
+    seen = {}
+
+    def samples(kwargs):
+        seen["exps"] = _policy_samples(prompts, loc, rng, args)(kwargs)
+        return seen["exps"]
+
+    t = make_trainer(args, store, samples, prompts)
+    # log pi - log pi_ref = 0.01 x (the sample's token sum) at every response token
+    t.actor_model_group = LogProbGroup(lambda s, a: 0.01 * s.float().sum(-1, keepdim=True) * torch.ones(a.shape))
+    t.reference_model_group = LogProbGroup(lambda s, a: torch.zeros(a.shape), actors=2)
+    t._infalign_kl = 0.7
+    logs = t.evaluate(2, **t._infalign_eval_generate_kwargs())
+    want = np.mean([0.01 * float(e.sequences.sum()) * float(e.action_mask.sum()) for e in seen["exps"]])
+    assert logs["infalign/kl"] == pytest.approx(want) and logs["infalign/kl_rollout"] == 0.7
+    assert t.actor_model_group.calls == t.reference_model_group.calls == 1
+    with open(tmp_path / "run" / ev.EVAL_LOG) as f:
+        (rec,) = [json.loads(line) for line in f]
+    assert rec["kl"] == pytest.approx(want) and rec["kl_estimator"] == ev.KL_EVAL_ESTIMATOR == "k1_seq_eval"
+    assert rec["kl_reason"] is None and rec["kl_rollout"] == 0.7
+    # eval samples drawn at another temperature than the policy's: not its KL, so not recorded as such
+    t.args.eval.temperature = 0.5
+    t.evaluate(3, **t._infalign_eval_generate_kwargs())
+    with open(tmp_path / "run" / ev.EVAL_LOG) as f:
+        rec = json.loads(f.read().splitlines()[-1])
+    assert rec["kl"] is None and "--eval.temperature 0.5" in rec["kl_reason"]

@@ -221,6 +221,32 @@ def test_missing_prompt_raw_mode_keeps_raw_reward(store, refs):
     assert new[0].item() == pytest.approx(float(t(np.array([brute_force_calibrated(0.1, refs[PROMPTS[0]])]))[0]))
 
 
+def test_raw_mode_warns_with_prompt_count_and_scale(store, caplog):
+    w = CTRLRewardWrapper(store, parse_transform("identity"), on_missing="raw")
+    prompts = ["stranger one", "stranger one", PROMPTS[0], "stranger two"]
+    with caplog.at_level("WARNING", logger="openrlhf_infalign"):
+        w(prompts, torch.tensor([3.0, 4.0, 0.1, -2.0]))
+    msg = caplog.text
+    assert "2 prompt(s) (3 of 4 samples) have no reference rewards" in msg and "not in [0, 1]" in msg
+
+
+def test_digest_cache_is_bounded(store, monkeypatch):
+    from openrlhf_infalign.openrlhf import wrapper as wrapper_module
+    from openrlhf_infalign.store import prompt_digests
+
+    monkeypatch.setattr(wrapper_module, "_KEY_CACHE_ENTRIES", 8)
+    monkeypatch.setattr(wrapper_module, "_KEY_CACHE_CHARS", 200)
+    w = CTRLRewardWrapper(store, parse_transform("identity"))
+    for start in range(0, 60, 3):
+        batch = [f"prompt {i} " + "y" * (i % 7) for i in range(start, start + 3)] * 2  # each twice, as n_samples
+        np.testing.assert_array_equal(w.prompt_digests(batch), prompt_digests(batch))
+        assert len(w._digest_cache) <= 8 and sum(map(len, w._digest_cache)) <= 200
+        assert w._digest_cache_chars == sum(map(len, w._digest_cache))
+    long = ["z" * 150 + str(i) for i in range(3)]  # one batch above the bound: kept for that batch only
+    np.testing.assert_array_equal(w.prompt_digests(long), prompt_digests(long))
+    assert set(w._digest_cache) == set(long)
+
+
 def test_install_is_per_instance_and_idempotent(store):
     args = real_args("--algo.advantage.estimator", "reinforce")
     a, b = new_maker(args), new_maker(args)
@@ -239,7 +265,7 @@ def test_wrapper_pickles_by_value(store, refs):
     )
     w.prompt_digests(PROMPTS)  # fill the cache: it must not travel
     w2 = pickle.loads(cloudpickle.dumps(w))
-    assert w2._digest_cache == {}
+    assert w2._digest_cache == {} and w2._digest_cache_chars == 0
     assert (w2.inference, w2.beta, w2.kl_budget) == ("won:4", 0.2, 1.0)
     assert (w2.on_missing, w2.name) == ("error", "infalign.ctrl")
     r = torch.tensor([0.2, 1.5])

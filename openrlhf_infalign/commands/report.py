@@ -109,11 +109,22 @@ def run_single(args, run_dir) -> int:
         records, out / "bon_vs_kl.png", kind, n, transform, with_optimal=not args.no_optimal
     )
     table = report.summary_markdown(records, kind if kind != "standard" else "bon", n)
+    plan = report.planned_point(records, kind, n)
+    end = report.end_point(records, kind, n)
+    plan_line = (
+        f"plan: KL {plan['kl']:g} nats, {label} {plan['win_rate']:.4f} (planned beta {plan['beta']:.4g}, "
+        f"K = {plan['k'] or 'infinity'}); the run ended at "
+        + (f"KL {end['kl']:.4g}, {label} {end['win_rate']:.4f} (step {end['step']})" if end else "an unmeasured KL")
+        if plan
+        else "plan: none recorded (no KL budget)"
+    )
     header = [
         f"# InfAlign evaluation: {run_dir}",
         "",
         f"inference procedure: `{last.get('inference') or 'unknown'}`, transform: `{transform or 'unknown'}`, "
         f"beta: {'unknown' if last.get('beta') is None else format(last['beta'], '.4g')}, evaluations: {len(records)}",
+        "",
+        plan_line,
         "",
         "Win rates against the reference (base) policy, ± prompt-level standard error; 0.5 = no change.",
         "",
@@ -133,11 +144,14 @@ def run_single(args, run_dir) -> int:
                     "metric": label,
                     "evaluations": len(records),
                     "last": {k: last[k] for k in ("step", "kl", "num_prompts", "standard", "bon", "won") if k in last},
+                    "plan": plan,
+                    "end": end,
                     "files": {"winrate_vs_n": str(vs_n), "bon_vs_kl": str(vs_kl), "summary": str(md)},
                 }
             )
         )
     else:
+        print(plan_line)
         print(table)
         print(f"\nwrote {vs_n}, {vs_kl}, {md}")
     return 0

@@ -94,6 +94,10 @@ def _import(args) -> int:
         man["template"] = {**(man.get("template") or {}), **dict(args.template)}
     if args.sampling:
         man["sampling"] = {**(man.get("sampling") or {}), **dict(args.sampling)}
+    record = man.get("run_record")
+    if isinstance(record, dict):  # carried over by --manifest: what is given here overrides it there too
+        for section, given in (("template", args.template), ("sampling", args.sampling)):
+            record[section] = {**(record.get(section) or {}), **dict(given)}
     for k in ("format_version", "created"):  # this new store's, not the source's
         man.pop(k, None)
     man["source"] = {"imported_from": str(Path(args.jsonl).resolve())}
@@ -163,9 +167,25 @@ def _info(args) -> int:
     print(f"  reward       {m.get('reward_source')}")
     print(f"  sampling     {json.dumps(m.get('sampling') or {})}")
     print(f"  template     {json.dumps(m.get('template') or {})}")
+    _print_record(m)
     if args.verify:
         print("  verify       ok (every row checked)")
     return 0
+
+
+def _print_record(manifest: dict) -> None:
+    """The run record training and eval check the store against (fields an older store lacks are named)."""
+    from openrlhf_infalign.openrlhf.run_record import FIELDS, RECORD_KEY, store_record
+
+    record = store_record(manifest)
+    origin = "" if RECORD_KEY in manifest else " (older store: read from its template/sampling/policy/reward keys)"
+    print(f"  run record{origin}")
+    for section, values in record.items():
+        if values:
+            print(f"    {section:<13} {json.dumps(values)}")
+    absent = [f for f in FIELDS if f.split(".")[1] not in (record.get(f.split(".")[0]) or {})]
+    if absent:
+        print(f"    not recorded  {', '.join(absent)} (cannot be checked against a run)")
 
 
 def _export(args) -> int:

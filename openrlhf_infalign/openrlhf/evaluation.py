@@ -17,8 +17,11 @@ when ``global_step % --eval.steps == 0`` and passes the returned dict to ``save_
    ``eval/infalign/bon_4``, ``eval/infalign/bon_4_stderr``, ``eval/infalign/won_4`` ... Upstream's pass@k metrics
    are kept. Every ``infalign/...`` key is a valid ``--ckpt.best_metric_key`` (the ``eval/`` prefix may be given too).
 4. One record per evaluation appended to ``<--ckpt.output_dir>/infalign_eval.jsonl`` (schema: ``evallog.py``).
-   ``kl`` is the sequence-level KL(pi || pi_ref) in nats, estimated on the rollouts of the last training step (the
-   policy as it was before that step's update; 0 at step 0; null when not measured).
+   ``kl`` is the sequence-level KL(pi || pi_ref) in nats of the policy that was EVALUATED: k1 = log pi - log pi_ref
+   summed over each eval sample's response tokens, mean over the eval samples (``kl_estimator`` names it), with the
+   log-probs from the same actor / reference ``forward`` calls upstream's ``make_experience`` makes. Null, with
+   ``kl_reason``, when it cannot be measured (no reference model; eval temperature unlike the rollout's); 0 at step
+   0 where not measured. ``kl_rollout`` keeps the last training step's rollout estimate (one update behind).
 
 ``infalign_initial_evaluate()`` runs the same evaluation once at step 0, before any update (upstream has none):
 the untrained policy IS the base policy, so its win rates must be consistent with 0.5 -- a check that the eval store
@@ -31,7 +34,6 @@ import json
 import math
 import os
 import time
-import warnings
 from datetime import timedelta
 from typing import Any, Sequence
 
@@ -44,12 +46,14 @@ from openrlhf_infalign.openrlhf.args import get
 from openrlhf_infalign.store import ReferenceStore
 
 METRIC_PREFIX = "infalign/"
+KL_EVAL_ESTIMATOR = "k1_seq_eval"  # log pi - log pi_ref summed over response tokens, mean over eval samples
 
 __all__ = [
     "EVAL_LOG",
     "METRIC_PREFIX",
     "InfAlignEvalMixin",
     "append_record",
+    "eval_sequence_kl",
     "group_rewards_by_prompt",
     "metric_logs",
     "parse_eval_n",
@@ -356,7 +360,6 @@ class InfAlignEvalMixin:
 
         args = self.args
         inf = getattr(self, "infalign", None)
-        self._infalign_check_sampling(store, generate_kwargs)
         prompts, policy = group_rewards_by_prompt(samples_list)
         reference, _ = reference_rewards(store, prompts)
         on_missing = get(args, "infalign.on_missing", "error")
@@ -371,13 +374,24 @@ class InfAlignEvalMixin:
         if result["missing_prompts"]:
             logger.warning(f"InfAlign eval: {result['missing_prompts']} eval prompt(s) not in the eval store, skipped")
         kl_ctl = getattr(self, "kl_ctl", None)
+        kl, kl_reason = self._infalign_eval_kl(samples_list, generate_kwargs)
+        estimator = KL_EVAL_ESTIMATOR if kl is not None else None
+        if kl is None and int(global_step) == 0:
+            kl, estimator = 0.0, "step0_reference"  # before any update the policy is the reference
         record = {
             "step": int(global_step),
-            "kl": self._infalign_kl,
+            "kl": kl,
+            "kl_estimator": estimator,
+            "kl_reason": kl_reason,
+            "kl_rollout": self._infalign_kl,
             "kl_token_mean": self._infalign_kl_token_mean,
             "inference": _spec(getattr(inf, "inference", None) or get(args, "infalign.inference")),
             "transform": _spec(getattr(inf, "transform", None) or get(args, "infalign.transform")),
             "beta": float(kl_ctl.value) if kl_ctl is not None else get(args, "algo.kl.init_coef"),
+            # The plan the run trains toward (report marks it beside where the run is).
+            "kl_budget": getattr(inf, "kl_budget", None),
+            "planned_beta": getattr(inf, "beta", None),
+            "k": getattr(inf, "k", None),
             "temperature": generate_kwargs.get("temperature"),
             "num_prompts": result["num_prompts"],
             "num_samples_per_prompt": int(min(len(p) for p in policy)),
@@ -391,31 +405,71 @@ class InfAlignEvalMixin:
         if out_dir:
             append_record(os.path.join(out_dir, EVAL_LOG), record)
         logs = metric_logs(result)
+        if kl is not None:
+            logs[f"{METRIC_PREFIX}kl"] = kl
         if self._infalign_kl is not None:
-            logs[f"{METRIC_PREFIX}kl"] = self._infalign_kl
+            logs[f"{METRIC_PREFIX}kl_rollout"] = self._infalign_kl
         return logs
 
-    def _infalign_check_sampling(self, store, generate_kwargs) -> None:
-        """Warn once when eval sampling differs from the store's: then even the base policy would not score 0.5."""
-        if getattr(self, "_infalign_sampling_checked", False):
-            return
-        self._infalign_sampling_checked = True
-        sampling = (getattr(store, "manifest", None) or {}).get("sampling") or {}
-        ours = {k: generate_kwargs.get(k) for k in ("temperature", "top_p", "max_new_tokens")}
-        diffs = [
-            f"{k}: store={sampling[k]!r} eval={v!r}"
-            for k, v in ours.items()
-            if v is not None and sampling.get(k) is not None and float(sampling[k]) != float(v)
-        ]
-        if diffs:
-            warnings.warn(
-                "InfAlign eval samples are drawn differently from the eval store's reference samples ("
-                + "; ".join(diffs)
-                + "): win rates then measure the sampling change too, and the base policy would not score 0.5. "
-                "Match --eval.temperature / --rollout.top_p / --rollout.max_new_tokens to the `infalign calibrate` "
-                "settings",
-                stacklevel=2,
+    def _infalign_eval_kl(self, samples_list, generate_kwargs) -> tuple[float | None, str | None]:
+        """(sequence KL of the evaluated policy on its eval samples, None) or (None, why it is not measured).
+
+        The actor and reference log-probs come from upstream's ``make_experience`` calls: micro-batches of
+        --rollout.micro_batch_size merged by ``Experience.concat_experiences``, ``forward`` dispatched to
+        ``actor_model_group`` and ``reference_model_group`` (at least one chunk per effective actor).
+        """
+        args = self.args
+        ref_group = getattr(self, "reference_model_group", None)
+        actor_group = getattr(self, "actor_model_group", None)
+        if ref_group is None or actor_group is None:
+            return None, "no reference model (--algo.kl.init_coef 0): KL(pi || pi_ref) is not measured"
+        temps = (generate_kwargs.get("temperature"), get(args, "rollout.temperature", 1.0))
+        if temps[0] is not None and float(temps[0]) != float(temps[1]):
+            return None, (
+                f"--eval.temperature {temps[0]:g} differs from --rollout.temperature {temps[1]:g}: eval samples are "
+                "not drawn from the policy whose log-probs the actor returns"
             )
+        from openrlhf.trainer.ppo_utils.experience import Experience
+
+        maker = self.experience_maker
+        mb = max(1, int(get(args, "rollout.micro_batch_size", 1)))
+        batches = [samples_list[i : i + mb] for i in range(0, len(samples_list), mb)]
+        pad_id = self.tokenizer.pad_token_id if getattr(self, "tokenizer", None) is not None else 0
+        merged = [Experience.concat_experiences(b, pad_id) for b in batches]
+        need = max(_effective_actors(actor_group), _effective_actors(ref_group))
+        padded = merged + [merged[-1]] * max(0, need - len(merged))
+        kwargs = dict(
+            sequences=[m.sequences for m in padded],
+            action_mask=[m.action_mask for m in padded],
+            attention_mask=[m.attention_mask for m in padded],
+        )
+        sync = bool(get(args, "train.colocate_all", False) or get(args, "train.colocate_actor_ref", False))
+        actor_refs = maker._dispatch_forward(actor_group, sync, **kwargs)
+        ref_refs = maker._dispatch_forward(ref_group, sync, **kwargs)
+        duplicate = int(get(args, "ds.ring_attn_size", 1)) * int(get(args, "ds.tensor_parallel_size", 1))
+        log_probs = maker._flatten_results(actor_refs, duplicate)[: len(merged)]
+        ref_log_probs = maker._flatten_results(ref_refs, duplicate)[: len(merged)]
+        return eval_sequence_kl(log_probs, ref_log_probs, [m.action_mask for m in merged]), None
+
+
+def _effective_actors(group) -> int:
+    handlers = getattr(group, "_actor_handlers", None)
+    dup = int(getattr(group, "duplicate_actors", 1) or 1)
+    return max(1, len(handlers) // dup) if handlers else 1
+
+
+def eval_sequence_kl(log_probs, ref_log_probs, action_masks) -> float | None:
+    """k1 sequence KL: per sample, sum over response tokens of log pi - log pi_ref; mean over samples.
+
+    Each argument: per micro-batch a (B, A) tensor (action log-probs of policy / reference, the action mask).
+    """
+    total, count = 0.0, 0
+    for lp, ref, mask in zip(log_probs, ref_log_probs, action_masks):
+        mask = torch.as_tensor(mask).float()
+        diff = torch.as_tensor(lp).float() - torch.as_tensor(ref).float()
+        total += float((diff * mask).sum())
+        count += mask.shape[0]
+    return total / count if count else None
 
 
 def sequence_kl(experiences) -> float | None:

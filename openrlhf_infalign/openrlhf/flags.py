@@ -7,8 +7,8 @@ wrapper factories' ``add_arguments``. Options the parser already has (a patched 
 
 Not a flag: ``args.infalign.explicit_dests``, the sorted dests the user gave on the command line, set by the
 ``openrlhf`` console (:mod:`.console`) before ``train()``. It tells a flag left at its default from one given with
-the default's value (the KL coefficient advice uses it); absent (the source patch path), a value equal to upstream's
-default counts as not given.
+the default's value (an explicit --algo.kl.init_coef wins over the plan's); absent (the source patch path), a value
+equal to upstream's default counts as not given.
 """
 
 from __future__ import annotations
@@ -89,7 +89,16 @@ def add_infalign_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         default=None,
         metavar="NATS",
         help="KL(pi || pi_ref) budget in nats the transform is planned for (needed by auto and optimal). "
-        "The plan's KL coefficient is logged; pass it as --algo.kl.init_coef. Default: None.",
+        "The plan's KL coefficient (for the run's --algo.advantage.estimator, --rollout.n_samples_per_prompt and "
+        "the store's median K) becomes --algo.kl.init_coef unless that is given explicitly. Default: None.",
+    )
+    add(
+        "--infalign.accept_unplanned_kl",
+        action="store_true",
+        default=False,
+        help="Train with a planned transform even where no fixed KL coefficient gives the plan "
+        "(--algo.advantage.estimator group_norm, --algo.kl.use_loss, --algo.kl.estimator k2/k3, --algo.kl.target): "
+        "--algo.kl.init_coef is left as given and the KL will not follow the plan. Default: off (stop).",
     )
     add(
         "--infalign.on_missing",

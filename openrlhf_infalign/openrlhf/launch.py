@@ -7,7 +7,9 @@ Driver side (``openrlhf train_ppo``, :mod:`.console`): after upstream has parsed
    its ``ray.init`` settings join upstream's call below. GPU runs never import it.
 2. :func:`prepare` resolves ``--reward_wrapper NAME`` through the entry-point group ``openrlhf.reward_wrappers``
    (:mod:`.registry`) and calls the factory: for ``infalign.*`` that opens the reference store HERE, in the driver,
-   checks its prompt template settings, plans the transform (:mod:`.build`). The result (:class:`InfAlignState`)
+   checks its prompt template settings, plans the transform and SETS ``args.algo.kl.init_coef`` to the planned
+   coefficient unless given (:mod:`.build`): before ``train(args)``, which creates the reference model only when
+   it is > 0 and passes ``args`` by value to the actors it builds. The result (:class:`InfAlignState`)
    travels to the trainer actor as a constructor argument, i.e. through Ray's object store by value: other nodes
    need no shared filesystem.
 3. ``ray.init`` (upstream's own call) gets ``runtime_env.worker_process_setup_hook`` = the plugin's worker hook
@@ -35,6 +37,7 @@ from openrlhf_infalign.openrlhf.build import say
 from openrlhf_infalign.openrlhf.flags import DEFAULTS
 from openrlhf_infalign.openrlhf.plugin import CPU_ENV, SETUP_HOOK
 from openrlhf_infalign.openrlhf.registry import load_reward_wrapper
+from openrlhf_infalign.openrlhf.run_record import check_run
 from openrlhf_infalign.openrlhf.trainer import patched, use_infalign_trainer
 from openrlhf_infalign.store import ReferenceStore
 
@@ -47,8 +50,9 @@ class InfAlignState:
 
     ``wrapper``: the reward wrapper (``wrap_experiences``) or None (evaluation only). ``store`` / ``eval_store``:
     ``ReferenceStore`` of the training / eval prompts (eval defaults to the training store). ``transform``,
-    ``inference``, ``beta``, ``kl_budget``: the plan. ``args``: the ``args.infalign`` namespace.
-    ``eval_at_start``: run the step-0 evaluation before the first update.
+    ``inference``, ``beta`` (effective KL coefficient in force), ``kl_coef`` (``--algo.kl.init_coef``, set by the
+    plan in the driver before ``train()`` unless given), ``k`` (the store's median K), ``kl_budget``: the plan.
+    ``args``: the ``args.infalign`` namespace. ``eval_at_start``: run the step-0 evaluation before the first update.
     """
 
     wrapper: Any = None
@@ -57,6 +61,8 @@ class InfAlignState:
     transform: Any = None
     inference: Any = None
     beta: Optional[float] = None
+    kl_coef: Optional[float] = None
+    k: Optional[int] = None
     kl_budget: Optional[float] = None
     args: Any = None
     eval_at_start: bool = False
@@ -84,6 +90,9 @@ def prepare(args) -> Optional[InfAlignState]:
     eval_at_start = bool(has_eval and eval_store is not None and (at_start is None or at_start))
     if getattr(args, "infalign", None) is not None:
         args.infalign.eval_at_start = eval_at_start  # what the trainer's eval hook reads
+    if has_eval and eval_store is not None:
+        # Win rates against the store mean something only if eval samples are drawn as its references were.
+        check_run(args, eval_store, role="eval")
     return InfAlignState(
         wrapper=wrapper,
         store=store,
@@ -91,6 +100,8 @@ def prepare(args) -> Optional[InfAlignState]:
         transform=getattr(wrapper, "transform", None),
         inference=inference,
         beta=getattr(wrapper, "beta", None),
+        kl_coef=getattr(wrapper, "kl_coef", None),
+        k=getattr(wrapper, "k", None),
         kl_budget=getattr(wrapper, "kl_budget", None),
         args=getattr(args, "infalign", None),
         eval_at_start=eval_at_start,

@@ -1,8 +1,8 @@
 """The plugin's hook in every Ray worker: what each worker process of the job runs first.
 
 Ray imports this module in each worker of the job (``runtime_env.worker_process_setup_hook`` = :data:`SETUP_HOOK`,
-set by :mod:`.launch`) before anything else, so it imports nothing heavy: with ``--infalign.cpu`` the CPU module
-(:mod:`.cpu`) must be applied before OpenRLHF is imported in that process.
+set by :mod:`.launch`) before anything else: with ``--infalign.cpu`` the CPU module (:mod:`.cpu`) must be applied
+before OpenRLHF is imported in that process; then OpenRLHF's reward-model loader is made to restore mean/std.
 """
 
 from __future__ import annotations
@@ -24,3 +24,8 @@ def worker_setup() -> None:
         from openrlhf_infalign.openrlhf import cpu
 
         cpu.apply()
+    # After the CPU module (it must precede OpenRLHF's import): reward models and critics loaded in this worker get
+    # their config's mean/std, as `infalign calibrate` scores them, on CPU and GPU alike.
+    from openrlhf_infalign.openrlhf.run_record import restore_normalization_on_load
+
+    restore_normalization_on_load()

@@ -53,7 +53,10 @@ INFO_CALIBRATED = "infalign/calibrated"
 INFO_TRANSFORMED = "infalign/transformed"
 INFO_MISSING = "infalign/missing"  # only logged with --infalign.on_missing raw: fraction of samples kept raw
 
-_KEY_CACHE_MAX = 1 << 20  # prompt -> digest entries; a training set rarely has more distinct prompts
+# Bounds of the prompt -> digest cache: it only has to span a rollout batch (each prompt comes n_samples_per_prompt
+# times), while a whole training set of long chat prompts would hold gigabytes of strings.
+_KEY_CACHE_ENTRIES = 1 << 17
+_KEY_CACHE_CHARS = 1 << 26
 _SHOW_PROMPT = 300  # characters of a prompt quoted in an error
 
 
@@ -67,9 +70,11 @@ class CTRLRewardWrapper:
     ``store``: an opened :class:`openrlhf_infalign.store.ReferenceStore` (picklable by value, so the wrapper ships
     through Ray to the trainer actor with its data). ``transform``: a callable [0, 1] -> [0, 1] on float64 arrays
     (:mod:`openrlhf_infalign.core.transforms`). ``inference``, ``beta``, ``kl_budget``: the plan the transform
-    comes from (an ``InferenceProcedure``, the planned KL coefficient, the KL budget in nats; None when not
-    planned), read by the logs and the evaluation hook. ``on_missing``: ``"error"`` (a prompt absent from the store
-    stops training, naming its key and text) or ``"raw"`` (such samples keep their raw reward; a warning counts them).
+    comes from (an ``InferenceProcedure``, the effective KL coefficient beta in force, the KL budget in nats; None
+    when not planned), read by the logs and the evaluation hook. ``kl_coef``: the ``--algo.kl.init_coef`` in force
+    (beta converted for the advantage estimator); ``k``: the store's median K the plan was made for.
+    ``on_missing``: ``"error"`` (a prompt absent from the store stops training, naming its key and text) or ``"raw"``
+    (such samples keep their raw reward; a warning counts them).
     """
 
     def __init__(
@@ -81,6 +86,8 @@ class CTRLRewardWrapper:
         kl_budget: Optional[float] = None,
         on_missing: str = "error",
         name: str = "infalign.ctrl",
+        kl_coef: Optional[float] = None,
+        k: Optional[int] = None,
     ):
         if on_missing not in ("error", "raw"):
             raise ValueError(f"on_missing must be 'error' or 'raw', got {on_missing!r}")
@@ -89,13 +96,16 @@ class CTRLRewardWrapper:
         self.inference = inference
         self.beta = beta
         self.kl_budget = kl_budget
+        self.kl_coef = kl_coef
+        self.k = k
         self.on_missing = on_missing
         self.name = name
         self._digest_cache: dict[str, bytes] = {}
+        self._digest_cache_chars = 0  # characters of the prompts the cache holds
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_digest_cache"] = {}  # a cache, not data: never ship it
+        state["_digest_cache"], state["_digest_cache_chars"] = {}, 0  # a cache, not data: never ship it
         return state
 
     def __repr__(self) -> str:
@@ -106,12 +116,18 @@ class CTRLRewardWrapper:
 
     def prompt_digests(self, prompts: Sequence[str]) -> np.ndarray:
         """(B, 20) uint8 digests of the prompts (``store.format.prompt_digests``); each distinct prompt is hashed once
-        per process: the same prompts come back every epoch and n_samples_per_prompt times per batch."""
+        while it stays in the cache: a prompt comes n_samples_per_prompt times per batch. The cache is bounded in
+        entries and characters; when this batch's new prompts would overflow it, it starts over with this batch."""
         cache = self._digest_cache
-        if len(cache) > _KEY_CACHE_MAX:
-            cache.clear()
         new = {p: None for p in prompts if p not in cache}  # distinct, in order
         if new:
+            chars = sum(map(len, new))
+            if len(cache) + len(new) > _KEY_CACHE_ENTRIES or self._digest_cache_chars + chars > _KEY_CACHE_CHARS:
+                cache.clear()
+                new = dict.fromkeys(prompts)
+                chars = sum(map(len, new))
+                self._digest_cache_chars = 0
+            self._digest_cache_chars += chars
             blob = prompt_digests(new).tobytes()
             cache.update(zip(new, [blob[i : i + DIGEST_BYTES] for i in range(0, len(blob), DIGEST_BYTES)]))
         return np.frombuffer(b"".join([cache[p] for p in prompts]), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
@@ -182,10 +198,13 @@ class CTRLRewardWrapper:
                 "prompt dataset and --data.input_template / --data.apply_chat_template settings, or pass "
                 "--infalign.on_missing raw to train those samples on their raw reward."
             )
+        n_prompts = len({prompts[i] for i in np.flatnonzero(missing).tolist()})
         logger.warning(
-            "%s: %d of %d samples have no reference rewards (first: key %s, prompt %r); they keep their raw reward "
-            "(--infalign.on_missing raw)",
+            "%s: %d prompt(s) (%d of %d samples) have no reference rewards (first: key %s, prompt %r); they keep "
+            "their raw reward, on the reward model's scale and not in [0, 1] like the calibrated rewards they are "
+            "trained with (--infalign.on_missing raw)",
             self.name,
+            n_prompts,
             n_missing,
             len(prompts),
             key,

@@ -347,11 +347,7 @@ class ReferenceStore:
                 stacklevel=2,
             )
             return []
-        diffs = []
-        for k in sorted(set(stored) & set(training_settings)):
-            a, b = stored[k], training_settings[k]
-            if _norm(a) != _norm(b):
-                diffs.append(f"{k}: store={a!r} training={b!r}")
+        diffs = [f"{k}: store={a!r} training={b!r}" for k, a, b in differing_fields(stored, training_settings)]
         if diffs:
             msg = (
                 f"reference store {self.path} was built with different prompt template settings than this training "
@@ -383,6 +379,14 @@ class ReferenceStore:
                 raise StoreError(f"{self.path}: a prompt key appears twice")
             if not np.array_equal(key_hi(self._keys), self._hi):
                 raise StoreError(f"{self.path}: index key_hi.npy does not match keys.npy")
+
+
+def differing_fields(stored: dict, run: dict) -> list[tuple[str, object, object]]:
+    """(key, stored value, run value) of each key present on both sides whose values differ, in key order.
+
+    Values from JSON and from argparse compare alike: "True"/True, 1/1.0, None/"".
+    """
+    return [(k, stored[k], run[k]) for k in sorted(set(stored) & set(run)) if _norm(stored[k]) != _norm(run[k])]
 
 
 def _norm(v):

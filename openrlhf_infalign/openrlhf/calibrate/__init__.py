@@ -6,7 +6,7 @@ and ``job`` (the phases of a run).
 """
 
 from .job import FAIL_AFTER_ENV, WorkPlan, plan_work, run_calibration
-from .prompts import load_prompts, load_tokenizer, template_settings, unique_prompts
+from .prompts import load_prompts, load_tokenizer, unique_prompts
 from .settings import CalibrateSettings, CalibrationError, add_arguments, settings_from_args
 
 __all__ = [
@@ -20,6 +20,5 @@ __all__ = [
     "plan_work",
     "run_calibration",
     "settings_from_args",
-    "template_settings",
     "unique_prompts",
 ]

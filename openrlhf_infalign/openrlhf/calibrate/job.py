@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 from openrlhf_infalign.files import write_json
+from openrlhf_infalign.openrlhf.run_record import RECORD_KEY, run_record
 from openrlhf_infalign.store import StoreError, read_manifest, write_store
 
 from .generate import make_generator
-from .prompts import load_prompts, load_tokenizer, template_settings, unique_prompts
+from .prompts import load_prompts, load_tokenizer, unique_prompts
 from .score import check_finite, make_scorer
 from .settings import CalibrateSettings, CalibrationError
 from .shards import SHARD_FORMAT, WORK_SUFFIX, assemble, shard_done, write_shard
@@ -106,6 +107,7 @@ class WorkPlan:
     duplicates: int
     dataset: Dict
     hashed: Dict
+    record: Dict  # the run record (run_record.py), written into the manifest
     settings_hash: str
     shards: list  # (index, slice of prompts)
 
@@ -125,6 +127,7 @@ def plan_work(settings: CalibrateSettings, log: Callable[[str], None]) -> WorkPl
     prompts, labels, keys, dups = unique_prompts(all_prompts, all_labels)
     if dups:
         log(f"{dups} duplicate prompt(s) in the dataset: calibrating each distinct prompt once ({len(prompts)})")
+    record = run_record(settings.flag, tokenizer=tokenizer)
     hashed = {
         "policy": _file_fingerprint(settings.policy),
         "reward_source": _describe_reward_source(settings),
@@ -139,9 +142,7 @@ def plan_work(settings: CalibrateSettings, log: Callable[[str], None]) -> WorkPl
             "max_len": settings.max_len,
             "seed": settings.seed,
         },
-        "template": template_settings(
-            settings.input_key, settings.input_template, settings.apply_chat_template, tokenizer
-        ),
+        "template": record["template"],
         "shard_size": settings.shard_size,
         "prompt_keys_sha1": hashlib.sha1("".join(keys).encode()).hexdigest(),
     }
@@ -165,6 +166,7 @@ def plan_work(settings: CalibrateSettings, log: Callable[[str], None]) -> WorkPl
         duplicates=dups,
         dataset=dataset,
         hashed=hashed,
+        record=record,
         settings_hash=_canonical_hash(hashed),
         shards=shards,
     )
@@ -275,6 +277,7 @@ def _publish(plan: WorkPlan, keys, prompts, rewards) -> None:
         "reward_source": hashed["reward_source"],
         "sampling": hashed["sampling"],
         "template": hashed["template"],
+        RECORD_KEY: plan.record,
         "dataset": plan.dataset,
         "calibration": {
             "settings_hash": plan.settings_hash,

@@ -6,8 +6,6 @@ store keeps one row per distinct prompt key.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import warnings
@@ -20,7 +18,7 @@ from .settings import CalibrateSettings, CalibrationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_tokenizer", "load_prompts", "template_settings", "unique_prompts"]
+__all__ = ["load_tokenizer", "load_prompts", "unique_prompts"]
 
 
 def _strategy_for(settings: CalibrateSettings):
@@ -86,23 +84,6 @@ def load_prompts(settings: CalibrateSettings, tokenizer):
         )
     ds = PromptDataset(data, tokenizer, strategy, input_template=settings.input_template)
     return list(ds.prompts), list(ds.labels)
-
-
-def template_settings(input_key, input_template, apply_chat_template, tokenizer) -> Dict:
-    """The prompt template settings recorded in the store manifest (and compared with the training run's).
-
-    ``chat_template_sha1`` is the sha1 of the tokenizer's chat template when ``apply_chat_template`` is on (None
-    otherwise: the template then does not shape the prompt).
-    """
-    chat = getattr(tokenizer, "chat_template", None) if apply_chat_template else None
-    if isinstance(chat, dict):  # named templates: hash them all, in a stable order
-        chat = json.dumps(chat, sort_keys=True)
-    return {
-        "input_key": input_key,
-        "input_template": input_template or None,
-        "apply_chat_template": bool(apply_chat_template),
-        "chat_template_sha1": hashlib.sha1(chat.encode()).hexdigest() if chat else None,
-    }
 
 
 def unique_prompts(prompts: Sequence[str], labels: Sequence) -> tuple[list[str], list, list[str], int]:

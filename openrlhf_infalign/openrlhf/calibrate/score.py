@@ -12,6 +12,7 @@ from typing import List
 
 import numpy as np
 
+from openrlhf_infalign.openrlhf.run_record import restore_normalization
 from openrlhf_infalign.store import prompt_key
 
 from .settings import CalibrateSettings, CalibrationError
@@ -96,7 +97,6 @@ class RewardModelScorer:
 
         install_flash_attn()  # no-op where the real flash_attn is installed
         from openrlhf.models import get_llm_for_sequence_regression
-        from transformers import AutoConfig
 
         self.s = settings
         self.tok = tokenizer
@@ -109,13 +109,8 @@ class RewardModelScorer:
             param_dtype=settings.param_dtype,
             value_head_prefix=settings.value_head_prefix,
         )
-        # OpenRLHF sets mean/std from config.json inside __init__, but transformers 5 builds the model on the meta
-        # device and materialises those non-persistent buffers uninitialised. Restore them from the config, so
-        # --reward.normalize_enable means (r - mean) / std as intended.
-        cfg = AutoConfig.from_pretrained(settings.reward_model, trust_remote_code=True)
-        with torch.no_grad():
-            self.model.mean.fill_(float(getattr(cfg, "mean", 0.0)))
-            self.model.std.fill_(float(getattr(cfg, "std", 1.0)))
+        # OpenRLHF's loader leaves mean/std uninitialised under transformers 5; training's loaders restore them too.
+        restore_normalization(self.model, settings.reward_model)
         self.model.to(self.device).eval()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 

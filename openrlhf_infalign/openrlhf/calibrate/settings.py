@@ -272,6 +272,11 @@ class CalibrateSettings:
             warnings.warn("'{}' not in --data.input_template, set to None (as train_ppo_ray does)", stacklevel=2)
             self.input_template = None
 
+    def flag(self, dotted: str):
+        """The value of a setting by its OpenRLHF flag name (``"rollout.temperature"``), None for one it lacks."""
+        f = _BY_DEST.get(dotted)
+        return getattr(self, f.name) if f is not None else None
+
     @property
     def reward_urls(self) -> List[str]:
         return [u.strip() for u in (self.reward_url or "").split(",") if u.strip()]
@@ -286,6 +291,9 @@ class CalibrateSettings:
 def _dest(f) -> str:
     # argparse's own rule (first long flag, dashes to underscores), so the namespace keeps OpenRLHF's dotted names.
     return f.metadata["flags"][0].lstrip("-").replace("-", "_")
+
+
+_BY_DEST = {_dest(f): f for f in fields(CalibrateSettings)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> Dict[str, argparse._ArgumentGroup]:

@@ -1,0 +1,51 @@
+"""files.py: every file the project writes appears whole or not at all, with the usual mode."""
+
+import os
+
+import pytest
+
+from openrlhf_infalign import files
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _mode(path) -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    return mask
+
+
+def test_write_json_text_bytes_whole_with_the_usual_mode(tmp_path):
+    p = files.write_json(tmp_path / "sub" / "a.json", {"x": 1})
+    assert p.read_text() == '{\n  "x": 1\n}\n'
+    _mode(p)
+    assert files.write_text(tmp_path / "t.md", "hi\n").read_text() == "hi\n"
+    assert files.write_bytes(tmp_path / "b.bin", b"\x00\x01").read_bytes() == b"\x00\x01"
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    p = files.write_json(tmp_path / "a.json", {"x": 1})
+    with pytest.raises(ValueError):  # NaN is not JSON: refused, and the good file stays
+        files.write_json(p, {"x": float("nan")})
+    with pytest.raises(RuntimeError):
+        with files.atomic_open(p) as f:
+            f.write("half")
+            raise RuntimeError("killed mid-write")
+    with pytest.raises(OSError):
+        files.atomic_write_with(p, lambda tmp: (_ for _ in ()).throw(OSError("disk full")))
+    assert p.read_text() == '{\n  "x": 1\n}\n'
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_atomic_write_with_and_save_figure(tmp_path):
+    p = files.atomic_write_with(tmp_path / "c.bin", lambda tmp: open(tmp, "wb").write(b"hi"))
+    assert p.read_bytes() == b"hi"
+    _mode(p)
+    plt = files.pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    png = files.save_figure(fig, tmp_path / "plots" / "f.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert not plt.get_fignums()  # closed
+    assert sorted(q.name for q in png.parent.iterdir()) == ["f.png"]
