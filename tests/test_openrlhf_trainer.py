@@ -86,7 +86,8 @@ def test_class_construction_mro_and_ray_rewrap():
     for name in ("fit", "get_max_steps", "evaluate", "train_step"):
         assert callable(getattr(T.InfAlignPPOTrainer, name))
     # async mode: the training actor (owner of the experience maker) and the coordinator
-    assert issubclass(T.InfAlignTrainingActor, upstream_async.TrainingActor.__ray_actor_class__)
+    assert issubclass(T.InfAlignTrainingActor.__ray_actor_class__, upstream_async.TrainingActor.__ray_actor_class__)
+    assert isinstance(T.InfAlignTrainingActor, ray.actor.ActorClass)  # declared @ray.remote: it ships by value
     assert issubclass(T.InfAlignPPOTrainerAsync, upstream_async.PPOTrainerAsync.__ray_actor_class__)
     assert isinstance(T.InfAlignPPOTrainerAsyncActor, ray.actor.ActorClass)
 
@@ -152,7 +153,7 @@ def test_async_trainer_swaps_training_actor_in_its_process(state, monkeypatch):
     monkeypatch.setattr(upstream_async.PPOTrainerAsync.__ray_actor_class__, "__init__", fake_upstream_init)
     T.InfAlignPPOTrainerAsync("policy", None, infalign_state=state, max_len=8)
     launcher = seen["TrainingActor"]
-    assert launcher.actor_class is T.InfAlignTrainingActorActor and launcher.state is state
+    assert launcher.actor_class is T.InfAlignTrainingActor and launcher.state is state
     assert seen["kwargs"] == {"max_len": 8}
     assert isinstance(upstream_async.TrainingActor, ray.actor.ActorClass)  # restored
     # the generator actor learns whether to run the step-0 evaluation; the training actor gets its handle

@@ -147,7 +147,8 @@ class InfAlignGenerateSamplesActor(_ppo_trainer_async.GenerateSamplesActor.__ray
     def fit(self, episode: int, total_consumed_prompts: int) -> None:
         # A resumed run (prompts already consumed) had its step-0 evaluation. Same slot-token protocol as upstream's
         # evaluations: take a token, queue the evaluation, the training actor returns the token.
-        if self.infalign_eval_at_start and self.eval_dataloader is not None and not (episode or total_consumed_prompts):
+        fresh = not (episode or total_consumed_prompts)
+        if self.infalign_eval_at_start and self.eval_dataloader is not None and fresh:
             step = self.rollout_slots.get(block=True)
             self._last_eval_step = step
             self.rollout_queue.put(("eval", step, self.infalign_evaluate()), block=True)
@@ -173,9 +174,15 @@ class _EvalCompletingQueue:
         return getattr(self.queue, name)
 
 
+# Declared as upstream declares its actor (``@ray.remote class``), not ``ray.remote(<plain class>)``: ray.remote copies
+# every method into the actor class it ships, and cloudpickle ships by value what it cannot import by name, as
+# upstream's TrainingActor methods (its module name is an ActorClass); their zero-argument super() (in
+# broadcast_to_vllm) then names a COPY of upstream's class. Only if our class ships by value too is that copy the one
+# in its MRO; a plain module-level class ships by name and keeps the imported original there (TypeError in super()).
+@ray.remote
 class InfAlignTrainingActor(InfAlignEvalMixin, _ppo_trainer_async.TrainingActor.__ray_actor_class__):
     """Upstream's async ``TrainingActor`` (it owns the experience maker) with the reward wrapper installed and the
-    InfAlign evaluation completed here (see the comment above)."""
+    InfAlign evaluation completed here (see "async mode" above)."""
 
     def __init__(self, *args, infalign_state=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -223,7 +230,6 @@ class InfAlignTrainingActor(InfAlignEvalMixin, _ppo_trainer_async.TrainingActor.
 
 
 InfAlignGenerateSamplesActorActor = ray.remote(InfAlignGenerateSamplesActor)
-InfAlignTrainingActorActor = ray.remote(InfAlignTrainingActor)
 
 
 class InfAlignPPOTrainerAsync(_ppo_trainer_async.PPOTrainerAsync.__ray_actor_class__):
@@ -234,7 +240,7 @@ class InfAlignPPOTrainerAsync(_ppo_trainer_async.PPOTrainerAsync.__ray_actor_cla
         # Upstream's __init__ looks the module globals up at call time, in this actor's process.
         generator = _Launcher(InfAlignGenerateSamplesActorActor, infalign_eval_at_start=at_start)
         with patched(_ppo_trainer_async, "GenerateSamplesActor", generator):
-            with patched(_ppo_trainer_async, "TrainingActor", _Launcher(InfAlignTrainingActorActor, infalign_state)):
+            with patched(_ppo_trainer_async, "TrainingActor", _Launcher(InfAlignTrainingActor, infalign_state)):
                 super().__init__(*args, **kwargs)
         # Calls from one caller to one actor run in order: this one before upstream's fit().
         self.trainer_actor.infalign_set_generator.remote(self.generator_actor)
