@@ -200,6 +200,18 @@ def test_local_rm_eval_dataset_reaches_train(store_dir):
         run(BASE + ["--eval.dataset", "evalset.jsonl"])
 
 
+def test_local_rm_eval_dataset_reaches_async_train(store_dir):
+    # Async mode too: the training actor scores the eval samples its generator actor ships with the local RM.
+    argv = BASE + TEMPLATE + ["--reward_wrapper", "infalign.ctrl", "--infalign.store", store_dir,
+                              "--infalign.transform", "identity", "--eval.dataset", "evalset.jsonl",
+                              "--train.async_enable"]  # fmt: skip
+    rc, seen = run(argv)
+    assert rc == 0 and seen["args"].eval.dataset == "evalset.jsonl"
+    assert seen["PPOTrainerAsync"].state.eval_at_start is True
+    with pytest.raises(AssertionError, match="eval_dataset"):
+        run(BASE + ["--eval.dataset", "evalset.jsonl", "--train.async_enable"])
+
+
 def test_help_lists_upstream_and_infalign_flags(capsys):
     rc = main(["train_ppo", "--help"])
     out = capsys.readouterr().out

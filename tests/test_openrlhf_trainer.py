@@ -86,7 +86,8 @@ def test_class_construction_mro_and_ray_rewrap():
     for name in ("fit", "get_max_steps", "evaluate", "train_step"):
         assert callable(getattr(T.InfAlignPPOTrainer, name))
     # async mode: the training actor (owner of the experience maker) and the coordinator
-    assert issubclass(T.InfAlignTrainingActor, upstream_async.TrainingActor.__ray_actor_class__)
+    assert issubclass(T.InfAlignTrainingActor.__ray_actor_class__, upstream_async.TrainingActor.__ray_actor_class__)
+    assert isinstance(T.InfAlignTrainingActor, ray.actor.ActorClass)  # declared @ray.remote: it ships by value
     assert issubclass(T.InfAlignPPOTrainerAsync, upstream_async.PPOTrainerAsync.__ray_actor_class__)
     assert isinstance(T.InfAlignPPOTrainerAsyncActor, ray.actor.ActorClass)
 
@@ -137,16 +138,30 @@ def test_fit_runs_step0_evaluation_first(no_data_plumbing, state, monkeypatch):
 def test_async_trainer_swaps_training_actor_in_its_process(state, monkeypatch):
     seen = {}
 
+    class FakeTrainerActor:  # the handle upstream's __init__ leaves in self.trainer_actor
+        class infalign_set_generator:
+            @staticmethod
+            def remote(generator):
+                seen["generator"] = generator
+
     def fake_upstream_init(self, *args, **kwargs):  # upstream's __init__ builds TrainingActor.remote(...) here
         seen["TrainingActor"] = upstream_async.TrainingActor
+        seen["GenerateSamplesActor"] = upstream_async.GenerateSamplesActor
         seen["kwargs"] = kwargs
+        self.trainer_actor, self.generator_actor = FakeTrainerActor(), "generator-handle"
 
     monkeypatch.setattr(upstream_async.PPOTrainerAsync.__ray_actor_class__, "__init__", fake_upstream_init)
     T.InfAlignPPOTrainerAsync("policy", None, infalign_state=state, max_len=8)
     launcher = seen["TrainingActor"]
-    assert launcher.actor_class is T.InfAlignTrainingActorActor and launcher.state is state
+    assert launcher.actor_class is T.InfAlignTrainingActor and launcher.state is state
     assert seen["kwargs"] == {"max_len": 8}
     assert isinstance(upstream_async.TrainingActor, ray.actor.ActorClass)  # restored
+    # the generator actor learns whether to run the step-0 evaluation; the training actor gets its handle
+    generator = seen["GenerateSamplesActor"]
+    assert generator.actor_class is T.InfAlignGenerateSamplesActorActor
+    assert generator.extra == {"infalign_eval_at_start": True}
+    assert isinstance(upstream_async.GenerateSamplesActor, ray.actor.ActorClass)  # restored
+    assert seen["generator"] == "generator-handle"
 
 
 def test_launcher_adds_state_to_remote_call(state):

@@ -50,13 +50,12 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set
 def _hide_local_rm_eval_dataset(ns: argparse.Namespace) -> Optional[str]:
     """Upstream asserts that --eval.dataset comes with a remote RM or reward_func, because its evaluate() only reads
     rewards the rollout workers computed. InfAlign's evaluation hook scores eval samples with the local reward model
-    too, so when the plugin is active the dataset is kept out of that one check and handed back to train()."""
+    too (in async mode the training actor does, on the samples the generator actor ships), so when the plugin is
+    active the dataset is kept out of that one check and handed back to train()."""
     d = vars(ns)
     active = d.get("reward.wrapper") or d.get("infalign.eval_store")
     if not (active and d.get("eval.dataset")) or d.get("reward.remote_url") or d.get("train.agent_func_path"):
         return None
-    if d.get("train.async_enable"):
-        return None  # async evaluation runs in upstream's generator actor, without the hook: keep upstream's check
     dataset, d["eval.dataset"] = d["eval.dataset"], None
     return dataset
 

@@ -269,15 +269,12 @@ class InfAlignEvalMixin:
     def evaluate(self, global_step, **generate_kwargs):
         """Upstream's evaluate (generate eval samples, pass@k metrics, log_eval) plus InfAlign win rates."""
         # OpenRLHF's trainer modules are imported where used: the pure helpers above work without them loaded.
-        from openrlhf.trainer.ppo_trainer import compute_eval_metrics, logger
+        from openrlhf.trainer.ppo_trainer import logger
 
         start = time.time()
         logger.info(f"⏰ Evaluation start time: {time.strftime('%Y-%m-%d %H:%M:%S')}")
         samples_list = self.samples_generator.generate_eval_samples(**generate_kwargs)
-        self._infalign_fill_rewards(samples_list)
-        n = generate_kwargs.get("n_samples_per_prompt", self.args.eval.n_samples_per_prompt)
-        logs = compute_eval_metrics(self.eval_dataloader, samples_list, n) if samples_list else {}
-        logs.update(self._infalign_win_rates(global_step, samples_list, generate_kwargs))
+        logs = self.infalign_eval_logs(global_step, samples_list, generate_kwargs, self.eval_dataloader)
 
         if self.wandb_logger:
             self.wandb_logger.log_eval(global_step, logs)
@@ -285,6 +282,20 @@ class InfAlignEvalMixin:
             self.tensorboard_logger.log_eval(global_step, logs)
         took = str(timedelta(seconds=time.time() - start)).split(".")[0]
         logger.info(f"✨ Evaluation completed in {took}, global_step {global_step}, eval_metrics: {logs}")
+        return logs
+
+    def infalign_eval_logs(self, global_step, samples_list, generate_kwargs, eval_batches) -> dict:
+        """Rewards, upstream's pass@k metrics and the InfAlign win rates of generated eval samples; logs nothing.
+
+        ``eval_batches``: the eval dataloader, or any iterable of its (datasources, prompts, labels, images) batches
+        (the async generator actor ships those, the training actor that scores and logs has no eval dataloader).
+        """
+        from openrlhf.trainer.ppo_trainer import compute_eval_metrics
+
+        self._infalign_fill_rewards(samples_list)
+        n = generate_kwargs.get("n_samples_per_prompt", self.args.eval.n_samples_per_prompt)
+        logs = compute_eval_metrics(eval_batches, samples_list, n) if samples_list else {}
+        logs.update(self._infalign_win_rates(global_step, samples_list, generate_kwargs))
         return logs
 
     def _infalign_fill_rewards(self, samples_list) -> None:

@@ -90,13 +90,7 @@ def prepare(args) -> Optional[InfAlignState]:
     eval_at_start = bool(has_eval and eval_store is not None and (at_start is None or at_start))
     if getattr(args, "infalign", None) is not None:
         args.infalign.eval_at_start = eval_at_start  # what the trainer's eval hook reads
-    if get(args, "train.async_enable", False) and has_eval and eval_store is not None:
-        say(
-            "note: with --train.async_enable, evaluation runs in upstream's generator actor: the InfAlign win rates "
-            "(eval/infalign/...) and the step-0 evaluation are not computed; the reward wrapper is active."
-        )
-        eval_at_start = False
-    elif has_eval and eval_store is not None:
+    if has_eval and eval_store is not None:
         # Win rates against the store mean something only if eval samples are drawn as its references were.
         check_run(args, eval_store, role="eval")
     return InfAlignState(

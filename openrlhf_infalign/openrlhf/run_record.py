@@ -184,8 +184,9 @@ def run_record(flag: Callable[[str], Any], *, tokenizer=None, role: str = "train
     if template is not None and "{}" not in template:
         template = None  # train_ppo_ray drops such a template (with a warning), and so does calibrate
     top_k = flag("rollout.top_k")
-    rm, urls = flag("reward.model_name_or_path"), [u.strip() for u in (flag("reward.remote_url") or "").split(",")]
-    urls = [u for u in urls if u]
+    rm, urls = flag("reward.model_name_or_path"), flag("reward.remote_url") or ""
+    # train_ppo_ray's __main__ has split the flag into a list by the time train() (and this check) runs.
+    urls = [u.strip() for u in (urls.split(",") if isinstance(urls, str) else urls) if u.strip()]
     if rm:
         reward = {"kind": "reward_model", "path": rm, "name": _name(rm), "fingerprint": model_fingerprint(rm)}
     elif urls and _reward_kind(urls[0]) == "reward_func":
