@@ -32,7 +32,7 @@ from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  #
 from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
 
 from openrlhf_infalign.core import finite_k as fk  # noqa: E402
-from openrlhf_infalign.core import theory as th  # noqa: E402
+from openrlhf_infalign.core import planning  # noqa: E402
 from openrlhf_infalign.core.transforms import parse_transform  # noqa: E402
 from openrlhf_infalign.openrlhf.console import run_train_ppo  # noqa: E402
 from openrlhf_infalign.openrlhf.trainer import install_reward_wrapper  # noqa: E402
@@ -65,10 +65,11 @@ class _Strategy:  # the maker reads strategy.args only
 
 @functools.lru_cache(maxsize=None)
 def plan(inference: str, k: int) -> dict:
-    """The K-aware plan at KL_BUDGET: the continuum plan's transform, beta from the expected KL over stores."""
-    transform = th.plan(inference, KL_BUDGET, with_optimal=False)["recommended"]["transform"]
-    beta = fk.beta_for_kl_k(transform, KL_BUDGET, k)
-    return {"transform": transform, "beta": beta, "win_rate": fk.expected_win_rate_k(inference, transform, beta, k)}
+    """The K-aware plan at KL_BUDGET, as `infalign plan --k` and training make it: the continuum plan's transform,
+    beta from the expected KL over stores (checked here against finite_k directly)."""
+    rec = planning.plan(inference, KL_BUDGET, with_optimal=False, k=k)["recommended"]
+    assert rec["beta"] == pytest.approx(fk.beta_for_kl_k(rec["transform"], KL_BUDGET, k), rel=1e-9)
+    return {"transform": rec["transform"], "beta": rec["beta"], "win_rate": rec["win_rate"]}
 
 
 @functools.lru_cache(maxsize=None)
