@@ -87,7 +87,7 @@ def test_run_command_same_setting_per_arm(tmp_path):
             assert flag(cmd, shared) == flag(cmds["raw"], shared), (arm, shared)
     assert "--infalign.store" not in cmds["raw"] and "--reward_wrapper" not in cmds["raw"]
     assert flag(cmds["identity"], "--infalign.store") == str(tmp_path / "stores" / "train")
-    assert flag(cmds["raw"], "--eval.steps") == "4"
+    assert flag(cmds["raw"], "--eval.steps") == "3"
     assert "--data.max_samples" not in cmds["raw"]
 
 
@@ -126,3 +126,10 @@ def test_raw_coef_scale(tmp_path):
     assert got["raw_within_prompt_sd"] == pytest.approx(np.std([0, 2, 4, 6]))
     assert got["calibrated_within_prompt_sd"] == pytest.approx(np.std([0, 0.25, 0.5, 0.75]))
     assert got["scale"] == pytest.approx(8.0)
+
+
+def test_last_eval_step():
+    args = study.build_parser().parse_args([])
+    assert study.run_steps(args) == 18 and study.last_eval_step(args) == 18
+    args = study.build_parser().parse_args(["--max-steps", "2"])
+    assert study.last_eval_step(args) == 0  # upstream evaluates every --eval.steps, not at the end

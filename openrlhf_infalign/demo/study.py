@@ -38,7 +38,7 @@ from openrlhf_infalign.demo.supervise import PhaseError, run_phase
 from openrlhf_infalign.evallog import eval_log_path, load_eval_log
 from openrlhf_infalign.files import write_text
 
-__all__ = ["ARMS", "main", "build_parser", "arm_flags", "run_steps", "run_finished", "raw_coef_scale"]
+__all__ = ["ARMS", "main", "build_parser", "arm_flags", "run_steps", "last_eval_step", "run_finished", "raw_coef_scale"]
 
 ARMS = ("raw", "identity", "ctrl_exp_bon4", "optimal_bon4", "ctrl_negexp_won4")
 
@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=int, default=8, help="samples per prompt")
     p.add_argument("--eval-samples", type=int, default=16, help="eval samples per prompt")
     p.add_argument("--eval-n", default="1,2,4,8", help="N values of the Best-of-N / Worst-of-N win rates")
-    p.add_argument("--eval-every", type=int, default=4, help="--eval.steps")
-    p.add_argument("--episodes", type=int, default=4, help="passes over the training prompts")
+    p.add_argument("--eval-every", type=int, default=3, help="--eval.steps")
+    p.add_argument("--episodes", type=int, default=3, help="passes over the training prompts (6 steps each)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="response length cap")
     p.add_argument("--lr", type=float, default=5e-4, help="actor learning rate")
     p.add_argument("--estimator", default="reinforce_baseline", help="--algo.advantage.estimator")
@@ -212,8 +212,13 @@ def run_path(out: Path, arm: str, seed: int) -> Path:
     return out / "runs" / f"{arm}_s{seed}"
 
 
+def last_eval_step(args) -> int:
+    """The step of a run's last evaluation: upstream evaluates every --eval.steps steps, not at the end."""
+    return run_steps(args) // args.eval_every * args.eval_every
+
+
 def run_finished(run_dir: Path, steps: int) -> bool:
-    """A run is finished when its evaluation log is readable and has an evaluation at its last step (or later)."""
+    """A run is finished when its evaluation log is readable and has its last evaluation (at ``steps`` or later)."""
     log = eval_log_path(run_dir)
     if not log.is_file():
         return False
@@ -336,7 +341,7 @@ def _summary(out: Path, args, arms: Sequence[str], plans, raw: dict, phases, t_s
         seeds = []
         for seed in range(args.seeds):
             run_dir = run_path(out, arm, seed)
-            if not run_finished(run_dir, run_steps(args)):
+            if not run_finished(run_dir, last_eval_step(args)):
                 continue
             records = load_eval_log(eval_log_path(run_dir))
             last = records[-1]
@@ -417,7 +422,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for seed in range(args.seeds):
             for arm in arms:
                 run_dir = run_path(out, arm, seed)
-                if run_finished(run_dir, steps):
+                if run_finished(run_dir, last_eval_step(args)):
                     say(f"{arm} seed {seed}: finished before, not re-run")
                     continue
                 say(f"{arm} seed {seed}: training {steps} steps ({' '.join(arm_flags(arm, plans, raw['scale']))})")
@@ -434,7 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             (arm, run_path(out, arm, seed))
             for arm in arms
             for seed in range(args.seeds)
-            if run_finished(run_path(out, arm, seed), steps)
+            if run_finished(run_path(out, arm, seed), last_eval_step(args))
         ]
         summary = _summary(out, args, arms, plans, raw, phases, t_start)
         if not args.no_report and len(finished) >= 2:
