@@ -130,6 +130,6 @@ def test_raw_coef_scale(tmp_path):
 
 def test_last_eval_step():
     args = study.build_parser().parse_args([])
-    assert study.run_steps(args) == 18 and study.last_eval_step(args) == 18
+    assert study.run_steps(args) == 12 and study.last_eval_step(args) == 12
     args = study.build_parser().parse_args(["--max-steps", "2"])
     assert study.last_eval_step(args) == 0  # upstream evaluates every --eval.steps, not at the end
