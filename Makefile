@@ -1,9 +1,10 @@
 # `make demo`: set up .venv if needed, then run the main job on the embedded default (tiny models on CPU).
+# `make study`: the InfAlign study (docs/study.md), resumable; writes study_out/.
 # `make test`: set up .venv if needed, then run the test suite (what .ci/run calls).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo study test test-fast bench clean
 
 $(VENV)/.setup-done: pyproject.toml scripts/setup_cpu.sh
 	bash scripts/setup_cpu.sh
@@ -12,6 +13,10 @@ setup: $(VENV)/.setup-done
 
 demo: setup
 	$(PY) -m openrlhf_infalign.demo.pipeline --out demo_out
+
+# `make study`: raw reward vs calibration vs CTRL, 5 arms x 3 seeds on the same CPU path (~1 hour; not in `make test`).
+study: setup
+	$(PY) -m openrlhf_infalign.demo.study --out study_out
 
 test: setup
 	$(PY) -m pytest tests
