@@ -386,7 +386,8 @@ class InfAlignEvalMixin:
             "kl_rollout": self._infalign_kl,
             "kl_token_mean": self._infalign_kl_token_mean,
             "inference": _spec(getattr(inf, "inference", None) or get(args, "infalign.inference")),
-            "transform": _spec(getattr(inf, "transform", None) or get(args, "infalign.transform")),
+            # An eval-only state (plain reward) has no transform: null, not the unused flag default "auto".
+            "transform": _spec(getattr(inf, "transform", None) if inf is not None else get(args, "infalign.transform")),
             "beta": float(kl_ctl.value) if kl_ctl is not None else get(args, "algo.kl.init_coef"),
             # The plan the run trains toward (report marks it beside where the run is).
             "kl_budget": getattr(inf, "kl_budget", None),
