@@ -68,7 +68,6 @@ def append_record(path, record: dict) -> None:
         os.close(fd)
 
 
-
 def _check_stat(d, where: str, what: str) -> None:
     if not isinstance(d, dict) or not all(isinstance(d.get(k), (int, float)) for k in ("win_rate", "stderr")):
         raise ValueError(f"{where}: {what} must be {{'win_rate': float, 'stderr': float}}, got {d!r}")

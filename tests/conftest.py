@@ -7,15 +7,14 @@ first, then every process the nodes started (raylets, GCS, their workers and the
 by pid, so a failed or timed-out test leaves no raylet behind on a machine others share.
 """
 
+import json
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List
-
-import json
-import warnings
 
 import numpy as np
 import pytest
@@ -186,9 +185,7 @@ def two_node_cluster(monkeypatch):
         cluster = Cluster(
             initialize_head=True,
             shutdown_at_exit=True,
-            head_node_args=dict(
-                common, num_cpus=4, num_gpus=1, resources={"head": 1}, temp_dir=temp_dirs["head"]
-            ),
+            head_node_args=dict(common, num_cpus=4, num_gpus=1, resources={"head": 1}, temp_dir=temp_dirs["head"]),
         )
         nodes["head"] = cluster.head_node
         pids += _node_pids(cluster.head_node)

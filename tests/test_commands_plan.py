@@ -141,6 +141,8 @@ def test_k_aware_plan_spends_the_budget_on_average_over_stores(capsys):
 
 
 def test_k_aware_frontier_matches_the_plan(capsys):
-    f = _json(capsys, ["frontier", "--inference", "bon:4", "--transform", "auto", "--kl", "0.5", "--k", "16", "--json"])
+    f = _json(
+        capsys, ["frontier", "--inference", "bon:4", "--transform", "auto", "--kl", "0.5", "--k", "16", "--json"]
+    )
     rec = plan_with_flags("bon:4", 0.5, k=16)["recommended"]
     assert f["points"][0]["beta"] == pytest.approx(rec["beta"]) and f["points"][0]["transform"] == rec["transform"]

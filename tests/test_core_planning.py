@@ -36,9 +36,7 @@ def test_plan_worst_of_n_recommends_negexp(n):
     assert rec["win_rate"] > p["baselines"]["identity"]["win_rate"] + 0.01
     assert p["optimal"]["win_rate"] - rec["win_rate"] < 0.005
     # a BoN-shaped exp transform is worse than identity for WoN
-    assert (
-        win_rate(f"won:{n}", "exp:t=10", beta_for_kl("exp:t=10", 0.25)) < p["baselines"]["identity"]["win_rate"]
-    )
+    assert win_rate(f"won:{n}", "exp:t=10", beta_for_kl("exp:t=10", 0.25)) < p["baselines"]["identity"]["win_rate"]
 
 
 def test_plan_json_shape():

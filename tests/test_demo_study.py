@@ -1,8 +1,5 @@
 """The study's command building (arms -> flags) and its resumability check; no training."""
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -81,9 +78,17 @@ def test_run_command_same_setting_per_arm(tmp_path):
         assert flag(cmd, "--infalign.eval_store") == str(tmp_path / "stores" / "eval")
         assert cmd.count("--algo.kl.init_coef") == 1
         # the same prompts, sampling and evaluation for every arm
-        for shared in ("--data.prompt_dataset", "--eval.dataset", "--rollout.n_samples_per_prompt", "--eval.steps",
-                       "--eval.n_samples_per_prompt", "--rollout.batch_size", "--train.num_episodes",
-                       "--infalign.eval_n", "--algo.advantage.estimator"):
+        for shared in (
+            "--data.prompt_dataset",
+            "--eval.dataset",
+            "--rollout.n_samples_per_prompt",
+            "--eval.steps",
+            "--eval.n_samples_per_prompt",
+            "--rollout.batch_size",
+            "--train.num_episodes",
+            "--infalign.eval_n",
+            "--algo.advantage.estimator",
+        ):
             assert flag(cmd, shared) == flag(cmds["raw"], shared), (arm, shared)
     assert "--infalign.store" not in cmds["raw"] and "--reward_wrapper" not in cmds["raw"]
     assert flag(cmds["identity"], "--infalign.store") == str(tmp_path / "stores" / "train")

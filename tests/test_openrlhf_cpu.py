@@ -74,8 +74,7 @@ def test_rollout_actor_gets_cpu_worker_extension():
 
 @pytest.mark.openrlhf
 def test_apply_patches_openrlhf_modules_lazily_and_idempotently():
-    out = _run(
-        """
+    out = _run("""
         import sys
         from openrlhf_infalign.openrlhf import cpu
         cpu.apply(); cpu.apply()
@@ -103,8 +102,7 @@ def test_apply_patches_openrlhf_modules_lazily_and_idempotently():
         import inspect, openrlhf.utils.distributed_util as du
         assert "def torch_dist_barrier_and_cuda_sync" in inspect.getsource(du)  # real loader kept for getsource
         print("OK")
-        """
-    )
+        """)
     assert out.strip().endswith("OK")
 
 

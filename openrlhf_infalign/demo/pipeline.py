@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo_out", help="output directory (models, prompts, stores, run, report)")
     p.add_argument("--train-prompts", type=int, default=192, help="training prompts (steps = this / --rollout-batch)")
-    p.add_argument("--eval-prompts", type=int, default=128, help="evaluation prompts (held out: disjoint from training)")
+    p.add_argument(
+        "--eval-prompts", type=int, default=128, help="evaluation prompts (held out: disjoint from training)"
+    )
     p.add_argument("--k", type=int, default=16, help="reference samples per prompt (infalign calibrate --k)")
     p.add_argument("--inference", default="bon:4", help="inference procedure trained for (bon:N / won:N)")
     p.add_argument(
@@ -65,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="samples per prompt (--rollout.n_samples_per_prompt); with --rollout-batch: less noise per step",
     )
-    p.add_argument("--eval-samples", type=int, default=16, help="eval samples per prompt (--eval.n_samples_per_prompt)")
+    p.add_argument(
+        "--eval-samples", type=int, default=16, help="eval samples per prompt (--eval.n_samples_per_prompt)"
+    )
     p.add_argument("--eval-n", default="1,2,4,8", help="N values of the Best-of-N / Worst-of-N win rates")
     p.add_argument("--max-new-tokens", type=int, default=16, help="response length cap (rollouts, eval, calibrate)")
     p.add_argument("--lr", type=float, default=5e-4, help="actor learning rate")
@@ -362,7 +366,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise PhaseError(f"the run's evaluation log is unreadable: {e}") from e
         if not args.no_report:
             rep = run_phase(
-                "report", _py("-m", "openrlhf_infalign", "report", str(out / "run"), "--out", str(out / "report")),
+                "report",
+                _py("-m", "openrlhf_infalign", "report", str(out / "run"), "--out", str(out / "report")),
                 out / "logs",
             )
             record("report", rep)

@@ -20,7 +20,6 @@ Runs go seed by seed (every arm's seed 0, then every arm's seed 1, ...) so a stu
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import re
@@ -38,7 +37,16 @@ from openrlhf_infalign.demo.supervise import PhaseError, run_phase
 from openrlhf_infalign.evallog import eval_log_path, load_eval_log
 from openrlhf_infalign.files import write_text
 
-__all__ = ["ARMS", "main", "build_parser", "arm_flags", "run_steps", "last_eval_step", "run_finished", "raw_coef_scale"]
+__all__ = [
+    "ARMS",
+    "main",
+    "build_parser",
+    "arm_flags",
+    "run_steps",
+    "last_eval_step",
+    "run_finished",
+    "raw_coef_scale",
+]
 
 ARMS = ("raw", "identity", "ctrl_exp_bon4", "optimal_bon4", "ctrl_negexp_won4")
 
@@ -283,7 +291,16 @@ def _shared_phases(out: Path, args, phases: Dict[str, dict]) -> None:
 
 
 def _shared_setting(args) -> dict:
-    keys = ("train_prompts", "eval_prompts", "k", "train_k", "max_new_tokens", "fit_steps", "calibrate_backend", "seed")
+    keys = (
+        "train_prompts",
+        "eval_prompts",
+        "k",
+        "train_k",
+        "max_new_tokens",
+        "fit_steps",
+        "calibrate_backend",
+        "seed",
+    )
     return {k: getattr(args, k) for k in keys}
 
 
@@ -366,7 +383,8 @@ def _summary(out: Path, args, arms: Sequence[str], plans, raw: dict, phases, t_s
             "runs": seeds,
             "final_kl_mean": _mean([s["final_kl"] for s in seeds if s["final_kl"] is not None]),
             "final_win_rate_mean": {
-                name: _mean(finals(kind)) for name, kind in (("BoN_4", "bon"), ("WoN_4", "won"), ("standard", "standard"))
+                name: _mean(finals(kind))
+                for name, kind in (("BoN_4", "bon"), ("WoN_4", "won"), ("standard", "standard"))
             },
             "wall_s_per_run": [s["wall_s"] for s in seeds],
             "peak_tree_pss_mb": max((s["peak_tree_pss_mb"] or 0 for s in seeds), default=None),

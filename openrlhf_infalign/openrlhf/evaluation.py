@@ -30,12 +30,11 @@ matches the eval prompts, template, sampling temperature and reward model. It up
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -387,7 +386,9 @@ class InfAlignEvalMixin:
             "kl_token_mean": self._infalign_kl_token_mean,
             "inference": _spec(getattr(inf, "inference", None) or get(args, "infalign.inference")),
             # An eval-only state (plain reward) has no transform: null, not the unused flag default "auto".
-            "transform": _spec(getattr(inf, "transform", None) if inf is not None else get(args, "infalign.transform")),
+            "transform": _spec(
+                getattr(inf, "transform", None) if inf is not None else get(args, "infalign.transform")
+            ),
             "beta": float(kl_ctl.value) if kl_ctl is not None else get(args, "algo.kl.init_coef"),
             # The plan the run trains toward (report marks it beside where the run is).
             "kl_budget": getattr(inf, "kl_budget", None),

@@ -48,7 +48,9 @@ def _check(estimator: str, n: int) -> None:
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n_samples_per_prompt must be an integer >= 1, got {n!r}")
     if estimator in _GROUP and n < 2:
-        raise ValueError(f"estimator {estimator} needs --rollout.n_samples_per_prompt >= 2 (a group baseline), got {n}")
+        raise ValueError(
+            f"estimator {estimator} needs --rollout.n_samples_per_prompt >= 2 (a group baseline), got {n}"
+        )
 
 
 def unplanned_reason(
