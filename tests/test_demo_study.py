@@ -88,11 +88,16 @@ def test_run_command_same_setting_per_arm(tmp_path):
             "--train.num_episodes",
             "--infalign.eval_n",
             "--algo.advantage.estimator",
+            "--train.batch_size",
+            "--actor.lr_scheduler",
         ):
             assert flag(cmd, shared) == flag(cmds["raw"], shared), (arm, shared)
     assert "--infalign.store" not in cmds["raw"] and "--reward_wrapper" not in cmds["raw"]
     assert flag(cmds["identity"], "--infalign.store") == str(tmp_path / "stores" / "train")
     assert flag(cmds["raw"], "--eval.steps") == "3"
+    # 32 prompts x 8 samples a step in updates of 64: four optimizer updates per PPO step, at a constant rate
+    assert flag(cmds["raw"], "--train.batch_size") == "64" and cmds["raw"].count("--train.batch_size") == 1
+    assert flag(cmds["raw"], "--actor.lr_scheduler") == "constant_with_warmup"
     assert "--data.max_samples" not in cmds["raw"]
 
 
@@ -135,6 +140,6 @@ def test_raw_coef_scale(tmp_path):
 
 def test_last_eval_step():
     args = study.build_parser().parse_args([])
-    assert study.run_steps(args) == 12 and study.last_eval_step(args) == 12
+    assert study.run_steps(args) == 18 and study.last_eval_step(args) == 18
     args = study.build_parser().parse_args(["--max-steps", "2"])
     assert study.last_eval_step(args) == 0  # upstream evaluates every --eval.steps, not at the end

@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="study_out", help="output directory (shared models and stores, runs, compare)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run, from: " + ", ".join(ARMS))
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (--train.seed 0 .. seeds-1)")
-    p.add_argument("--kl", type=float, default=1.0, help="KL budget (nats) every InfAlign arm is planned for")
+    p.add_argument("--kl", type=float, default=0.5, help="KL budget (nats) every InfAlign arm is planned for")
     p.add_argument("--train-prompts", type=int, default=192, help="training prompts")
-    p.add_argument("--eval-prompts", type=int, default=64, help="held-out evaluation prompts")
+    p.add_argument("--eval-prompts", type=int, default=128, help="held-out evaluation prompts")
     p.add_argument("--k", type=int, default=16, help="reference samples per prompt of the EVAL store")
     p.add_argument("--train-k", type=int, default=32, help="reference samples per prompt of the TRAIN (CTRL) store")
     p.add_argument("--rollout-batch", type=int, default=32, help="prompts per PPO step")
@@ -74,7 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=8, help="eval samples per prompt")
     p.add_argument("--eval-n", default="1,2,4,8", help="N values of the Best-of-N / Worst-of-N win rates")
     p.add_argument("--eval-every", type=int, default=3, help="--eval.steps")
-    p.add_argument("--episodes", type=int, default=2, help="passes over the training prompts (6 steps each)")
+    p.add_argument("--episodes", type=int, default=3, help="passes over the training prompts (6 steps each)")
+    p.add_argument(
+        "--train-batch",
+        type=int,
+        default=64,
+        help="samples per optimizer update (--train.batch_size): rollout-batch x n-samples / train-batch updates a step",
+    )
+    p.add_argument(
+        "--lr-scheduler",
+        default="constant_with_warmup",
+        help="--actor.lr_scheduler (upstream's default cosine_with_min_lr decays to 0.1x within the short run)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=16, help="response length cap")
     p.add_argument("--lr", type=float, default=5e-4, help="actor learning rate")
     p.add_argument("--estimator", default="reinforce_baseline", help="--algo.advantage.estimator")
@@ -203,6 +214,9 @@ def run_command(out: Path, args, arm: str, seed: int, plans: Dict[str, dict], ra
     run_dir = run_path(out, arm, seed)
     cmd = _set_flag(cmd, "--ckpt.output_dir", str(run_dir))
     cmd = _set_flag(cmd, "--ckpt.path", str(run_dir / "checkpoints"))
+    # several updates per rollout and a constant rate: the short runs get closer to the optimum the plan assumes
+    cmd = _set_flag(cmd, "--train.batch_size", str(args.train_batch))
+    cmd += ["--actor.lr_scheduler", args.lr_scheduler]
     if arm == "raw":
         cmd = _set_flag(cmd, "--infalign.store", None)  # no wrapper: the train store is not used
     if args.max_steps and args.max_steps < run_steps(_no_cap(args)):
@@ -423,6 +437,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         print(f"[study] error: unknown arm(s) {', '.join(unknown)}; the arms are: {', '.join(ARMS)}", file=sys.stderr)
+        return 2
+    if (args.rollout_batch * args.n_samples) % args.train_batch:
+        print(
+            f"[study] error: --train-batch {args.train_batch} must divide the samples of a step "
+            f"(--rollout-batch {args.rollout_batch} x --n-samples {args.n_samples})",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
