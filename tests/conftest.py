@@ -10,6 +10,7 @@ by pid, so a failed or timed-out test leaves no raylet behind on a machine other
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 import warnings
@@ -107,6 +108,7 @@ class TwoNodeCluster:
     rss_mb_after_start: float
     pids: List[int] = field(default_factory=list)
     _monkeypatch: object = None
+    lost: list = field(default_factory=list)  # processes of killed nodes, ended at teardown
 
     def connect(self):
         """``ray.init`` this process to the head. Ray resolves 127.0.0.1 in an address to the outbound address,
@@ -119,6 +121,32 @@ class TwoNodeCluster:
     def node_ids(self) -> Dict[str, str]:
         """Ray node id (hex) -> "head" / "worker"."""
         return {node.node_id: name for name, node in self.nodes.items()}
+
+    def kill_node(self, name: str) -> int:
+        """SIGKILL node ``name``'s raylet and every process under it (its workers, vLLM's), as a lost machine.
+
+        The raylet alone is not enough: its workers outlive it and keep serving their callers until the GCS
+        declares the node dead (they finished a 100 s calibration here). Returns the number of processes killed.
+        """
+        raylet = self.nodes[name].all_processes["raylet"][0].process
+        procs = _tree([raylet.pid])
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except Exception:
+                pass
+        self.lost += procs
+        return len(procs)
+
+    def replace_node(self, name: str) -> None:
+        """A fresh node with the lost one's resources and its own temp dir, joined to the head (waits for it)."""
+        self.cluster.worker_nodes.discard(self.nodes[name])
+        temp = tempfile.mkdtemp(prefix=f"ray{name[0]}r", dir="/tmp")
+        self.temp_dirs[f"{name}.replacement"] = temp
+        node = self.cluster.add_node(**NODE_ARGS[name], temp_dir=temp)
+        self.pids += _node_pids(node)
+        self.nodes[name] = node
+        self.cluster.wait_for_nodes()
 
     def tree_rss_mb(self) -> float:
         total = 0
@@ -167,6 +195,10 @@ def _kill(procs, grace_s: float = 5.0) -> None:
             pass
 
 
+_COMMON = dict(node_ip_address=LOOPBACK, include_dashboard=False, object_store_memory=200 * 2**20)
+NODE_ARGS = {name: dict(_COMMON, num_cpus=4, num_gpus=1, resources={name: 1}) for name in ("head", "worker")}
+
+
 @pytest.fixture
 def two_node_cluster(monkeypatch):
     pytest.importorskip("ray")
@@ -176,22 +208,19 @@ def two_node_cluster(monkeypatch):
 
     # Short roots: Ray's Unix socket paths live under them and are capped at 107 bytes.
     temp_dirs = {name: tempfile.mkdtemp(prefix=f"ray{name[0]}", dir="/tmp") for name in ("head", "worker")}
-    common = dict(node_ip_address=LOOPBACK, include_dashboard=False, object_store_memory=200 * 2**20)
     started = time.perf_counter()
-    cluster = None
+    cluster = handle = None
     nodes: Dict[str, object] = {}
     pids: List[int] = []
     try:
         cluster = Cluster(
             initialize_head=True,
             shutdown_at_exit=True,
-            head_node_args=dict(common, num_cpus=4, num_gpus=1, resources={"head": 1}, temp_dir=temp_dirs["head"]),
+            head_node_args=dict(NODE_ARGS["head"], temp_dir=temp_dirs["head"]),
         )
         nodes["head"] = cluster.head_node
         pids += _node_pids(cluster.head_node)
-        nodes["worker"] = cluster.add_node(
-            **common, num_cpus=4, num_gpus=1, resources={"worker": 1}, temp_dir=temp_dirs["worker"]
-        )
+        nodes["worker"] = cluster.add_node(**NODE_ARGS["worker"], temp_dir=temp_dirs["worker"])
         pids += _node_pids(nodes["worker"])
         cluster.wait_for_nodes()
         startup_s = time.perf_counter() - started
@@ -202,7 +231,7 @@ def two_node_cluster(monkeypatch):
         if ray.is_initialized():
             ray.shutdown()
         # Snapshot the trees first: once a raylet is gone its workers are re-parented and no longer found under it.
-        procs = _tree(pids)
+        procs = _tree(handle.pids if handle else pids) + (handle.lost if handle else [])
         if cluster is not None:
             try:
                 cluster.shutdown()

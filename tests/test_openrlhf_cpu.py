@@ -47,7 +47,10 @@ def test_ray_init_kwargs_start_a_fresh_local_cluster_unless_ray_address(monkeypa
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cpu.ray_init_kwargs()["address"] == "local"
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert "address" not in cpu.ray_init_kwargs()
+    # joining: the cluster's address and the workers' environment only (Ray refuses node settings there)
+    joined = cpu.ray_init_kwargs(num_cpus=3)
+    assert set(joined) == {"address", "runtime_env"} and joined["address"] == "127.0.0.1:6379"
+    assert joined["runtime_env"]["worker_process_setup_hook"] == cpu.SETUP_HOOK
 
 
 def test_rollout_actor_gets_cpu_worker_extension():

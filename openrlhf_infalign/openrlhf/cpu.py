@@ -483,10 +483,12 @@ def ray_init_kwargs(
     if setup_hook:
         runtime_env["worker_process_setup_hook"] = setup_hook
     # A fresh local cluster unless RAY_ADDRESS names one: a bare ray.init() would join whatever cluster another
-    # process left in /tmp/ray/ray_current_cluster, and refuse these num_cpus/num_gpus there.
-    where = {} if os.environ.get("RAY_ADDRESS") else {"address": "local"}
+    # process left in /tmp/ray/ray_current_cluster, and refuse these num_cpus/num_gpus there. Joining a cluster,
+    # Ray refuses node settings too: its nodes were started with theirs.
+    if os.environ.get("RAY_ADDRESS"):
+        return dict(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
     return dict(
-        **where,
+        address="local",
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=False,

@@ -14,7 +14,7 @@ from .settings import CalibrateSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HFGenerator", "VLLMGenerator", "make_generator"]
+__all__ = ["HFGenerator", "VLLMGenerator", "make_generator", "actor_node_id"]
 
 
 def _truncate_prompt(ids: List[int], max_len: int, max_new_tokens: Optional[int]) -> tuple[List[int], int]:
@@ -122,7 +122,7 @@ class VLLMGenerator:
             cpu.apply()
             if not ray.is_initialized():
                 n = settings.num_engines * settings.tensor_parallel_size
-                ray.init(**cpu.ray_init_kwargs(num_cpus=max(2, n + 1), num_gpus=n))
+                ray.init(**cpu.ray_init_kwargs(num_cpus=max(2, n + settings.rm_actors + 1), num_gpus=n))
                 self._own_ray = True
         elif not ray.is_initialized():
             ray.init()  # joins the cluster named by RAY_ADDRESS, else starts a local one
@@ -146,9 +146,14 @@ class VLLMGenerator:
             remote_rm_url=urls,
         )
         self._load = [0] * len(self.engines)
+        self._engine_of: dict = {}
 
-    def generate(self, prompts: Sequence[str], labels, seed: int, progress: Callable[[int], None]):
-        import ray
+    def submit(self, prompts: Sequence[str], labels) -> list:
+        """One ``generate_responses`` call per prompt, dealt to the least loaded engine; their refs, in order.
+
+        Nothing is fetched here: a reward-model actor can take a ref as its argument, so the samples go from the
+        engine to the scorer without passing through this process.
+        """
         from vllm import SamplingParams
 
         # The same SamplingParams as SamplesGenerator._dispatch_prompts_to_vllm.
@@ -161,8 +166,8 @@ class VLLMGenerator:
             skip_special_tokens=False,
             logprobs=None,
         )
-        refs = {}
-        for i, (p, lab) in enumerate(zip(prompts, labels)):
+        refs = []
+        for p, lab in zip(prompts, labels):
             e = min(range(len(self.engines)), key=self._load.__getitem__)
             self._load[e] += self.s.k
             ref = self.engines[e].generate_responses.remote(
@@ -173,20 +178,35 @@ class VLLMGenerator:
                 hf_tokenizer=self.tok,
                 num_samples=self.s.k,
             )
-            refs[ref] = (i, e)
+            refs.append(ref)
+            self._engine_of[ref] = e
+        return refs
+
+    def done(self, ref) -> None:
+        """A submitted prompt has finished: its samples no longer load its engine."""
+        self._load[self._engine_of.pop(ref)] -= self.s.k
+
+    def generate(self, prompts: Sequence[str], labels, seed: int, progress: Callable[[int], None]):
+        import ray
+
+        refs = self.submit(prompts, labels)
+        index = {ref: i for i, ref in enumerate(refs)}
         out: List = [None] * len(prompts)
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             for ref in ready:
-                i, e = refs[ref]
-                self._load[e] -= self.s.k
-                out[i] = [
+                self.done(ref)
+                out[index[ref]] = [
                     {"observation_tokens": list(r["observation_tokens"]), "reward": r.get("reward")}
                     for r in ray.get(ref)
                 ]
                 progress(1)
         return out
+
+    def node_ids(self) -> List[Optional[str]]:
+        """The Ray node of each engine (None where Ray's actor table does not say)."""
+        return [actor_node_id(e) for e in self.engines]
 
     def close(self):
         import ray
@@ -195,6 +215,17 @@ class VLLMGenerator:
             ray.kill(e)
         if self._own_ray:
             ray.shutdown()
+
+
+def actor_node_id(handle) -> Optional[str]:
+    """The node id (hex) a Ray actor runs on, from the GCS actor table."""
+    import ray
+
+    try:
+        info = ray._private.state.actors(handle._actor_id.hex())
+        return (info.get("Address") or {}).get("NodeID")
+    except Exception:  # an older/newer Ray without this table layout: placement is only reported, never relied on
+        return None
 
 
 def make_generator(settings: CalibrateSettings, tokenizer):

@@ -29,7 +29,7 @@ from openrlhf_infalign.store import StoreError, read_manifest, write_store
 
 from .generate import make_generator
 from .prompts import load_prompts, load_tokenizer, unique_prompts
-from .score import check_finite, make_scorer
+from .score import RewardModelActors, check_finite, make_scorer
 from .settings import CalibrateSettings, CalibrationError
 from .shards import SHARD_FORMAT, WORK_SUFFIX, assemble, shard_done, write_shard
 
@@ -222,8 +222,11 @@ def _open_work_dir(plan: WorkPlan, log: Callable[[str], None]) -> list:
     return todo
 
 
-def _generate_and_score(plan: WorkPlan, todo: list) -> tuple[float, float]:
-    """Each shard still to do: K samples per prompt, their rewards, checked, written; returns (generate_s, score_s)."""
+def _generate_and_score(plan: WorkPlan, todo: list, placement: Dict) -> tuple[float, float]:
+    """Each shard still to do: K samples per prompt, their rewards, checked, written; returns (generate_s, score_s).
+
+    ``placement`` gets the Ray node of each engine and reward-model actor when the RM runs in actors.
+    """
     from tqdm import tqdm
 
     s = plan.settings
@@ -231,21 +234,34 @@ def _generate_and_score(plan: WorkPlan, todo: list) -> tuple[float, float]:
     run_id = uuid.uuid4().hex[:12]
     gen_s = score_s = 0.0
     generator = make_generator(s, plan.tokenizer)
-    scorer = make_scorer(s, plan.tokenizer)
+    scorer = None
     source = s.reward_model or s.reward_url
     done_prompts = len(plan.prompts) - sum(sl.stop - sl.start for i, sl in todo)
     bar = tqdm(total=len(plan.prompts), initial=done_prompts, desc="calibrate", unit="prompt", disable=not s.progress)
+    n_written = 0
     try:
+        scorer = make_scorer(s, plan.tokenizer)
+        pipelined = isinstance(scorer, RewardModelActors)
+        if pipelined:
+            placement["engines"] = generator.node_ids()
+            placement["reward_model_actors"] = list(scorer.node_ids)
         for n_written, (i, sl) in enumerate(todo):
             if fail_after and n_written >= fail_after:
                 raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: stopping after {n_written} shard(s) (test hook)")
             sp, sl_labels, sk = plan.prompts[sl], plan.labels[sl], plan.keys[sl]
             shard_t0 = ts = time.time()
-            samples = generator.generate(sp, sl_labels, seed=s.seed * 1_000_003 + i, progress=bar.update)
-            gen_s += time.time() - ts
-            ts = time.time()
-            rewards = scorer.score(sp, sl_labels, samples)
-            score_s += time.time() - ts
+            if pipelined:  # generation and scoring overlap: one wall time for both
+                refs = generator.submit(sp, sl_labels)
+                rewards = scorer.score_refs(refs, progress=bar.update)
+                for ref in refs:
+                    generator.done(ref)
+                gen_s += time.time() - ts
+            else:
+                samples = generator.generate(sp, sl_labels, seed=s.seed * 1_000_003 + i, progress=bar.update)
+                gen_s += time.time() - ts
+                ts = time.time()
+                rewards = scorer.score(sp, sl_labels, samples)
+                score_s += time.time() - ts
             check_finite(sp, rewards, source)
             for p, rr in zip(sp, rewards):
                 if len(rr) != s.k:
@@ -264,10 +280,35 @@ def _generate_and_score(plan: WorkPlan, todo: list) -> tuple[float, float]:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             write_shard(plan.work, i, sk, sp, rewards, meta)
+    except Exception as e:
+        if not _is_lost_worker(e):
+            raise
+        kept = len(plan.shards) - len(todo) + n_written
+        raise CalibrationError(
+            f"lost a Ray worker mid-run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {kept} of "
+            f"{len(plan.shards)} shard(s) are kept in {plan.work} and nothing was written to {plan.out}: rerun the "
+            "same command (once the cluster has its nodes back) to resume"
+        ) from e
     finally:
         bar.close()
+        if scorer is not None and hasattr(scorer, "close"):
+            scorer.close()
         generator.close()
     return gen_s, score_s
+
+
+def _is_lost_worker(e: BaseException) -> bool:
+    """A dead actor/node/worker (a lost raylet, an OOM kill): the work is resumable, so say so."""
+    try:
+        from ray import exceptions as rex
+    except ImportError:
+        return False
+    lost = tuple(
+        getattr(rex, name)
+        for name in ("RayActorError", "ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ObjectLostError")
+        if hasattr(rex, name)
+    )
+    return isinstance(e, lost)
 
 
 def _publish(plan: WorkPlan, keys, prompts, rewards) -> None:
@@ -306,11 +347,13 @@ def run_calibration(settings: CalibrateSettings, log: Callable[[str], None] = pr
     if _published(plan, log):
         return {"out": str(plan.out), "up_to_date": True, "num_prompts": len(plan.prompts), "k": settings.k}
     todo = _open_work_dir(plan, log)
-    gen_s, score_s = _generate_and_score(plan, todo) if todo else (0.0, 0.0)
+    placement: Dict = {}
+    gen_s, score_s = _generate_and_score(plan, todo, placement) if todo else (0.0, 0.0)
     keys, prompts, rewards = assemble(plan.work, plan.shards, plan.keys)
     _publish(plan, keys, prompts, rewards)
 
     flat = rewards.values
+    generated = sum(sl.stop - sl.start for _, sl in todo)
     summary = {
         "out": str(plan.out),
         "num_prompts": len(keys),
@@ -323,6 +366,10 @@ def run_calibration(settings: CalibrateSettings, log: Callable[[str], None] = pr
         "reward_std": float(flat.std()) if flat.size else None,
         "generate_s": round(gen_s, 3),
         "score_s": round(score_s, 3),
+        # with reward-model actors scoring overlaps generation: generate_s holds both, score_s is 0
+        "reward_model_actors": settings.rm_actors,
+        "placement": placement or None,
+        "samples_per_s": round(generated * settings.k / (gen_s + score_s), 2) if gen_s + score_s > 0 else None,
         "wall_s": round(time.time() - t0, 3),
     }
     log(json.dumps(summary))

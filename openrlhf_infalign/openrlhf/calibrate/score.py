@@ -2,12 +2,14 @@
 
 Each is OpenRLHF's own code path: ``get_llm_for_sequence_regression`` on prompt + response ids (as its
 ``RewardModelActor``), or ``SingleTurnAgentExecutor``'s loading and calls (the query it builds: prompt + response
-decoded with special tokens kept). Under ``--backend vllm`` that executor already ran inside the rollout engines.
+decoded with special tokens kept). Under ``--backend vllm`` that executor already ran inside the rollout engines,
+and a local reward model runs in Ray actors over the cluster, fed by the engines (:class:`RewardModelActors`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import List
 
 import numpy as np
@@ -17,7 +19,14 @@ from openrlhf_infalign.store import prompt_key
 
 from .settings import CalibrateSettings, CalibrationError
 
-__all__ = ["ExecutorScorer", "RewardModelScorer", "RolloutRewards", "make_scorer", "check_finite"]
+__all__ = [
+    "ExecutorScorer",
+    "RewardModelActors",
+    "RewardModelScorer",
+    "RolloutRewards",
+    "make_scorer",
+    "check_finite",
+]
 
 
 def _as_float(value) -> float:
@@ -138,6 +147,83 @@ class RewardModelScorer:
         return out
 
 
+class _RewardModelWorker:
+    """Body of one reward-model actor: the in-process scorer, in a Ray worker (CPU patches first in CPU mode)."""
+
+    def __init__(self, settings: CalibrateSettings, pad_id: int):
+        if settings.cpu:
+            from openrlhf_infalign.openrlhf import cpu
+
+            cpu.apply()
+        self.scorer = RewardModelScorer(settings, SimpleNamespace(pad_token_id=pad_id))
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def score(self, *generations) -> List[List[float]]:
+        """Rewards of each prompt's samples; Ray resolved each engine ref into its samples on this node."""
+        return self.scorer.score(None, None, [list(g) for g in generations])
+
+
+class RewardModelActors:
+    """A local reward model in Ray actors spread over the cluster's nodes (``--reward.num_actors``).
+
+    Each prompt's ``generate_responses`` ref goes to an actor as its argument, so scoring starts as soon as that
+    prompt's samples exist and the samples travel engine -> actor, never through the driver; the driver only
+    collects the floats. Actors are dealt round-robin over the alive nodes (soft affinity: a full node spills).
+    """
+
+    def __init__(self, settings: CalibrateSettings, tokenizer):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.s = settings
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        worker = ray.remote(_RewardModelWorker)
+        self.actors = [
+            worker.options(
+                num_cpus=1,
+                num_gpus=settings.rm_actor_gpus,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True),
+            ).remote(settings, pad_id)
+            for i in range(settings.rm_actors)
+        ]
+        # Waits for every model load, so a bad RM path fails here, before any generation.
+        self.node_ids = ray.get([a.node_id.remote() for a in self.actors])
+        self._load = [0] * len(self.actors)
+
+    def score_refs(self, refs: list, progress) -> List[List[float]]:
+        """Rewards for each ref (``generate_responses`` of one prompt), in order; progress(n) as prompts finish."""
+        import ray
+
+        per_call = max(1, self.s.rm_batch_size // self.s.k)  # about --rm-batch-size sequences per forward
+        calls = {}
+        for start in range(0, len(refs), per_call):
+            chunk = refs[start : start + per_call]
+            a = min(range(len(self.actors)), key=self._load.__getitem__)
+            self._load[a] += len(chunk)
+            calls[self.actors[a].score.remote(*chunk)] = (start, len(chunk), a)
+        out: List = [None] * len(refs)
+        pending = list(calls)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                start, n, a = calls[ref]
+                out[start : start + n] = ray.get(ref)
+                self._load[a] -= n
+                progress(n)
+        return out
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+
+
 class RolloutRewards:
     """``--backend vllm`` with a reward_func or HTTP reward: the engines' executor scored each sample already."""
 
@@ -159,7 +245,7 @@ class RolloutRewards:
 def make_scorer(settings: CalibrateSettings, tokenizer):
     """The scorer of the reward source (``reward_model`` or ``reward_url``) for the generator of ``--backend``."""
     if settings.reward_model:
-        return RewardModelScorer(settings, tokenizer)
+        return RewardModelActors(settings, tokenizer) if settings.rm_actors else RewardModelScorer(settings, tokenizer)
     if settings.backend == "vllm":
         return RolloutRewards(settings)
     return ExecutorScorer(settings, tokenizer)

@@ -101,9 +101,8 @@ class CalibrateSettings:
         flags=("--reward.model_name_or_path",),
         group="reward",
         metavar="PATH",
-        help="local reward model, loaded with OpenRLHF's get_llm_for_sequence_regression and run in this process "
-        "(on its GPU if it has one; at cluster scale serve it with `python -m openrlhf.cli.serve_rm` and pass the "
-        "URL as --reward.remote_url instead)",
+        help="local reward model, loaded with OpenRLHF's get_llm_for_sequence_regression: in Ray reward-model "
+        "actors spread over the cluster with --backend vllm (see --reward.num_actors), in this process with hf",
     )
     reward_url: Optional[str] = setting(
         None,
@@ -117,6 +116,22 @@ class CalibrateSettings:
         flags=("--reward.normalize_enable",),
         group="reward",
         help="score (r - mean) / std with the RM config's mean/std, as training with this flag does",
+    )
+    reward_num_actors: Optional[int] = setting(
+        None,
+        flags=("--reward.num_actors",),
+        group="reward",
+        metavar="N",
+        help="--backend vllm with a local RM: Ray reward-model actors, spread over the cluster's nodes and fed by the "
+        "engines as each prompt's samples finish (the samples never pass through this process); default: one per "
+        "vLLM engine; 0: score in this process after each shard's generation",
+    )
+    reward_actor_gpus: Optional[float] = setting(
+        None,
+        flags=("--reward.actor_num_gpus",),
+        group="reward",
+        metavar="G",
+        help="GPUs per reward-model actor (default: 1, or 0 with --infalign.cpu)",
     )
     value_head_prefix: str = setting(
         "score", flags=("--ds.value_head_prefix",), group="reward", metavar="NAME", help="RM value head name"
@@ -256,6 +271,13 @@ class CalibrateSettings:
             )
         if self.num_engines < 1 or self.tensor_parallel_size < 1:
             raise CalibrationError("--vllm.num_engines and --vllm.tensor_parallel_size must be >= 1")
+        if self.reward_num_actors is not None and self.reward_num_actors < 0:
+            raise CalibrationError(f"--reward.num_actors must be >= 0 (got {self.reward_num_actors})")
+        if self.reward_num_actors and not (self.backend == "vllm" and self.reward_model):
+            raise CalibrationError(
+                "--reward.num_actors needs --backend vllm and a local --reward.model_name_or_path (a reward_func or "
+                "HTTP reward is already called inside the vLLM engines)"
+            )
         if self.reward_url:
             for u in self.reward_urls:
                 if u.endswith(".py"):
@@ -276,6 +298,19 @@ class CalibrateSettings:
         """The value of a setting by its OpenRLHF flag name (``"rollout.temperature"``), None for one it lacks."""
         f = _BY_DEST.get(dotted)
         return getattr(self, f.name) if f is not None else None
+
+    @property
+    def rm_actors(self) -> int:
+        """Reward-model actors this run starts (0: the RM scores in this process)."""
+        if self.backend != "vllm" or not self.reward_model:
+            return 0
+        return self.num_engines if self.reward_num_actors is None else self.reward_num_actors
+
+    @property
+    def rm_actor_gpus(self) -> float:
+        if self.reward_actor_gpus is not None:
+            return self.reward_actor_gpus
+        return 0.0 if self.cpu else 1.0
 
     @property
     def reward_urls(self) -> List[str]:
