@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -241,3 +242,61 @@ def two_node_cluster(monkeypatch):
         for path in temp_dirs.values():
             shutil.rmtree(path, ignore_errors=True)
         os.environ.pop("RAY_ADDRESS", None)
+
+
+# ---- peak memory of process trees --------------------------------------------------------------------------------
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and everything under it (0 once it is gone)."""
+    total = 0
+    for proc in _tree([pid]):
+        try:
+            total += proc.memory_info().rss
+        except Exception:
+            continue
+    return total / 2**20
+
+
+class PeakRss(threading.Thread):
+    """Peak of the summed RSS of some process trees, sampled every second until ``stop()``.
+
+    Each source is a pid or a callable giving MiB (e.g. ``TwoNodeCluster.tree_rss_mb``, the raylets' trees).
+    """
+
+    def __init__(self, *sources):
+        super().__init__(daemon=True)
+        self.sources = []
+        for source in sources:
+            self.add(source)
+        self.peak_mb, self._done = 0.0, threading.Event()
+
+    def add(self, source) -> None:
+        """Sample one more pid's tree (or callable) from now on."""
+        self.sources.append(source if callable(source) else (lambda pid=source: tree_rss_mb(pid)))
+
+    def run(self):
+        while not self._done.wait(1.0):
+            self.peak_mb = max(self.peak_mb, sum(source() for source in self.sources))
+
+    def stop(self) -> float:
+        self._done.set()
+        self.join()
+        return self.peak_mb
+
+
+@pytest.fixture
+def peak_rss():
+    """peak_rss(*pids_or_callables) -> a started PeakRss; every one still running is stopped at teardown."""
+    started = []
+
+    def start(*sources):
+        watch = PeakRss(*sources)
+        watch.start()
+        started.append(watch)
+        return watch
+
+    yield start
+    for watch in started:
+        if watch.is_alive():
+            watch.stop()

@@ -89,14 +89,20 @@ class NeverAt(threading.Thread):
         self.join()
 
 
-def test_calibrate_across_two_nodes_survives_a_lost_node(two_node_cluster, inputs):
+def test_calibrate_across_two_nodes_survives_a_lost_node(two_node_cluster, inputs, peak_rss):
     env = _env(RAY_ADDRESS=two_node_cluster.address)
     names = two_node_cluster.node_ids()
 
     # 1. A clean run: one engine and one reward-model actor on each node.
     t0 = time.perf_counter()
-    clean = subprocess.run(_command(inputs, inputs / "clean"), capture_output=True, text=True, env=env, timeout=900)
+    peak = peak_rss(two_node_cluster.tree_rss_mb)  # the raylets' trees hold the engines and RM actors; + the driver
+    proc = subprocess.Popen(_command(inputs, inputs / "clean"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+    peak.add(proc.pid)
+    stdout, stderr = proc.communicate(timeout=900)
+    clean = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     clean_s = time.perf_counter() - t0
+    clean_peak_mb = peak.stop()
     assert clean.returncode == 0, clean.stderr[-6000:]
     summary = _summary(clean.stdout)
     placement = summary["placement"]
@@ -157,7 +163,8 @@ def test_calibrate_across_two_nodes_survives_a_lost_node(two_node_cluster, input
         == read_manifest(inputs / "clean")["calibration"]["settings_hash"]
     )
     print(
-        f"\ntwo-node start-up {two_node_cluster.startup_s:.1f} s; clean calibrate {clean_s:.1f} s "
+        f"\ntwo-node start-up {two_node_cluster.startup_s:.1f} s (RSS {two_node_cluster.rss_mb_after_start:.0f} MiB); "
+        f"clean calibrate {clean_s:.1f} s, peak RSS of cluster + driver {clean_peak_mb:.0f} MiB "
         f"({summary['samples_per_s']} samples/s in generation+scoring); killed after {n_kept} of "
         f"{PROMPTS // SHARD} shards ({n_killed} processes), run failed {fail_s:.1f} s after the kill; "
         f"replacement node {join_s:.1f} s; "

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -68,39 +67,6 @@ def _run(cmd, timeout, **env):
     return proc
 
 
-class PeakRss(threading.Thread):
-    """Peak summed RSS of the cluster's process trees plus the driver's, sampled every second."""
-
-    def __init__(self, trees):
-        super().__init__(daemon=True)
-        self.trees, self.peak_mb, self._done = trees, 0.0, threading.Event()
-
-    def run(self):
-        while not self._done.wait(1.0):
-            self.peak_mb = max(self.peak_mb, sum(tree() for tree in self.trees))
-
-    def stop(self):
-        self._done.set()
-        self.join()
-
-
-def _tree_rss_mb(pid):
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            continue
-    return total / 2**20
-
-
 @pytest.fixture
 def inputs(tmp_path):
     code = (
@@ -131,7 +97,7 @@ def inputs(tmp_path):
     return tmp_path, plan
 
 
-def test_train_ppo_across_two_nodes(two_node_cluster, inputs):
+def test_train_ppo_across_two_nodes(two_node_cluster, inputs, peak_rss):
     out, plan = inputs
     run_dir = out / "run"
     cmd = _py(
@@ -163,8 +129,7 @@ def test_train_ppo_across_two_nodes(two_node_cluster, inputs):
         cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT),
         env=_env(RAY_ADDRESS=two_node_cluster.address),
     )  # fmt: skip
-    peak = PeakRss([two_node_cluster.tree_rss_mb, lambda: _tree_rss_mb(driver.pid)])
-    peak.start()
+    peak = peak_rss(two_node_cluster.tree_rss_mb, driver.pid)
     try:
         rc = driver.wait(timeout=1500)
     finally:
