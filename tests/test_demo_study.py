@@ -63,6 +63,9 @@ def test_arm_flags():
     assert flag(opt, "--infalign.transform") == "optimal" and flag(opt, "--infalign.inference") == "bon:4"
     assert float(flag(opt, "--algo.kl.init_coef")) == pytest.approx(0.2405)
     assert study.arm_flags("ctrl_negexp_won4", PLANS, 2.0) == PLANS["won:4"]["openrlhf_args"]
+    noise = study.arm_flags("noise", PLANS, 2.0)
+    assert "--reward_wrapper" not in noise and "--infalign.allow_mismatch" in noise
+    assert float(flag(noise, "--algo.kl.init_coef")) == pytest.approx(0.1226)  # identity's: no spread to scale by
     with pytest.raises(ValueError, match="unknown arm"):
         study.arm_flags("nope", PLANS, 2.0)
 
@@ -99,6 +102,9 @@ def test_run_command_same_setting_per_arm(tmp_path):
     assert flag(cmds["raw"], "--train.batch_size") == "64" and cmds["raw"].count("--train.batch_size") == 1
     assert flag(cmds["raw"], "--actor.lr_scheduler") == "constant_with_warmup"
     assert "--data.max_samples" not in cmds["raw"]
+    noise = study.run_command(tmp_path, args, "noise", 1, PLANS, 2.0)
+    assert flag(noise, "--reward.remote_url") == str(tmp_path / "noise_reward_func.py")
+    assert "--infalign.store" not in noise and flag(noise, "--eval.dataset") == flag(cmds["raw"], "--eval.dataset")
 
 
 def test_max_steps_trims_with_one_pass(tmp_path):

@@ -49,6 +49,18 @@ __all__ = [
 ]
 
 ARMS = ("raw", "identity", "ctrl_exp_bon4", "optimal_bon4", "ctrl_negexp_won4")
+#: Controls, run only when named in --arms. ``noise``: rewards drawn at random, independent of the response, with
+#: the identity arm's coefficient: the KL the optimiser spends with no reward signal at all (its win rates are
+#: scored by that noise too, so only its KL means anything).
+CONTROLS = ("noise",)
+
+NOISE_REWARD_FUNC = """import torch
+
+
+def reward_func(queries, prompts, labels):
+    rewards = torch.rand(len(queries))
+    return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
+"""
 
 
 def say(msg: str) -> None:
@@ -62,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", default="study_out", help="output directory (shared models and stores, runs, compare)")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run, from: " + ", ".join(ARMS))
+    p.add_argument(
+        "--arms",
+        default=",".join(ARMS),
+        help="comma-separated arms to run, from: " + ", ".join(ARMS) + "; controls: " + ", ".join(CONTROLS),
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (--train.seed 0 .. seeds-1)")
     p.add_argument("--kl", type=float, default=0.5, help="KL budget (nats) every InfAlign arm is planned for")
     p.add_argument("--train-prompts", type=int, default=192, help="training prompts")
@@ -162,6 +178,14 @@ def arm_flags(arm: str, plans: Dict[str, dict], raw_scale: float) -> List[str]:
     identity_coef = bon["baselines"]["identity"]["kl_coef"]
     if arm == "raw":
         return ["--infalign.inference", "bon:4", "--algo.kl.init_coef", f"{identity_coef * raw_scale:.4g}"]
+    if arm == "noise":  # the eval store's reward is not this one: allowed, its win rates are not read
+        return [
+            "--infalign.inference",
+            "bon:4",
+            "--algo.kl.init_coef",
+            f"{identity_coef:.4g}",
+            "--infalign.allow_mismatch",
+        ]
     if arm == "identity":
         return [
             "--reward_wrapper",
@@ -190,7 +214,7 @@ def arm_flags(arm: str, plans: Dict[str, dict], raw_scale: float) -> List[str]:
         ]
     if arm == "ctrl_negexp_won4":
         return list(won["openrlhf_args"])
-    raise ValueError(f"unknown arm {arm!r}; the arms are: {', '.join(ARMS)}")
+    raise ValueError(f"unknown arm {arm!r}; the arms are: {', '.join(ARMS + CONTROLS)}")
 
 
 def _set_flag(cmd: List[str], flag: str, value: Optional[str]) -> List[str]:
@@ -217,8 +241,12 @@ def run_command(out: Path, args, arm: str, seed: int, plans: Dict[str, dict], ra
     # several updates per rollout and a constant rate: the short runs get closer to the optimum the plan assumes
     cmd = _set_flag(cmd, "--train.batch_size", str(args.train_batch))
     cmd += ["--actor.lr_scheduler", args.lr_scheduler]
-    if arm == "raw":
-        cmd = _set_flag(cmd, "--infalign.store", None)  # no wrapper: the train store is not used
+    if arm in ("raw", "noise"):
+        cmd = _set_flag(cmd, "--infalign.store", None)
+    if arm == "noise":
+        cmd = _set_flag(
+            cmd, "--reward.remote_url", str(out / "noise_reward_func.py")
+        )  # no wrapper: the train store is not used
     if args.max_steps and args.max_steps < run_steps(_no_cap(args)):
         # upstream has no step cap: one pass over the first max_steps batches of prompts gives the steps
         cmd = _set_flag(cmd, "--train.num_episodes", "1")
@@ -434,9 +462,12 @@ def report_command(out: Path, runs: Sequence[tuple]) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if a not in ARMS + CONTROLS]
     if unknown:
-        print(f"[study] error: unknown arm(s) {', '.join(unknown)}; the arms are: {', '.join(ARMS)}", file=sys.stderr)
+        print(
+            f"[study] error: unknown arm(s) {', '.join(unknown)}; the arms are: {', '.join(ARMS + CONTROLS)}",
+            file=sys.stderr,
+        )
         return 2
     if (args.rollout_batch * args.n_samples) % args.train_batch:
         print(
@@ -451,6 +482,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     phases: Dict[str, dict] = {}
     try:
         _shared_phases(out, args, phases)
+        write_text(out / "noise_reward_func.py", NOISE_REWARD_FUNC)
         plans = _plans(out, args)
         raw = raw_coef_scale(out / "stores" / "train")
         say(
