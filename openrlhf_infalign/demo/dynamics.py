@@ -150,11 +150,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=18, help="PPO steps of the study's runs")
     p.add_argument("--long-steps", type=int, default=600, help="steps of the long runs")
     p.add_argument("--seeds", type=int, default=8, help="seeds per arm")
+    p.add_argument("--prompts", type=int, default=Setting.prompts, help="train prompts (each with its own store)")
+    p.add_argument("--rollout-batch", type=int, default=Setting.rollout_batch, help="prompts per step")
+    p.add_argument("--n-samples", type=int, default=Setting.n_samples, help="samples per prompt")
+    p.add_argument("--train-batch", type=int, default=Setting.train_batch, help="samples per optimizer update")
     p.add_argument("--lr", type=float, default=Setting.lr, help="Adam learning rate on the logits")
     p.add_argument("--matched-kl", default="0.1,0.2,0.3,0.4,0.5", help="KLs of the table")
     args = p.parse_args(argv)
     plans = json.loads(Path(args.plans).read_text())
-    setting = Setting(k=plans["bon:4"].get("k") or Setting.k, lr=args.lr)
+    setting = Setting(
+        prompts=args.prompts,
+        k=plans["bon:4"].get("k") or Setting.k,
+        rollout_batch=args.rollout_batch,
+        n_samples=args.n_samples,
+        train_batch=args.train_batch,
+        lr=args.lr,
+    )
     arms = arms_from_plans(plans)
     grid = [float(x) for x in args.matched_kl.split(",")]
     result = {"setting": vars(setting), "arms": {}}

@@ -517,6 +517,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rep = run_phase("report", report_command(out, finished), out / "logs", timeout=600.0)
             summary["report"] = {"seconds": rep["seconds"], "dir": str(out / "compare")}
             print((out / "logs" / "report.log").read_text().split("\n", 1)[1], flush=True)
+        if not args.no_report:
+            # the same optimisation on a tabular policy: what these steps give when the policy class is no limit
+            dyn = [sys.executable, "-m", "openrlhf_infalign.demo.dynamics", "--plans", str(out / "plans.json")]
+            dyn += [
+                "--out",
+                str(out / "dynamics"),
+                "--steps",
+                str(run_steps(args)),
+                "--prompts",
+                str(args.train_prompts),
+            ]
+            dyn += ["--rollout-batch", str(args.rollout_batch), "--n-samples", str(args.n_samples)]
+            dyn += ["--train-batch", str(args.train_batch)]
+            rep = run_phase("dynamics", dyn, out / "logs", timeout=600.0)
+            summary["dynamics"] = {"seconds": rep["seconds"], "dir": str(out / "dynamics")}
         write_text(out / "study_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     except PhaseError as e:
         print(f"[study] error: {e}", file=sys.stderr, flush=True)
