@@ -14,7 +14,7 @@ setup: $(VENV)/.setup-done
 demo: setup
 	$(PY) -m openrlhf_infalign.demo.pipeline --out demo_out
 
-# `make study`: raw reward vs calibration vs CTRL, 5 arms x 3 seeds on the same CPU path (~1 hour; not in `make test`).
+# `make study`: raw reward vs calibration vs CTRL, 5 arms x 3 seeds on the same CPU path (~80-110 min; not in `make test`).
 study: setup
 	$(PY) -m openrlhf_infalign.demo.study --out study_out
 
