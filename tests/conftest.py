@@ -285,9 +285,10 @@ class PeakRss(threading.Thread):
         return self.peak_mb
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def peak_rss():
-    """peak_rss(*pids_or_callables) -> a started PeakRss; every one still running is stopped at teardown."""
+    """peak_rss(*pids_or_callables) -> a started PeakRss; every one still running is stopped at teardown (session-wide,
+    so module-scoped fixtures that run a job can use it)."""
     started = []
 
     def start(*sources):

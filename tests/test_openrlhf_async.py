@@ -15,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -84,25 +83,8 @@ def _run(cmd, timeout):
     return proc
 
 
-def _tree_rss_mb(pid):
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            continue
-    return total / 2**20
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, peak_rss):
     out = tmp_path_factory.mktemp("async")
     code = (
         "import sys\n"
@@ -163,24 +145,16 @@ def run(tmp_path_factory):
         driver = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT), env=_env(WRAP_LOG=str(wrap_log))
         )
-        peak, done = [0.0], threading.Event()
-
-        def sample():
-            while not done.wait(1.0):
-                peak[0] = max(peak[0], _tree_rss_mb(driver.pid))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+        peak = peak_rss(driver.pid)
         try:
             rc = driver.wait(timeout=1500)
         finally:
             if driver.poll() is None:
                 driver.kill()
-            done.set()
-            sampler.join()
+            peak.stop()
     wall_s = time.perf_counter() - started
     text = log_path.read_text()
-    print(f"\nasync train_ppo wall {wall_s:.1f} s; peak RSS of the driver's process tree {peak[0]:.0f} MiB")
+    print(f"\nasync train_ppo wall {wall_s:.1f} s; peak RSS of the driver's process tree {peak.peak_mb:.0f} MiB")
     assert rc == 0, text[-6000:]
     calls = [json.loads(line) for line in wrap_log.read_text().splitlines() if line]
     records = [json.loads(line) for line in (run_dir / "infalign_eval.jsonl").read_text().splitlines() if line]
