@@ -187,34 +187,22 @@ def arm_flags(arm: str, plans: Dict[str, dict], raw_scale: float) -> List[str]:
             "--infalign.allow_mismatch",
         ]
     if arm == "identity":
-        return [
-            "--reward_wrapper",
-            "infalign.calibrate",
-            "--infalign.inference",
-            "bon:4",
-            "--infalign.kl_budget",
-            f"{bon['kl']:g}",
-            "--algo.kl.init_coef",
-            f"{identity_coef:.4g}",
-        ]
+        return _wrapper_flags("infalign.calibrate", "bon:4", bon["kl"], identity_coef)
     if arm == "ctrl_exp_bon4":
         return list(bon["openrlhf_args"])
     if arm == "optimal_bon4":
-        return [
-            "--reward_wrapper",
-            "infalign.ctrl",
-            "--infalign.inference",
-            "bon:4",
-            "--infalign.transform",
-            "optimal",
-            "--infalign.kl_budget",
-            f"{bon['kl']:g}",
-            "--algo.kl.init_coef",
-            f"{bon['optimal']['kl_coef']:.4g}",
-        ]
+        return _wrapper_flags("infalign.ctrl", "bon:4", bon["kl"], bon["optimal"]["kl_coef"], transform="optimal")
     if arm == "ctrl_negexp_won4":
         return list(won["openrlhf_args"])
     raise ValueError(f"unknown arm {arm!r}; the arms are: {', '.join(ARMS + CONTROLS)}")
+
+
+def _wrapper_flags(wrapper: str, inference: str, kl: float, coef: float, transform: Optional[str] = None) -> List[str]:
+    """An InfAlign arm's flags in the order `infalign plan` writes them (transform only when not the plan's)."""
+    flags = ["--reward_wrapper", wrapper, "--infalign.inference", inference]
+    if transform:
+        flags += ["--infalign.transform", transform]
+    return flags + ["--infalign.kl_budget", f"{kl:g}", "--algo.kl.init_coef", f"{coef:.4g}"]
 
 
 def _set_flag(cmd: List[str], flag: str, value: Optional[str]) -> List[str]:
