@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -301,3 +303,48 @@ def peak_rss():
     for watch in started:
         if watch.is_alive():
             watch.stop()
+
+
+# ---- the slow tests' subprocesses ---------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**extra) -> Dict[str, str]:
+    """The environment of a job a slow test starts: this checkout first on the path, one thread per process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra})
+    return env
+
+
+def build_tiny_inputs(out, prompts: int, reward_model: bool = False) -> None:
+    """The demo's tiny policy (out/policy), prompts (out/prompts.jsonl) and reward: the rule reward_func
+    (out/reward_func.py), or with ``reward_model`` a tiny RM (out/rm); built in a subprocess, as the jobs run."""
+    reward = (
+        "tiny.build_reward_model(out + '/rm', tok, seed=0)"
+        if reward_model
+        else ("tiny.write_reward_func(out + '/reward_func.py')")
+    )
+    code = (
+        "import sys\n"
+        "from openrlhf_infalign.demo import tiny\n"
+        "out = sys.argv[1]\n"
+        "tok = tiny.build_tokenizer(out + '/policy')\n"
+        "tiny.build_policy(out + '/policy', tok, seed=0)\n"
+        f"{reward}\n"
+        f"tiny.write_prompts(out + '/prompts.jsonl', {prompts}, seed=1)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def job_env():
+    """job_env(**extra): :func:`subprocess_env`, for test files (conftest is not importable under importlib mode)."""
+    return subprocess_env
+
+
+@pytest.fixture(scope="session")
+def tiny_inputs():
+    """tiny_inputs(out, prompts, reward_model=False): :func:`build_tiny_inputs`."""
+    return build_tiny_inputs

@@ -11,7 +11,6 @@ command resumes from the kept shards and publishes a store equal to the clean ru
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -34,25 +33,9 @@ PROMPTS = 96
 SHARD = 4
 
 
-def _env(**extra):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra})
-    return env
-
-
 @pytest.fixture
-def inputs(tmp_path):
-    code = (
-        "import sys\n"
-        "from openrlhf_infalign.demo import tiny\n"
-        "out = sys.argv[1]\n"
-        "tok = tiny.build_tokenizer(out + '/policy')\n"
-        "tiny.build_policy(out + '/policy', tok, seed=0)\n"
-        "tiny.build_reward_model(out + '/rm', tok, seed=0)\n"
-        f"tiny.write_prompts(out + '/prompts.jsonl', {PROMPTS}, seed=1)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def inputs(tmp_path, tiny_inputs):
+    tiny_inputs(tmp_path, PROMPTS, reward_model=True)
     return tmp_path
 
 
@@ -89,8 +72,8 @@ class NeverAt(threading.Thread):
         self.join()
 
 
-def test_calibrate_across_two_nodes_survives_a_lost_node(two_node_cluster, inputs, peak_rss):
-    env = _env(RAY_ADDRESS=two_node_cluster.address)
+def test_calibrate_across_two_nodes_survives_a_lost_node(two_node_cluster, inputs, peak_rss, job_env):
+    env = job_env(RAY_ADDRESS=two_node_cluster.address)
     names = two_node_cluster.node_ids()
 
     # 1. A clean run: one engine and one reward-model actor on each node.

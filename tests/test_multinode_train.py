@@ -11,7 +11,6 @@ would fail. Two PPO steps, evaluation at step 0 and at the end, win rates in ``i
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -55,30 +54,15 @@ def _py(*args):
     return [sys.executable, *args]
 
 
-def _env(**extra):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra})
-    return env
-
-
-def _run(cmd, timeout, **env):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(**env), cwd=str(ROOT))
+def _run(cmd, timeout, env):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
     assert proc.returncode == 0, f"{cmd[:4]} failed\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
 
 @pytest.fixture
-def inputs(tmp_path):
-    code = (
-        "import sys\n"
-        "from openrlhf_infalign.demo import tiny\n"
-        "out = sys.argv[1]\n"
-        "tok = tiny.build_tokenizer(out + '/policy')\n"
-        "tiny.build_policy(out + '/policy', tok, seed=0)\n"
-        "tiny.write_reward_func(out + '/reward_func.py')\n"
-        "tiny.write_prompts(out + '/prompts.jsonl', 8, seed=1)\n"
-    )
-    _run(_py("-c", code, str(tmp_path)), timeout=600)
+def inputs(tmp_path, tiny_inputs, job_env):
+    tiny_inputs(tmp_path, 8)
     for split, seed in (("train", 11), ("eval", 12)):
         _run(
             _py(
@@ -91,13 +75,14 @@ def inputs(tmp_path):
                 "--reward.remote_url", str(tmp_path / "reward_func.py"),
             ),
             timeout=900,
+            env=job_env(),
         )  # fmt: skip
     plan = json.loads(_run(_py("-m", "openrlhf_infalign", "plan", "--inference", "bon:2", "--kl", "2", "--json"),
-                           timeout=300).stdout)  # fmt: skip
+                           timeout=300, env=job_env()).stdout)  # fmt: skip
     return tmp_path, plan
 
 
-def test_train_ppo_across_two_nodes(two_node_cluster, inputs, peak_rss):
+def test_train_ppo_across_two_nodes(two_node_cluster, inputs, peak_rss, job_env):
     out, plan = inputs
     run_dir = out / "run"
     cmd = _py(
@@ -127,7 +112,7 @@ def test_train_ppo_across_two_nodes(two_node_cluster, inputs, peak_rss):
     log = (out / "driver.log").open("w")
     driver = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT),
-        env=_env(RAY_ADDRESS=two_node_cluster.address),
+        env=job_env(RAY_ADDRESS=two_node_cluster.address),
     )  # fmt: skip
     peak = peak_rss(two_node_cluster.tree_rss_mb, driver.pid)
     try:
