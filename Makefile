@@ -16,7 +16,7 @@ demo: setup
 
 # `make study`: raw reward vs calibration vs CTRL, 5 arms x 3 seeds on the same CPU path (~80-110 min; not in `make test`).
 study: setup
-	$(PY) -m openrlhf_infalign.demo.study --out study_out
+	$(PY) -m openrlhf_infalign.studies.study --out study_out
 
 test: setup
 	$(PY) -m pytest tests

@@ -55,9 +55,9 @@ def main(argv=None) -> int:
     import ray
     import torch
 
-    from openrlhf_infalign.openrlhf.calibrate import CalibrateSettings
-    from openrlhf_infalign.openrlhf.calibrate.generate import VLLMGenerator
-    from openrlhf_infalign.openrlhf.calibrate.score import RewardModelActors, RewardModelScorer
+    from openrlhf_infalign.adapter.calibrate import CalibrateSettings
+    from openrlhf_infalign.adapter.calibrate.generate import VLLMGenerator
+    from openrlhf_infalign.adapter.calibrate.score import RewardModelActors, RewardModelScorer
 
     root = Path(tempfile.mkdtemp(prefix="calib_bench_"))
     tok, policy, rm, func, prompts = build_inputs(root, args.prompts)
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     if base.cpu:  # room for both engine sets (OpenRLHF's placement groups outlive a killed engine)
-        from openrlhf_infalign.openrlhf import cpu
+        from openrlhf_infalign.adapter import cpu
 
         cpu.apply()
         ray.init(**cpu.ray_init_kwargs(num_cpus=3 * args.engines + 1, num_gpus=2 * args.engines))

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from openrlhf_infalign.openrlhf.standins import install_flash_attn
+from openrlhf_infalign.adapter.standins import install_flash_attn
 
 install_flash_attn()
 
@@ -34,10 +34,10 @@ from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
 from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
 
+from openrlhf_infalign.adapter.console import run_train_ppo  # noqa: E402
+from openrlhf_infalign.adapter.trainer import install_reward_wrapper  # noqa: E402
+from openrlhf_infalign.adapter.wrapper import CTRLRewardWrapper  # noqa: E402
 from openrlhf_infalign.core.transforms import parse_transform  # noqa: E402
-from openrlhf_infalign.openrlhf.console import run_train_ppo  # noqa: E402
-from openrlhf_infalign.openrlhf.trainer import install_reward_wrapper  # noqa: E402
-from openrlhf_infalign.openrlhf.wrapper import CTRLRewardWrapper  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, prompt_digests  # noqa: E402
 
 N_SAMPLES = 4

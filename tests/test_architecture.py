@@ -3,7 +3,7 @@
 * No import cycles among ``openrlhf_infalign`` modules, counting imports inside functions too: a lazy import that
   dodges a cycle at import time is still a cycle in the design.
 * Floors: ``core/`` imports neither OpenRLHF nor ``store/`` nor the adapter; ``store/`` imports neither OpenRLHF nor
-  the adapter; only modules under ``openrlhf_infalign/openrlhf/`` import ``openrlhf`` itself.
+  the adapter; only modules under ``openrlhf_infalign/adapter/`` import ``openrlhf`` itself.
 * Nothing in the repository points at design notes that live outside it.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "openrlhf_infalign"
-ADAPTER = f"{PACKAGE}.openrlhf"
+ADAPTER = f"{PACKAGE}.adapter"
 
 # Built from pieces so that this file does not match its own search.
 OUTSIDE_POINTERS = ("DESIGN" + ".md", ".." + "/shared")

@@ -63,10 +63,10 @@ def test_there_are_examples():
 def train_ppo_parser():
     """OpenRLHF's train_ppo_ray parser (built inline under __main__) + InfAlign's flags, as the console builds it."""
     pytest.importorskip("openrlhf")
-    from openrlhf_infalign.openrlhf.standins import install_flash_attn
+    from openrlhf_infalign.adapter.standins import install_flash_attn
 
     install_flash_attn()
-    from openrlhf_infalign.openrlhf.console import train_ppo_parser as build
+    from openrlhf_infalign.adapter.console import train_ppo_parser as build
 
     return build()
 
@@ -184,8 +184,8 @@ def plan(*key) -> dict:
 
 @pytest.mark.parametrize("script,task", CASES, ids=[f"{s.name}-{t}" for s, t in CASES])
 def test_pipeline_consistency_and_plan(script, task, train_ppo_parser):
+    from openrlhf_infalign.adapter.evaluation import parse_eval_n
     from openrlhf_infalign.cli import build_parser
-    from openrlhf_infalign.openrlhf.evaluation import parse_eval_n
 
     cmds = commands(script, task)
     (train_argv,) = [a for k, a in cmds if k.endswith("train_ppo")]

@@ -31,10 +31,10 @@ TEMPLATE = "Q : {} A :"
 # stores, their directories are moved away (only the driver ever had them).
 DRIVER = """
 import os, sys
-from openrlhf_infalign.openrlhf import console, cpu
+from openrlhf_infalign.adapter import console, cpu
 
 cpu.apply()  # before launch imports OpenRLHF (the console does the same before it imports launch)
-from openrlhf_infalign.openrlhf import launch
+from openrlhf_infalign.adapter import launch
 
 real_prepare = launch.prepare
 

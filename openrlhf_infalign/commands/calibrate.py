@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from openrlhf_infalign.openrlhf.calibrate import add_arguments as add_settings_arguments
-from openrlhf_infalign.openrlhf.calibrate import run_calibration, settings_from_args
+from openrlhf_infalign.adapter.calibrate import add_arguments as add_settings_arguments
+from openrlhf_infalign.adapter.calibrate import run_calibration, settings_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

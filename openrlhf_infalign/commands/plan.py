@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import sys
 
+from openrlhf_infalign.adapter.kl_coef import ESTIMATORS, kl_coef_for_beta, unplanned_reason
+from openrlhf_infalign.adapter.plan_flags import openrlhf_args
 from openrlhf_infalign.core import planning
 from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.errors import UserError
 from openrlhf_infalign.files import pyplot, save_figure
-from openrlhf_infalign.openrlhf.kl_coef import ESTIMATORS, kl_coef_for_beta, unplanned_reason
-from openrlhf_infalign.openrlhf.plan_flags import openrlhf_args
 
 
 def add_arguments(p) -> None:

@@ -175,7 +175,7 @@ def _info(args) -> int:
 
 def _print_record(manifest: dict) -> None:
     """The run record training and eval check the store against (fields an older store lacks are named)."""
-    from openrlhf_infalign.openrlhf.run_record import FIELDS, RECORD_KEY, store_record
+    from openrlhf_infalign.adapter.run_record import FIELDS, RECORD_KEY, store_record
 
     record = store_record(manifest)
     origin = "" if RECORD_KEY in manifest else " (older store: read from its template/sampling/policy/reward keys)"

@@ -1,6 +1,6 @@
 """``make demo``: InfAlign end to end on a CPU, with OpenRLHF's real PPO loop and tiny local models.
 
-Phases, each a real process of the real tool (:mod:`openrlhf_infalign.demo.supervise` runs it and measures its wall
+Phases, each a real process of the real tool (:mod:`openrlhf_infalign.runs.supervise` runs it and measures its wall
 time and peak memory): build the tiny models and fit the base policy, write disjoint train / eval prompts,
 ``infalign calibrate`` both prompt sets, ``infalign plan``, ``python -m openrlhf_infalign.train_ppo --infalign.cpu``
 (OpenRLHF's own ``train_ppo_ray``) with the Best-of-N-aware evaluation, and ``infalign report``.
@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from openrlhf_infalign.demo import tiny, trainer_log
-from openrlhf_infalign.demo.supervise import PhaseError, run_phase
+from openrlhf_infalign.demo import tiny
 from openrlhf_infalign.evallog import eval_log_path, load_eval_log
 from openrlhf_infalign.files import atomic_open, write_text
+from openrlhf_infalign.runs import trainer_log
+from openrlhf_infalign.runs.supervise import PhaseError, run_phase
 
 __all__ = ["main", "build_parser", "train_command"]
 

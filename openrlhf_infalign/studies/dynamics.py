@@ -1,0 +1,220 @@
+"""The study's optimisation, without the language model: does finite-sample PPO reach the plan in the study's steps?
+
+A diagnostic for ``make study``. The policy is a softmax over M quantile cells of the base policy (cell i holds
+base quantiles [i/M, (i+1)/M), base probability 1/M), shared by all prompts as the tiny LM's policy is (it learns
+"answer better", not a table per prompt). Every prompt has its own store of K base rewards, so a sample's
+calibrated reward is its mid-rank among that prompt's K stored quantiles, transformed as the arm's wrapper does.
+Each step is the study's: a batch of prompts (passes over the shuffled train prompts), n samples each, the k1 KL
+in the reward with the arm's coefficient, the group-mean baseline and the batch whitening of
+``reinforce_baseline`` (OpenRLHF 0.11.2 ``compute_advantages_and_returns``), then PPO's clipped loss in
+``train_batch``-sized updates with Adam. KL(pi || base) and the BoN_N / WoN_N win rates against the base are
+exact sums over the cells, so every difference between arms is optimisation, not evaluation noise.
+
+``python -m openrlhf_infalign.studies.dynamics --plans study_out/plans.json --out study_out/dynamics``: JSON and a
+figure (win rate vs KL per arm, the study's 18 steps and a long run, seed means).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from openrlhf_infalign.core.transforms import parse_transform
+from openrlhf_infalign.files import save_figure, write_json
+
+__all__ = ["Setting", "exact_metrics", "simulate", "main"]
+
+
+@dataclass
+class Setting:
+    prompts: int = 192
+    k: int = 32
+    cells: int = 256
+    rollout_batch: int = 32
+    n_samples: int = 8
+    train_batch: int = 64
+    lr: float = 0.05
+    eps_clip: float = 0.2
+    n_win: int = 4
+
+
+def exact_metrics(logits: np.ndarray, n: int = 4) -> Dict[str, float]:
+    """KL(pi || uniform base), standard, BoN_n and WoN_n win rates against the base, exactly over the cells.
+
+    A sample sits uniformly inside its cell, so P(it beats the best of n base samples) averaged over cell i is
+    ((i+1)^(n+1) - i^(n+1)) / ((n+1) M^n), and symmetrically for the worst of n.
+    """
+    m = logits.size
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    kl = float(np.sum(p * np.log(np.maximum(p * m, 1e-300))))
+    edges = np.arange(m + 1) / m
+    cdf = np.concatenate([[0.0], np.cumsum(p)])
+    cdf[-1] = 1.0
+
+    def beat_best(nn):  # mean over each cell of P(u > max of nn base draws) = u^nn
+        return (edges[1:] ** (nn + 1) - edges[:-1] ** (nn + 1)) * m / (nn + 1)
+
+    def beat_worst(nn):  # mean over each cell of P(u > min of nn base draws) = 1 - (1 - u)^nn
+        return 1 - ((1 - edges[:-1]) ** (nn + 1) - (1 - edges[1:]) ** (nn + 1)) * m / (nn + 1)
+
+    best = np.diff(cdf**n)  # P(the best of n policy samples lies in cell i)
+    worst = (1 - cdf[:-1]) ** n - (1 - cdf[1:]) ** n  # P(the worst of n policy samples lies in cell i)
+    return {
+        "kl": kl,
+        "standard": float(np.sum(p * beat_best(1))),
+        "bon": float(np.sum(best * beat_best(n))),
+        "won": float(np.sum(worst * beat_worst(n))),
+    }
+
+
+def simulate(transform: str, kl_coef: float, steps: int, seed: int, s: Setting, eval_every: int = 3) -> List[dict]:
+    """One run: the trajectory [{step, kl, standard, bon, won}] every ``eval_every`` steps (and step 0)."""
+    rng = np.random.default_rng(seed)
+    phi = parse_transform(transform)
+    stores = np.sort(rng.random((s.prompts, s.k)), axis=1)  # each prompt's K base quantiles
+    size = s.cells
+    logits = np.zeros(size)
+    m1, m2 = np.zeros(size), np.zeros(size)  # Adam moments (OpenRLHF's betas 0.9, 0.95)
+    t_adam = 0
+    order = rng.permutation(s.prompts)
+    pos = 0
+    out = [{"step": 0, **_metrics(logits, s)}]
+    for step in range(1, steps + 1):
+        if pos + s.rollout_batch > s.prompts:
+            order, pos = rng.permutation(s.prompts), 0
+        batch = order[pos : pos + s.rollout_batch]
+        pos += s.rollout_batch
+        logp = logits - np.logaddexp.reduce(logits)
+        resp = rng.choice(size, size=(s.rollout_batch, s.n_samples), p=np.exp(logp))
+        u = (resp + rng.random(resp.shape)) / s.cells  # the sample's base quantile
+        st = stores[batch]
+        less = (st[:, None, :] < u[:, :, None]).sum(-1)
+        reward = phi(less / s.k)
+        kl = logp[resp] + np.log(size)  # k1: log pi(y) - log base(y)
+        adv = reward - reward.mean(-1, keepdims=True) - kl_coef * kl
+        adv = (adv - adv.mean()) / max(adv.std(), 1e-4)
+        flat_cells, flat_adv, old_logp = resp.ravel(), adv.ravel(), logp[resp].ravel()
+        idx = rng.permutation(flat_cells.size)
+        for start in range(0, idx.size, s.train_batch):
+            mb = idx[start : start + s.train_batch]
+            c, a = flat_cells[mb], flat_adv[mb]
+            cur = logits - np.logaddexp.reduce(logits)
+            ratio = np.exp(cur[c] - old_logp[mb])
+            # d(-min(ratio a, clip(ratio) a))/d logit: active only where the unclipped term is the minimum
+            active = ~(((a > 0) & (ratio > 1 + s.eps_clip)) | ((a < 0) & (ratio < 1 - s.eps_clip)))
+            w = -(a * ratio * active) / mb.size  # d loss / d log pi(c)
+            grad = np.bincount(c, weights=w, minlength=size) - w.sum() * np.exp(cur)
+            t_adam += 1
+            m1 = 0.9 * m1 + 0.1 * grad
+            m2 = 0.95 * m2 + 0.05 * grad**2
+            logits -= s.lr * (m1 / (1 - 0.9**t_adam)) / (np.sqrt(m2 / (1 - 0.95**t_adam)) + 1e-8)
+        if step % eval_every == 0:
+            out.append({"step": step, **_metrics(logits, s)})
+    return out
+
+
+def _metrics(logits: np.ndarray, s: Setting) -> Dict[str, float]:
+    return exact_metrics(logits, s.n_win)
+
+
+def arms_from_plans(plans: dict) -> Dict[str, tuple]:
+    """(transform, coefficient) of the study's InfAlign arms, from its plans.json (`infalign plan --json`)."""
+    bon, won = plans["bon:4"], plans["won:4"]
+    return {
+        "identity": ("identity", bon["baselines"]["identity"]["kl_coef"]),
+        "ctrl_exp_bon4": (bon["recommended"]["transform"], bon["recommended"]["kl_coef"]),
+        "ctrl_negexp_won4": (won["recommended"]["transform"], won["recommended"]["kl_coef"]),
+    }
+
+
+def at_kl(traj: List[dict], kl: float, metric: str) -> Optional[float]:
+    """The metric where the trajectory first reaches ``kl`` (linear between evaluations), None if it never does."""
+    for a, b in zip(traj, traj[1:]):
+        if a["kl"] <= kl <= b["kl"] and b["kl"] > a["kl"]:
+            f = (kl - a["kl"]) / (b["kl"] - a["kl"])
+            return a[metric] + f * (b[metric] - a[metric])
+    return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--plans", required=True, help="the study's plans.json")
+    p.add_argument("--out", required=True, help="output directory (dynamics.json, dynamics.png)")
+    p.add_argument("--steps", type=int, default=18, help="PPO steps of the study's runs")
+    p.add_argument("--long-steps", type=int, default=600, help="steps of the long runs")
+    p.add_argument("--seeds", type=int, default=8, help="seeds per arm")
+    p.add_argument("--prompts", type=int, default=Setting.prompts, help="train prompts (each with its own store)")
+    p.add_argument("--rollout-batch", type=int, default=Setting.rollout_batch, help="prompts per step")
+    p.add_argument("--n-samples", type=int, default=Setting.n_samples, help="samples per prompt")
+    p.add_argument("--train-batch", type=int, default=Setting.train_batch, help="samples per optimizer update")
+    p.add_argument("--lr", type=float, default=Setting.lr, help="Adam learning rate on the logits")
+    p.add_argument("--matched-kl", default="0.1,0.2,0.3,0.4,0.5", help="KLs of the table")
+    args = p.parse_args(argv)
+    plans = json.loads(Path(args.plans).read_text())
+    setting = Setting(
+        prompts=args.prompts,
+        k=plans["bon:4"].get("k") or Setting.k,
+        rollout_batch=args.rollout_batch,
+        n_samples=args.n_samples,
+        train_batch=args.train_batch,
+        lr=args.lr,
+    )
+    arms = arms_from_plans(plans)
+    grid = [float(x) for x in args.matched_kl.split(",")]
+    result = {"setting": vars(setting), "arms": {}}
+    for arm, (transform, coef) in arms.items():
+        entry = {"transform": transform, "kl_coef": coef}
+        for label, steps in (("short", args.steps), ("long", args.long_steps)):
+            trajs = [simulate(transform, coef, steps, seed, setting, eval_every=3) for seed in range(args.seeds)]
+            entry[label] = {
+                "final": {m: float(np.mean([t[-1][m] for t in trajs])) for m in ("kl", "standard", "bon", "won")},
+                "mean_trajectory": [
+                    {k: float(np.mean([t[i][k] for t in trajs])) for k in trajs[0][i]} for i in range(len(trajs[0]))
+                ],
+                "at_kl": {
+                    f"{kl:g}": {m: _mean_or_none([at_kl(t, kl, m) for t in trajs]) for m in ("standard", "bon", "won")}
+                    for kl in grid
+                },
+            }
+        result["arms"][arm] = entry
+        print(f"{arm}: short final {entry['short']['final']}, long final {entry['long']['final']}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "dynamics.json", result, indent=2)
+    _figure(result, out / "dynamics.png")
+    return 0
+
+
+def _mean_or_none(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def _figure(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, title in ((axes[0], "bon", "BoN_4"), (axes[1], "won", "WoN_4")):
+        for arm, entry in result["arms"].items():
+            for label, style in (("long", "-"), ("short", "o")):
+                tr = entry[label]["mean_trajectory"]
+                ax.plot([r["kl"] for r in tr], [r[metric] for r in tr], style, label=f"{arm} ({label})", ms=3)
+        ax.set_xlabel("KL(pi || base) (nats)")
+        ax.set_ylabel(f"{title} win rate vs base")
+        ax.set_title(f"tabular PPO, the study's steps: {title}")
+        ax.legend(fontsize=6)
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,533 @@
+"""``make study``: does the flag win? Raw reward vs calibration vs CTRL on OpenRLHF's real CPU loop, several seeds.
+
+Reuses the demo's phases (:mod:`openrlhf_infalign.demo.pipeline`) and supervisor: the tiny models are built and the
+base policy fitted ONCE, the train / eval reference stores calibrated ONCE, then one OpenRLHF ``train_ppo_ray`` run
+per (arm, seed), all with the same prompts, sampling, eval store and N, and finally ``infalign report RUN ...
+--label ARM ...`` puts the arms side by side at matched KL in ``<out>/compare/``. ``<out>/study_summary.json`` holds,
+per arm: seeds, steps, final KL, win rates, wall time and peak memory of each run.
+
+Arms (ARMS): ``raw`` plain OpenRLHF on the raw reward (no wrapper; the eval hook still logs the win rates),
+``identity`` (``infalign.calibrate``), ``ctrl_exp_bon4`` (the planned exp transform for bon:4), ``optimal_bon4``
+and ``ctrl_negexp_won4`` (the planned negexp transform for won:4). The KL coefficients of the InfAlign arms are the
+plan's for the same budget, K of the train store and the run's estimator; the raw arm's is the identity arm's scaled
+by the raw reward's within-prompt spread over the calibrated reward's (both measured on the train store), so that
+the same beta means the same pull in the raw reward's units.
+
+Resumable: a run whose evaluation log reaches its last step is not re-run; an unfinished one is cleared and re-run.
+Runs go seed by seed (every arm's seed 0, then every arm's seed 1, ...) so a study stopped early stays balanced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from openrlhf_infalign.demo import pipeline, tiny
+from openrlhf_infalign.evallog import eval_log_path, load_eval_log
+from openrlhf_infalign.files import write_text
+from openrlhf_infalign.runs import trainer_log
+from openrlhf_infalign.runs.supervise import PhaseError, run_phase
+
+__all__ = [
+    "ARMS",
+    "main",
+    "build_parser",
+    "arm_flags",
+    "run_steps",
+    "last_eval_step",
+    "run_finished",
+    "raw_coef_scale",
+]
+
+ARMS = ("raw", "identity", "ctrl_exp_bon4", "optimal_bon4", "ctrl_negexp_won4")
+#: Controls, run only when named in --arms. ``noise``: rewards drawn at random, independent of the response, with
+#: the identity arm's coefficient: the KL the optimiser spends with no reward signal at all (its win rates are
+#: scored by that noise too, so only its KL means anything).
+CONTROLS = ("noise",)
+
+NOISE_REWARD_FUNC = """import torch
+
+
+def reward_func(queries, prompts, labels):
+    rewards = torch.rand(len(queries))
+    return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
+"""
+
+
+def say(msg: str) -> None:
+    print(f"[study] {msg}", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m openrlhf_infalign.studies.study",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", default="study_out", help="output directory (shared models and stores, runs, compare)")
+    p.add_argument(
+        "--arms",
+        default=",".join(ARMS),
+        help="comma-separated arms to run, from: " + ", ".join(ARMS) + "; controls: " + ", ".join(CONTROLS),
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (--train.seed 0 .. seeds-1)")
+    p.add_argument("--kl", type=float, default=0.5, help="KL budget (nats) every InfAlign arm is planned for")
+    p.add_argument("--train-prompts", type=int, default=192, help="training prompts")
+    p.add_argument("--eval-prompts", type=int, default=128, help="held-out evaluation prompts")
+    p.add_argument("--k", type=int, default=16, help="reference samples per prompt of the EVAL store")
+    p.add_argument("--train-k", type=int, default=32, help="reference samples per prompt of the TRAIN (CTRL) store")
+    p.add_argument("--rollout-batch", type=int, default=32, help="prompts per PPO step")
+    p.add_argument("--n-samples", type=int, default=8, help="samples per prompt")
+    p.add_argument("--eval-samples", type=int, default=8, help="eval samples per prompt")
+    p.add_argument("--eval-n", default="1,2,4,8", help="N values of the Best-of-N / Worst-of-N win rates")
+    p.add_argument("--eval-every", type=int, default=3, help="--eval.steps")
+    p.add_argument("--episodes", type=int, default=3, help="passes over the training prompts (6 steps each)")
+    p.add_argument(
+        "--train-batch",
+        type=int,
+        default=64,
+        help="samples per optimizer update (--train.batch_size): rollout-batch x n-samples / train-batch updates a step",
+    )
+    p.add_argument(
+        "--lr-scheduler",
+        default="constant_with_warmup",
+        help="--actor.lr_scheduler (upstream's default cosine_with_min_lr decays to 0.1x within the short run)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=16, help="response length cap")
+    p.add_argument("--lr", type=float, default=5e-4, help="actor learning rate")
+    p.add_argument("--estimator", default="reinforce_baseline", help="--algo.advantage.estimator")
+    p.add_argument("--fit-steps", type=int, default=300, help="SFT steps of the base policy")
+    p.add_argument("--calibrate-backend", choices=["hf", "vllm"], default="vllm", help="infalign calibrate --backend")
+    p.add_argument("--seed", type=int, default=0, help="seed of the models, prompts and stores (shared by all runs)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on PPO steps (smoke test); default: all")
+    p.add_argument("--no-report", action="store_true", help="skip the side-by-side report")
+    return p
+
+
+def _demo_args(args, **override) -> argparse.Namespace:
+    """The demo pipeline's arguments for the study's setting (its phase functions read them)."""
+    d = vars(pipeline.build_parser().parse_args([]))
+    for key in (
+        "train_prompts",
+        "eval_prompts",
+        "k",
+        "rollout_batch",
+        "n_samples",
+        "eval_samples",
+        "eval_n",
+        "eval_every",
+        "episodes",
+        "max_new_tokens",
+        "lr",
+        "estimator",
+        "fit_steps",
+        "calibrate_backend",
+        "seed",
+    ):
+        d[key] = getattr(args, key)
+    d["reward"] = "func"
+    d.update(override)
+    return argparse.Namespace(**d)
+
+
+def run_steps(args) -> int:
+    """PPO steps of one run (the demo's count, capped by --max-steps)."""
+    steps = max(1, args.train_prompts // args.rollout_batch) * args.episodes
+    return min(steps, args.max_steps) if args.max_steps else steps
+
+
+# ── the arms ──
+
+
+def plan_command(args, inference: str) -> List[str]:
+    """``infalign plan`` for the study's budget, the train store's K and the run's estimator and group size."""
+    return [
+        sys.executable,
+        "-m",
+        "openrlhf_infalign",
+        "plan",
+        "--inference",
+        inference,
+        "--kl",
+        str(args.kl),
+        "--k",
+        str(args.train_k),
+        "--estimator",
+        args.estimator,
+        "--n-samples-per-prompt",
+        str(args.n_samples),
+        "--json",
+    ]
+
+
+def arm_flags(arm: str, plans: Dict[str, dict], raw_scale: float) -> List[str]:
+    """The InfAlign / KL flags of an arm (the rest of the command is the demo's, identical for every arm).
+
+    plans: ``infalign plan --json`` for "bon:4" and "won:4"; raw_scale: raw-reward spread / calibrated spread.
+    """
+    bon, won = plans["bon:4"], plans["won:4"]
+    identity_coef = bon["baselines"]["identity"]["kl_coef"]
+    if arm == "raw":
+        return ["--infalign.inference", "bon:4", "--algo.kl.init_coef", f"{identity_coef * raw_scale:.4g}"]
+    if arm == "noise":  # the eval store's reward is not this one: allowed, its win rates are not read
+        return [
+            "--infalign.inference",
+            "bon:4",
+            "--algo.kl.init_coef",
+            f"{identity_coef:.4g}",
+            "--infalign.allow_mismatch",
+        ]
+    if arm == "identity":
+        return _wrapper_flags("infalign.calibrate", "bon:4", bon["kl"], identity_coef)
+    if arm == "ctrl_exp_bon4":
+        return list(bon["openrlhf_args"])
+    if arm == "optimal_bon4":
+        return _wrapper_flags("infalign.ctrl", "bon:4", bon["kl"], bon["optimal"]["kl_coef"], transform="optimal")
+    if arm == "ctrl_negexp_won4":
+        return list(won["openrlhf_args"])
+    raise ValueError(f"unknown arm {arm!r}; the arms are: {', '.join(ARMS + CONTROLS)}")
+
+
+def _wrapper_flags(wrapper: str, inference: str, kl: float, coef: float, transform: Optional[str] = None) -> List[str]:
+    """An InfAlign arm's flags in the order `infalign plan` writes them (transform only when not the plan's)."""
+    flags = ["--reward_wrapper", wrapper, "--infalign.inference", inference]
+    if transform:
+        flags += ["--infalign.transform", transform]
+    return flags + ["--infalign.kl_budget", f"{kl:g}", "--algo.kl.init_coef", f"{coef:.4g}"]
+
+
+def _set_flag(cmd: List[str], flag: str, value: Optional[str]) -> List[str]:
+    """cmd with flag's value replaced (value None: the flag and its value dropped)."""
+    out, i = [], 0
+    while i < len(cmd):
+        if cmd[i] == flag:
+            if value is not None:
+                out += [flag, value]
+            i += 2
+            continue
+        out.append(cmd[i])
+        i += 1
+    return out
+
+
+def run_command(out: Path, args, arm: str, seed: int, plans: Dict[str, dict], raw_scale: float) -> List[str]:
+    """The demo's ``train_ppo`` command for one (arm, seed): its own run directory, seed and arm flags."""
+    demo_args = _demo_args(args, seed=seed)
+    cmd = pipeline.train_command(out, demo_args, {"openrlhf_args": arm_flags(arm, plans, raw_scale)})
+    run_dir = run_path(out, arm, seed)
+    cmd = _set_flag(cmd, "--ckpt.output_dir", str(run_dir))
+    cmd = _set_flag(cmd, "--ckpt.path", str(run_dir / "checkpoints"))
+    # several updates per rollout and a constant rate: the short runs get closer to the optimum the plan assumes
+    cmd = _set_flag(cmd, "--train.batch_size", str(args.train_batch))
+    cmd += ["--actor.lr_scheduler", args.lr_scheduler]
+    if arm in ("raw", "noise"):
+        cmd = _set_flag(cmd, "--infalign.store", None)
+    if arm == "noise":
+        cmd = _set_flag(
+            cmd, "--reward.remote_url", str(out / "noise_reward_func.py")
+        )  # no wrapper: the train store is not used
+    if args.max_steps and args.max_steps < run_steps(_no_cap(args)):
+        # upstream has no step cap: one pass over the first max_steps batches of prompts gives the steps
+        cmd = _set_flag(cmd, "--train.num_episodes", "1")
+        cmd += ["--data.max_samples", str(args.max_steps * args.rollout_batch)]
+    return cmd
+
+
+def _no_cap(args) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "max_steps": None})
+
+
+def run_path(out: Path, arm: str, seed: int) -> Path:
+    return out / "runs" / f"{arm}_s{seed}"
+
+
+def last_eval_step(args) -> int:
+    """The step of a run's last evaluation: upstream evaluates every --eval.steps steps, not at the end."""
+    return run_steps(args) // args.eval_every * args.eval_every
+
+
+def run_finished(run_dir: Path, steps: int) -> bool:
+    """A run is finished when its evaluation log is readable and has its last evaluation (at ``steps`` or later)."""
+    log = eval_log_path(run_dir)
+    if not log.is_file():
+        return False
+    try:
+        records = load_eval_log(log)
+    except ValueError:
+        return False
+    return bool(records) and max(r["step"] for r in records) >= steps
+
+
+def raw_coef_scale(store_dir: Path) -> dict:
+    """Within-prompt standard deviation of the raw reward over that of the calibrated reward, on the train store.
+
+    With a group baseline only within-prompt differences move the policy, so the raw arm's coefficient is the
+    identity arm's times this ratio: the same KL pull per unit of reward spread.
+    """
+    from openrlhf_infalign.store.reader import ReferenceStore
+
+    store = ReferenceStore.open(store_dir, warn_small_k=False)
+    raw_sd, cal_sd = [], []
+    for row in range(len(store)):
+        r = np.asarray(store.rewards_for_row(row), dtype=float)
+        raw_sd.append(r.std())
+        # calibrated reward of the store's own samples: the fraction of the prompt's rewards each one beats
+        less = (r[None, :] < r[:, None]).sum(1)
+        ties = (r[None, :] == r[:, None]).sum(1) - 1
+        u = (less + 0.5 * ties) / len(r)
+        cal_sd.append(u.std())
+    raw, cal = float(np.mean(raw_sd)), float(np.mean(cal_sd))
+    return {"raw_within_prompt_sd": raw, "calibrated_within_prompt_sd": cal, "scale": raw / cal}
+
+
+# ── the study ──
+
+
+def _load_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _shared_phases(out: Path, args, phases: Dict[str, dict]) -> None:
+    """Models, fit, prompts and the two stores, once: skipped when a previous invocation finished them."""
+    done = out / "shared_done.json"
+    prev = _load_json(done)
+    if prev is not None and prev.get("setting") == _shared_setting(args):
+        phases.update(prev.get("phases", {}))
+        say("models, prompts and stores: reused from a previous invocation")
+        return
+    demo_args = _demo_args(args)
+    phases["build_fit"] = _clean(pipeline._build_and_fit(out, demo_args))
+    (out / "prompts").mkdir(exist_ok=True)
+    prompts = tiny.make_prompts(args.train_prompts + args.eval_prompts, seed=args.seed + 1)
+    pipeline._write_prompts(out / "prompts" / "train.jsonl", prompts[: args.train_prompts])
+    pipeline._write_prompts(out / "prompts" / "eval.jsonl", prompts[args.train_prompts :])
+    phases["calibrate_train"] = _clean(
+        pipeline._calibrate(out, _demo_args(args, k=args.train_k), "train", seed=args.seed + 11)
+    )
+    phases["calibrate_eval"] = _clean(pipeline._calibrate(out, demo_args, "eval", seed=args.seed + 12))
+    write_text(done, json.dumps({"setting": _shared_setting(args), "phases": phases}, indent=2) + "\n")
+
+
+def _shared_setting(args) -> dict:
+    keys = (
+        "train_prompts",
+        "eval_prompts",
+        "k",
+        "train_k",
+        "max_new_tokens",
+        "fit_steps",
+        "calibrate_backend",
+        "seed",
+    )
+    return {k: getattr(args, k) for k in keys}
+
+
+def _clean(result: dict) -> dict:
+    result.pop("_lines", None)
+    return result
+
+
+def _plans(out: Path, args) -> Dict[str, dict]:
+    plans = {}
+    for inference in ("bon:4", "won:4"):
+        proc = subprocess.run(plan_command(args, inference), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise PhaseError(f"infalign plan --inference {inference} failed: {proc.stderr.strip()[-2000:]}")
+        plans[inference] = json.loads(proc.stdout)
+    write_text(out / "plans.json", json.dumps(plans, indent=2) + "\n")
+    return plans
+
+
+def _train_one(out: Path, args, arm: str, seed: int, plans, raw_scale: float) -> dict:
+    run_dir = run_path(out, arm, seed)
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run: its eval log is appended to, never reused
+    cmd = run_command(out, args, arm, seed, plans, raw_scale)
+    name = f"train_{arm}_s{seed}"
+    result = run_phase(
+        name,
+        cmd,
+        out / "logs",
+        echo=re.compile(r"Error|error:"),
+        fmt=lambda line: _prefixed(name, trainer_log.format_train_line(line)),
+        keep=trainer_log.keep,
+        timeout=1200.0,
+    )
+    parsed = trainer_log.parse_step_logs(result.pop("_lines"))
+    result["steps_completed"] = len(parsed["steps"])
+    result["step_seconds"] = [round(s["metrics"].get("timing/step_total", float("nan")), 3) for s in parsed["steps"]]
+    result["eval_seconds"] = [round(e["seconds"], 2) for e in parsed["evals"]]
+    write_text(run_dir / "study_run.json", json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
+def _prefixed(name: str, text: Optional[str]) -> Optional[str]:
+    return None if text is None else f"  {name}: {text}"
+
+
+def _metric(record: dict, kind: str, n: int = 4) -> Optional[dict]:
+    if kind == "standard":
+        return record.get("standard")
+    return (record.get(kind) or {}).get(str(n))
+
+
+def _summary(out: Path, args, arms: Sequence[str], plans, raw: dict, phases, t_start: float) -> dict:
+    per_arm = {}
+    for arm in arms:
+        seeds = []
+        for seed in range(args.seeds):
+            run_dir = run_path(out, arm, seed)
+            if not run_finished(run_dir, last_eval_step(args)):
+                continue
+            records = load_eval_log(eval_log_path(run_dir))
+            last = records[-1]
+            info = _load_json(run_dir / "study_run.json") or {}
+            seeds.append(
+                {
+                    "seed": seed,
+                    "run": str(run_dir),
+                    "steps": last["step"],
+                    "final_kl": last.get("kl"),
+                    "final": {k: _metric(last, k) for k in ("bon", "won", "standard")},
+                    "kl_per_eval": [r.get("kl") for r in records],
+                    "wall_s": info.get("seconds"),
+                    "peak_tree_pss_mb": info.get("peak_tree_pss_mb"),
+                    "peak_tree_rss_mb": info.get("peak_tree_rss_mb"),
+                }
+            )
+        finals = lambda kind: [s["final"][kind]["win_rate"] for s in seeds if s["final"].get(kind)]  # noqa: E731
+        per_arm[arm] = {
+            "flags": arm_flags(arm, plans, raw["scale"]),
+            "seeds": [s["seed"] for s in seeds],
+            "runs": seeds,
+            "final_kl_mean": _mean([s["final_kl"] for s in seeds if s["final_kl"] is not None]),
+            "final_win_rate_mean": {
+                name: _mean(finals(kind))
+                for name, kind in (("BoN_4", "bon"), ("WoN_4", "won"), ("standard", "standard"))
+            },
+            "wall_s_per_run": [s["wall_s"] for s in seeds],
+            "peak_tree_pss_mb": max((s["peak_tree_pss_mb"] or 0 for s in seeds), default=None),
+        }
+    return {
+        "out": str(out),
+        "args": vars(args),
+        "steps_per_run": run_steps(args),
+        "raw_reward_scale": raw,
+        "plans": {k: {"recommended": v["recommended"], "optimal": v["optimal"]} for k, v in plans.items()},
+        "shared_phases": phases,
+        "arms": per_arm,
+        "total_seconds": round(time.time() - t_start, 1),
+    }
+
+
+def _mean(xs) -> Optional[float]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(np.mean(xs)) if xs else None
+
+
+def report_command(out: Path, runs: Sequence[tuple]) -> List[str]:
+    """``infalign report`` of the finished runs side by side, one --label per run (its arm), identity the baseline."""
+    cmd = [sys.executable, "-m", "openrlhf_infalign", "report", *[str(r) for _, r in runs]]
+    for arm, _ in runs:
+        cmd += ["--label", arm]
+    cmd += ["--out", str(out / "compare")]
+    if any(arm == "identity" for arm, _ in runs):
+        cmd += ["--baseline", "identity"]
+    return cmd
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS + CONTROLS]
+    if unknown:
+        print(
+            f"[study] error: unknown arm(s) {', '.join(unknown)}; the arms are: {', '.join(ARMS + CONTROLS)}",
+            file=sys.stderr,
+        )
+        return 2
+    if (args.rollout_batch * args.n_samples) % args.train_batch:
+        print(
+            f"[study] error: --train-batch {args.train_batch} must divide the samples of a step "
+            f"(--rollout-batch {args.rollout_batch} x --n-samples {args.n_samples})",
+            file=sys.stderr,
+        )
+        return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    phases: Dict[str, dict] = {}
+    try:
+        _shared_phases(out, args, phases)
+        write_text(out / "noise_reward_func.py", NOISE_REWARD_FUNC)
+        plans = _plans(out, args)
+        raw = raw_coef_scale(out / "stores" / "train")
+        say(
+            f"raw reward within-prompt sd {raw['raw_within_prompt_sd']:.3f} vs calibrated {raw['calibrated_within_prompt_sd']:.3f}: "
+            f"raw arm coefficient = identity's x {raw['scale']:.3f}"
+        )
+        steps = run_steps(args)
+        for seed in range(args.seeds):
+            for arm in arms:
+                run_dir = run_path(out, arm, seed)
+                if run_finished(run_dir, last_eval_step(args)):
+                    say(f"{arm} seed {seed}: finished before, not re-run")
+                    continue
+                say(f"{arm} seed {seed}: training {steps} steps ({' '.join(arm_flags(arm, plans, raw['scale']))})")
+                try:
+                    r = _train_one(out, args, arm, seed, plans, raw["scale"])
+                    say(f"{arm} seed {seed}: {r['seconds']:.0f}s, peak PSS {r.get('peak_tree_pss_mb', 0):.0f} MiB")
+                except PhaseError as e:
+                    say(f"{arm} seed {seed}: FAILED ({str(e)[-300:]}); going on")
+                write_text(
+                    out / "study_summary.json",
+                    json.dumps(_summary(out, args, arms, plans, raw, phases, t_start), indent=2, default=str) + "\n",
+                )
+        finished = [
+            (arm, run_path(out, arm, seed))
+            for arm in arms
+            for seed in range(args.seeds)
+            if run_finished(run_path(out, arm, seed), last_eval_step(args))
+        ]
+        summary = _summary(out, args, arms, plans, raw, phases, t_start)
+        if not args.no_report and len(finished) >= 2:
+            rep = run_phase("report", report_command(out, finished), out / "logs", timeout=600.0)
+            summary["report"] = {"seconds": rep["seconds"], "dir": str(out / "compare")}
+            print((out / "logs" / "report.log").read_text().split("\n", 1)[1], flush=True)
+        if not args.no_report:
+            # the same optimisation on a tabular policy: what these steps give when the policy class is no limit
+            dyn = [sys.executable, "-m", "openrlhf_infalign.studies.dynamics", "--plans", str(out / "plans.json")]
+            dyn += [
+                "--out",
+                str(out / "dynamics"),
+                "--steps",
+                str(run_steps(args)),
+                "--prompts",
+                str(args.train_prompts),
+            ]
+            dyn += ["--rollout-batch", str(args.rollout_batch), "--n-samples", str(args.n_samples)]
+            dyn += ["--train-batch", str(args.train_batch)]
+            rep = run_phase("dynamics", dyn, out / "logs", timeout=600.0)
+            summary["dynamics"] = {"seconds": rep["seconds"], "dir": str(out / "dynamics")}
+        write_text(out / "study_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    except PhaseError as e:
+        print(f"[study] error: {e}", file=sys.stderr, flush=True)
+        return 1
+    say(f"done in {time.time() - t_start:.0f}s; summary {out / 'study_summary.json'}, figures {out / 'compare'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

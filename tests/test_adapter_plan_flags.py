@@ -1,0 +1,81 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from openrlhf_infalign.adapter.kl_coef import beta_for_kl_coef, unplanned_reason
+from openrlhf_infalign.adapter.plan_flags import openrlhf_args
+from openrlhf_infalign.commands.plan import plan_with_flags
+from openrlhf_infalign.core.planning import plan
+from openrlhf_infalign.errors import UserError
+
+
+def test_flags_train_the_recommended_transform():
+    p = plan("bon:4", 0.5)
+    args = openrlhf_args(p)
+    assert args[args.index("--reward_wrapper") + 1] == "infalign.ctrl"
+    assert args[args.index("--infalign.transform") + 1] == p["recommended"]["transform"]
+    assert float(args[args.index("--algo.kl.init_coef") + 1]) == pytest.approx(p["recommended"]["beta"], rel=1e-3)
+    assert args[args.index("--infalign.inference") + 1] == "bon:4"
+    assert args[args.index("--infalign.kl_budget") + 1] == "0.5"
+
+
+def test_plan_json_keeps_its_keys_in_order():
+    p = plan_with_flags("bon:4", 0.5)
+    keys = ["inference", "kl", "k", "estimator", "n_samples_per_prompt", "recommended", "optimal", "gap_to_optimal"]
+    assert list(p) == keys + ["baselines", "openrlhf_args", "notes"]
+    assert (p["k"], p["estimator"], p["n_samples_per_prompt"]) == (None, "gae", 1)
+    assert p["openrlhf_args"] == openrlhf_args(plan("bon:4", 0.5))
+
+
+def test_plan_command_imports_no_openrlhf():
+    # `infalign plan` must stay quick to start: the flags are strings, OpenRLHF itself is never loaded.
+    code = (
+        "import json, sys, openrlhf_infalign.commands.plan\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('openrlhf', 'torch'))))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == []
+
+
+@pytest.mark.parametrize(
+    "estimator, n, factor",
+    [("gae", 1, 1.0), ("reinforce", 1, 1.0), ("rloo", 4, 1.0), ("reinforce_baseline", 4, 0.75), ("dr_grpo", 8, 7 / 8)],
+)
+def test_init_coef_gives_the_planned_beta_under_each_estimator(estimator, n, factor):
+    p = plan_with_flags("bon:4", 0.5, estimator=estimator, n_samples_per_prompt=n)
+    beta = p["recommended"]["beta"]
+    assert p["recommended"]["kl_coef"] == pytest.approx(beta * factor, rel=1e-12)
+    for b in p["baselines"].values():
+        assert b["kl_coef"] == pytest.approx(b["beta"] * factor, rel=1e-12)
+    flags = p["openrlhf_args"]
+    assert float(flags[flags.index("--algo.kl.init_coef") + 1]) == pytest.approx(beta * factor, rel=1e-3)
+    assert beta_for_kl_coef(p["recommended"]["kl_coef"], estimator, n) == pytest.approx(beta, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"estimator": "group_norm", "n_samples_per_prompt": 4}, "group_norm divides the rewards"),
+        ({"estimator": "ppo2"}, "unknown advantage estimator 'ppo2'"),
+        ({"estimator": "reinforce_baseline", "n_samples_per_prompt": 1}, "needs --rollout.n_samples_per_prompt >= 2"),
+    ],
+)
+def test_plan_refuses_what_no_coefficient_can_plan(kwargs, words):
+    with pytest.raises((UserError, ValueError), match=words):
+        plan_with_flags("bon:4", 0.5, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"kl_use_loss": True}, "--algo.kl.use_loss"),
+        ({"kl_estimator": "k3"}, "--algo.kl.estimator k3"),
+        ({"kl_target": 0.1}, "--algo.kl.target"),
+    ],
+)
+def test_kl_settings_that_break_the_mapping_are_named(kwargs, words):
+    assert words in unplanned_reason("rloo", 4, **kwargs)
+    assert unplanned_reason("rloo", 4) is None

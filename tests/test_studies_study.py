@@ -1,0 +1,151 @@
+"""The study's command building (arms -> flags) and its resumability check; no training."""
+
+import numpy as np
+import pytest
+
+from openrlhf_infalign.evallog import append_record
+from openrlhf_infalign.store.writer import write_store
+from openrlhf_infalign.studies import study
+
+PLANS = {
+    "bon:4": {
+        "kl": 1.0,
+        "recommended": {"transform": "exp:t=17.32", "kl_coef": 0.2443},
+        "optimal": {"kl_coef": 0.2405},
+        "baselines": {"identity": {"kl_coef": 0.1226}},
+        "openrlhf_args": [
+            "--reward_wrapper",
+            "infalign.ctrl",
+            "--infalign.inference",
+            "bon:4",
+            "--infalign.transform",
+            "exp:t=17.32",
+            "--infalign.kl_budget",
+            "1",
+            "--algo.kl.init_coef",
+            "0.2443",
+        ],
+    },
+    "won:4": {
+        "kl": 1.0,
+        "recommended": {"transform": "negexp:t=15.96"},
+        "optimal": {"kl_coef": 0.0069},
+        "baselines": {"identity": {"kl_coef": 0.1226}},
+        "openrlhf_args": [
+            "--reward_wrapper",
+            "infalign.ctrl",
+            "--infalign.inference",
+            "won:4",
+            "--infalign.transform",
+            "negexp:t=15.96",
+            "--infalign.kl_budget",
+            "1",
+            "--algo.kl.init_coef",
+            "2.431e-05",
+        ],
+    },
+}
+
+
+def flag(cmd, name):
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+def test_arm_flags():
+    raw = study.arm_flags("raw", PLANS, raw_scale=2.0)
+    assert "--reward_wrapper" not in raw
+    assert float(flag(raw, "--algo.kl.init_coef")) == pytest.approx(0.2452)
+    ident = study.arm_flags("identity", PLANS, 2.0)
+    assert flag(ident, "--reward_wrapper") == "infalign.calibrate"
+    assert float(flag(ident, "--algo.kl.init_coef")) == pytest.approx(0.1226)
+    assert study.arm_flags("ctrl_exp_bon4", PLANS, 2.0) == PLANS["bon:4"]["openrlhf_args"]
+    opt = study.arm_flags("optimal_bon4", PLANS, 2.0)
+    assert flag(opt, "--infalign.transform") == "optimal" and flag(opt, "--infalign.inference") == "bon:4"
+    assert float(flag(opt, "--algo.kl.init_coef")) == pytest.approx(0.2405)
+    assert study.arm_flags("ctrl_negexp_won4", PLANS, 2.0) == PLANS["won:4"]["openrlhf_args"]
+    noise = study.arm_flags("noise", PLANS, 2.0)
+    assert "--reward_wrapper" not in noise and "--infalign.allow_mismatch" in noise
+    assert float(flag(noise, "--algo.kl.init_coef")) == pytest.approx(0.1226)  # identity's: no spread to scale by
+    with pytest.raises(ValueError, match="unknown arm"):
+        study.arm_flags("nope", PLANS, 2.0)
+
+
+def test_run_command_same_setting_per_arm(tmp_path):
+    args = study.build_parser().parse_args(["--out", str(tmp_path)])
+    cmds = {arm: study.run_command(tmp_path, args, arm, 1, PLANS, 2.0) for arm in study.ARMS}
+    for arm, cmd in cmds.items():
+        run_dir = study.run_path(tmp_path, arm, 1)
+        assert flag(cmd, "--ckpt.output_dir") == str(run_dir)
+        assert flag(cmd, "--ckpt.path") == str(run_dir / "checkpoints")
+        assert flag(cmd, "--train.seed") == "1"
+        assert flag(cmd, "--infalign.eval_store") == str(tmp_path / "stores" / "eval")
+        assert cmd.count("--algo.kl.init_coef") == 1
+        # the same prompts, sampling and evaluation for every arm
+        for shared in (
+            "--data.prompt_dataset",
+            "--eval.dataset",
+            "--rollout.n_samples_per_prompt",
+            "--eval.steps",
+            "--eval.n_samples_per_prompt",
+            "--rollout.batch_size",
+            "--train.num_episodes",
+            "--infalign.eval_n",
+            "--algo.advantage.estimator",
+            "--train.batch_size",
+            "--actor.lr_scheduler",
+        ):
+            assert flag(cmd, shared) == flag(cmds["raw"], shared), (arm, shared)
+    assert "--infalign.store" not in cmds["raw"] and "--reward_wrapper" not in cmds["raw"]
+    assert flag(cmds["identity"], "--infalign.store") == str(tmp_path / "stores" / "train")
+    assert flag(cmds["raw"], "--eval.steps") == "3"
+    # 32 prompts x 8 samples a step in updates of 64: four optimizer updates per PPO step, at a constant rate
+    assert flag(cmds["raw"], "--train.batch_size") == "64" and cmds["raw"].count("--train.batch_size") == 1
+    assert flag(cmds["raw"], "--actor.lr_scheduler") == "constant_with_warmup"
+    assert "--data.max_samples" not in cmds["raw"]
+    noise = study.run_command(tmp_path, args, "noise", 1, PLANS, 2.0)
+    assert flag(noise, "--reward.remote_url") == str(tmp_path / "noise_reward_func.py")
+    assert "--infalign.store" not in noise and flag(noise, "--eval.dataset") == flag(cmds["raw"], "--eval.dataset")
+
+
+def test_max_steps_trims_with_one_pass(tmp_path):
+    args = study.build_parser().parse_args(["--out", str(tmp_path), "--max-steps", "2"])
+    assert study.run_steps(args) == 2
+    cmd = study.run_command(tmp_path, args, "identity", 0, PLANS, 1.0)
+    assert flag(cmd, "--train.num_episodes") == "1" and flag(cmd, "--data.max_samples") == str(2 * 32)
+
+
+def test_run_finished(tmp_path):
+    run = tmp_path / "run"
+    assert not study.run_finished(run, 24)
+    for step in (0, 4, 8):
+        stat = {"win_rate": 0.5, "stderr": 0.01}
+        record = {"step": step, "kl": 0.1 * step, "standard": stat, "bon": {"4": stat}, "won": {"4": stat}}
+        append_record(run / "infalign_eval.jsonl", record)
+    assert not study.run_finished(run, 24)  # stopped part way: re-run
+    assert study.run_finished(run, 8)
+    (run / "infalign_eval.jsonl").write_text("not json\n")
+    assert not study.run_finished(run, 8)  # unreadable log: re-run
+
+
+def test_report_command_labels_each_run(tmp_path):
+    runs = [("raw", tmp_path / "a"), ("identity", tmp_path / "b"), ("identity", tmp_path / "c")]
+    cmd = study.report_command(tmp_path, runs)
+    assert cmd[cmd.index("report") + 1 : cmd.index("report") + 4] == [str(r) for _, r in runs]
+    assert [cmd[i + 1] for i, c in enumerate(cmd) if c == "--label"] == ["raw", "identity", "identity"]
+    assert flag(cmd, "--baseline") == "identity" and flag(cmd, "--out") == str(tmp_path / "compare")
+
+
+def test_raw_coef_scale(tmp_path):
+    rewards = [np.array([0.0, 2.0, 4.0, 6.0]), np.array([1.0, 3.0, 5.0, 7.0])]
+    write_store(tmp_path / "store", None, rewards, prompts=["p0", "p1"])
+    got = study.raw_coef_scale(tmp_path / "store")
+    assert got["raw_within_prompt_sd"] == pytest.approx(np.std([0, 2, 4, 6]))
+    assert got["calibrated_within_prompt_sd"] == pytest.approx(np.std([0, 0.25, 0.5, 0.75]))
+    assert got["scale"] == pytest.approx(8.0)
+
+
+def test_last_eval_step():
+    args = study.build_parser().parse_args([])
+    assert study.run_steps(args) == 18 and study.last_eval_step(args) == 18
+    args = study.build_parser().parse_args(["--max-steps", "2"])
+    assert study.last_eval_step(args) == 0  # upstream evaluates every --eval.steps, not at the end
