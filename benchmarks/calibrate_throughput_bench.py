@@ -84,9 +84,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if base.cpu:  # room for both engine sets (OpenRLHF's placement groups outlive a killed engine)
         from openrlhf_infalign.adapter import cpu
+        from openrlhf_infalign.adapter.hook import runtime_env
 
         cpu.apply()
-        ray.init(**cpu.ray_init_kwargs(num_cpus=3 * args.engines + 1, num_gpus=2 * args.engines))
+        node = cpu.ray_init_kwargs(num_cpus=3 * args.engines + 1, num_gpus=2 * args.engines)
+        ray.init(**node, runtime_env=runtime_env(None, cpu_mode=True))
     gen = VLLMGenerator(base, tok)
     func_gen = VLLMGenerator(replace(base, reward_model=None, reward_url=func, reward_num_actors=None), tok)
     actors = RewardModelActors(base, tok)

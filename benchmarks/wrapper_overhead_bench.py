@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from openrlhf_infalign.adapter.standins import install_flash_attn
+from openrlhf_infalign.adapter.cpu.standins import install_flash_attn
 
 install_flash_attn()
 
@@ -35,7 +35,7 @@ from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  #
 from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
 
 from openrlhf_infalign.adapter.console import run_train_ppo  # noqa: E402
-from openrlhf_infalign.adapter.trainer import install_reward_wrapper  # noqa: E402
+from openrlhf_infalign.adapter.upstream.experience_maker import install_reward_wrapper  # noqa: E402
 from openrlhf_infalign.adapter.wrapper import CTRLRewardWrapper  # noqa: E402
 from openrlhf_infalign.core.transforms import parse_transform  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, prompt_digests  # noqa: E402

@@ -15,7 +15,7 @@ import pytest
 
 from openrlhf_infalign.adapter import build
 from openrlhf_infalign.adapter.args import get
-from openrlhf_infalign.adapter.kl_coef import ACCEPT_FLAG, kl_coef_for_beta
+from openrlhf_infalign.adapter.planning import ACCEPT_FLAG, kl_coef_for_beta
 from openrlhf_infalign.adapter.wrapper import CTRLRewardWrapper, make_calibrate_wrapper, make_ctrl_wrapper
 from openrlhf_infalign.core.finite_k import expected_kl_k, expected_win_rate_k
 from openrlhf_infalign.core.planning import resolve_transform

@@ -72,7 +72,7 @@ def _settings(models, out, **kw):
 
 def _training_prompts(models, input_template=None, apply_chat_template=False):
     """The prompt strings OpenRLHF's trainer iterates over, from its own prepare_datasets."""
-    from openrlhf_infalign.adapter.standins import install_flash_attn
+    from openrlhf_infalign.adapter.cpu.standins import install_flash_attn
 
     install_flash_attn()
     from openrlhf.trainer.ppo_trainer import prepare_datasets

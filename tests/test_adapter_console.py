@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from openrlhf_infalign.adapter.standins import install_flash_attn
+from openrlhf_infalign.adapter.cpu.standins import install_flash_attn
 
 install_flash_attn()
 
@@ -17,8 +17,8 @@ import openrlhf.trainer.ppo_trainer as upstream_ppo_trainer  # noqa: E402
 import openrlhf.trainer.ppo_trainer_async as upstream_async  # noqa: E402
 import ray  # noqa: E402
 
-from openrlhf_infalign.adapter import launch  # noqa: E402
 from openrlhf_infalign.adapter.console import main, run_train_ppo  # noqa: E402
+from openrlhf_infalign.adapter.hook import runtime_env  # noqa: E402
 from openrlhf_infalign.adapter.trainer import (  # noqa: E402
     InfAlignPPOTrainerActor,
     InfAlignPPOTrainerAsyncActor,
@@ -122,10 +122,10 @@ def test_wrapper_flags_reach_train_and_trainer_is_swapped(spelling, store_dir):
 
 
 def test_runtime_env_merge_keeps_upstream_env_and_adds_hook():
-    env = launch.merge_runtime_env({"env_vars": {"NCCL_DEBUG": "WARN", "TOKENIZERS_PARALLELISM": "true"}}, False)
-    assert env["worker_process_setup_hook"] == "openrlhf_infalign.adapter.plugin.worker_setup"
+    env = runtime_env({"env_vars": {"NCCL_DEBUG": "WARN", "TOKENIZERS_PARALLELISM": "true"}}, False)
+    assert env["worker_process_setup_hook"] == "openrlhf_infalign.adapter.hook.worker_setup"
     assert env["env_vars"] == {"NCCL_DEBUG": "WARN", "TOKENIZERS_PARALLELISM": "true"}
-    cpu_env = launch.merge_runtime_env({"env_vars": {"TOKENIZERS_PARALLELISM": "true"}}, True)
+    cpu_env = runtime_env({"env_vars": {"TOKENIZERS_PARALLELISM": "true"}}, True)
     assert cpu_env["env_vars"]["INFALIGN_CPU"] == "1" and cpu_env["env_vars"]["TOKENIZERS_PARALLELISM"] == "true"
     # the dotted hook path resolves to a callable, as Ray 2.55 requires
     mod, _, fn = env["worker_process_setup_hook"].rpartition(".")

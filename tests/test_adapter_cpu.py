@@ -1,4 +1,4 @@
-"""Fast checks of the CPU compatibility module (openrlhf_infalign/adapter/cpu.py, ``--infalign.cpu``).
+"""Fast checks of the CPU mode (openrlhf_infalign/adapter/cpu/, ``--infalign.cpu``) and the worker hook's env.
 
 The patches are process-global, so each check that applies them runs in a fresh interpreter. The full PPO loop
 with these patches is exercised by tests/test_e2e_cpu.py (marked ``e2e``).
@@ -11,7 +11,8 @@ import textwrap
 
 import pytest
 
-from openrlhf_infalign.adapter import cpu
+from openrlhf_infalign.adapter import cpu, hook
+from openrlhf_infalign.adapter.cpu import loopback, patches
 
 
 def _run(code: str, timeout: int = 240) -> str:
@@ -32,14 +33,16 @@ def test_with_cpu_flags_adds_missing_and_keeps_users():
     assert out[out.index("--ds.param_dtype") + 1] == "bf16"
 
 
-def test_ray_init_kwargs_loopback_fake_gpus_and_hook():
-    kw = cpu.ray_init_kwargs(num_cpus=3, setup_hook="pkg.mod.fn", env={"X": "1"})
+def test_ray_init_kwargs_loopback_fake_gpus_and_the_one_hook():
+    kw = cpu.ray_init_kwargs(num_cpus=3)
     assert kw["_node_ip_address"] == "127.0.0.1" and kw["include_dashboard"] is False
     assert kw["num_cpus"] == 3 and kw["num_gpus"] >= 1
-    assert kw["runtime_env"]["worker_process_setup_hook"] == "pkg.mod.fn"
-    env = kw["runtime_env"]["env_vars"]
-    assert env["X"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
-    assert "worker_process_setup_hook" not in cpu.ray_init_kwargs(setup_hook=None)["runtime_env"]
+    assert "runtime_env" not in kw  # the worker hook's runtime env is merged by hook.runtime_env
+    env = hook.runtime_env({"env_vars": {"X": "1"}}, cpu_mode=True)
+    assert env["worker_process_setup_hook"] == hook.SETUP_HOOK == "openrlhf_infalign.adapter.hook.worker_setup"
+    assert env["env_vars"]["X"] == "1" and env["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert env["env_vars"][cpu.ENV] == "1"  # the hook applies the CPU mode in every worker
+    assert cpu.ENV not in hook.runtime_env(None, cpu_mode=False)["env_vars"]
 
 
 def test_ray_init_kwargs_start_a_fresh_local_cluster_unless_ray_address(monkeypatch):
@@ -47,10 +50,8 @@ def test_ray_init_kwargs_start_a_fresh_local_cluster_unless_ray_address(monkeypa
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cpu.ray_init_kwargs()["address"] == "local"
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    # joining: the cluster's address and the workers' environment only (Ray refuses node settings there)
-    joined = cpu.ray_init_kwargs(num_cpus=3)
-    assert set(joined) == {"address", "runtime_env"} and joined["address"] == "127.0.0.1:6379"
-    assert joined["runtime_env"]["worker_process_setup_hook"] == cpu.SETUP_HOOK
+    # joining: the cluster's address only (Ray refuses node settings there)
+    assert cpu.ray_init_kwargs(num_cpus=3) == {"address": "127.0.0.1:6379"}
 
 
 def test_rollout_actor_gets_cpu_worker_extension():
@@ -65,11 +66,11 @@ def test_rollout_actor_gets_cpu_worker_extension():
             seen["kwargs"] = kw
             return "handle"
 
-    wrapped = cpu._RolloutActorWithCpuWorker(FakeActorClass())
+    wrapped = patches._RolloutActorWithCpuWorker(FakeActorClass())
     upstream = "openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap"
     assert wrapped.options(num_gpus=1).remote(model="m", worker_extension_cls=upstream) == "handle"
     assert seen["options"] == {"num_gpus": 1}
-    assert seen["kwargs"] == {"model": "m", "worker_extension_cls": cpu.VLLM_WORKER_EXTENSION}
+    assert seen["kwargs"] == {"model": "m", "worker_extension_cls": patches.VLLM_WORKER_EXTENSION}
     # a user's own extension class is left alone
     wrapped.options().remote(worker_extension_cls="my.Ext")
     assert seen["kwargs"]["worker_extension_cls"] == "my.Ext"
@@ -86,7 +87,8 @@ def test_apply_patches_openrlhf_modules_lazily_and_idempotently():
         assert torch.cuda.current_device() == "cpu" and torch.cuda.current_stream() is None
         torch.cuda.set_device(0); torch.cuda.synchronize()
         from openrlhf.utils.distributed_util import stateless_init_process_group
-        assert stateless_init_process_group is cpu.gloo_init_process_group
+        from openrlhf_infalign.adapter.cpu.loopback import gloo_init_process_group
+        assert stateless_init_process_group is gloo_init_process_group
         from openrlhf.trainer.ppo_utils import NaiveReplayBuffer
         buf = NaiveReplayBuffer(4)
         assert buf.target_device == torch.device("cpu"), buf.target_device
@@ -117,7 +119,7 @@ def _free_port() -> int:
 
 _RECEIVER = """
 import json, sys, torch
-from openrlhf_infalign.adapter.cpu import GlooBroadcastGroup
+from openrlhf_infalign.adapter.cpu.loopback import GlooBroadcastGroup
 group = GlooBroadcastGroup("127.0.0.1", int(sys.argv[1]), 1, 2, timeout_s=60)
 received = torch.empty(3, 4, dtype=torch.bfloat16)
 group.broadcast(received, src=0, stream=None)
@@ -133,7 +135,7 @@ def test_gloo_group_broadcasts_bf16_between_processes():
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(port)], stdout=subprocess.PIPE, text=True)
     try:
-        group = cpu.GlooBroadcastGroup("127.0.0.1", port, 0, 2, timeout_s=60)
+        group = loopback.GlooBroadcastGroup("127.0.0.1", port, 0, 2, timeout_s=60)
         sent = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4) / 4
         group.broadcast(sent, src=0, stream=None)
         out, _ = proc.communicate(timeout=60)

@@ -1,7 +1,7 @@
 """Loopback only in CPU mode: every address ``--infalign.cpu`` lets OpenRLHF use is 127.0.0.1.
 
 A driver process in CPU mode, as ``openrlhf train_ppo --infalign.cpu`` runs it (:func:`cpu.apply`, then ``ray.init``
-with :func:`cpu.ray_init_kwargs` and the setup hook :func:`cpu.apply` in every worker), reports what it sees as one
+with :func:`cpu.ray_init_kwargs` and the worker hook, which applies the CPU mode in every worker), reports what it sees as one
 JSON line. Inside a Ray worker, as OpenRLHF's actors are, the real upstream code picks its addresses:
 ``BaseDistributedActor``
 (DeepSpeed's ``MASTER_ADDR``) and DeepSpeed's own ``init_distributed`` rendezvous, ``ActorPPOTrainer.
@@ -31,6 +31,8 @@ for _mod in ("ray", "openrlhf", "deepspeed", "vllm", "psutil"):
 import ray  # noqa: E402
 
 from openrlhf_infalign.adapter import cpu  # noqa: E402
+from openrlhf_infalign.adapter.cpu.loopback import loopback_tcp_store  # noqa: E402
+from openrlhf_infalign.adapter.hook import runtime_env  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 
@@ -50,7 +52,7 @@ class EngineSide:
     """The vLLM engine's side of the weight-sync rendezvous: runs the real ``CpuWorkerWrap.init_process_group``."""
 
     def init_process_group(self, master_address, master_port, rank_offset, world_size, group_name, backend, use_ray):
-        from openrlhf_infalign.adapter.cpu_vllm_worker import CpuWorkerWrap
+        from openrlhf_infalign.adapter.cpu.vllm_worker import CpuWorkerWrap
 
         self.worker = CpuWorkerWrap()
         self.worker.init_process_group(
@@ -104,7 +106,11 @@ def drive() -> dict:
     from datetime import timedelta
 
     cpu.apply()
-    ray.init(**cpu.ray_init_kwargs(num_cpus=3, num_gpus=0), log_to_driver=False)
+    ray.init(
+        **cpu.ray_init_kwargs(num_cpus=3, num_gpus=0),
+        runtime_env=runtime_env(None, cpu_mode=True),
+        log_to_driver=False,
+    )
     try:
         trainer = ray.remote(num_cpus=0)(TrainerSide).remote()
         engine = ray.remote(num_cpus=0)(EngineSide).remote()
@@ -121,7 +127,7 @@ def drive() -> dict:
         seen["weight_sync_engine"] = ray.get(engine.seen_by_engine.remote())
     finally:
         ray.shutdown()
-    store = cpu.loopback_tcp_store(LOOPBACK, 0, 1, True, timedelta(seconds=30))
+    store = loopback_tcp_store(LOOPBACK, 0, 1, True, timedelta(seconds=30))
     store.set("k", "v")
     with socket.create_connection((LOOPBACK, store.port), timeout=5):
         pass

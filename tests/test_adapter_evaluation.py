@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("openrlhf")
 torch = pytest.importorskip("torch")
 
-from openrlhf_infalign.adapter.standins import install_flash_attn  # noqa: E402
+from openrlhf_infalign.adapter.cpu.standins import install_flash_attn  # noqa: E402
 
 install_flash_attn()
 
@@ -30,7 +30,7 @@ from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator  # noq
 from openrlhf.utils.config import hierarchize  # noqa: E402
 
 from openrlhf_infalign.adapter import evaluation as ev  # noqa: E402
-from openrlhf_infalign.adapter.console import train_ppo_parser  # noqa: E402
+from openrlhf_infalign.adapter.upstream.train_ppo_ray import train_ppo_parser  # noqa: E402
 from openrlhf_infalign.core.transforms import parse_transform  # noqa: E402
 from openrlhf_infalign.core.winrate import win_rates  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, prompt_key  # noqa: E402

@@ -33,7 +33,8 @@ from openrlhf.trainer.ray.launcher import RayActorGroup, RewardModelActor  # noq
 from openrlhf.utils.config import hierarchize  # noqa: E402
 
 from openrlhf_infalign.adapter import evaluation as ev  # noqa: E402
-from openrlhf_infalign.adapter.console import train_ppo_parser  # noqa: E402
+from openrlhf_infalign.adapter.hook import runtime_env  # noqa: E402
+from openrlhf_infalign.adapter.upstream.train_ppo_ray import train_ppo_parser  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, prompt_key  # noqa: E402
 
 pytestmark = pytest.mark.openrlhf
@@ -94,7 +95,11 @@ class EvalRewardActor(RewardModelActor.__ray_actor_class__):
 def ray_cluster():
     # The test module's classes travel to the workers by value (pytest's importlib mode: not importable there).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(**cpu.ray_init_kwargs(num_cpus=4, num_gpus=2), log_to_driver=False)
+    ray.init(
+        **cpu.ray_init_kwargs(num_cpus=4, num_gpus=2),
+        runtime_env=runtime_env(None, cpu_mode=True),
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 

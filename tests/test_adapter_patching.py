@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROBE = textwrap.dedent(r'''
     import argparse, json, runpy, sys
     import numpy as np, torch
-    from openrlhf_infalign.adapter.standins import install_flash_attn
+    from openrlhf_infalign.adapter.cpu.standins import install_flash_attn
     install_flash_attn()
     import openrlhf
     out = {"openrlhf_file": openrlhf.__file__}
@@ -233,7 +233,7 @@ def test_native_seam_applies_the_wrapper(results, store_dir):
 
     import torch
 
-    from openrlhf_infalign.adapter.standins import install_flash_attn
+    from openrlhf_infalign.adapter.cpu.standins import install_flash_attn
 
     install_flash_attn()
     from openrlhf.trainer.ppo_utils.experience import Experience
@@ -241,7 +241,7 @@ def test_native_seam_applies_the_wrapper(results, store_dir):
     from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
     from openrlhf.utils.config import hierarchize
 
-    from openrlhf_infalign.adapter.trainer import install_reward_wrapper
+    from openrlhf_infalign.adapter.upstream.experience_maker import install_reward_wrapper
     from openrlhf_infalign.adapter.wrapper import CTRLRewardWrapper
     from openrlhf_infalign.core.transforms import parse_transform
     from openrlhf_infalign.store import ReferenceStore

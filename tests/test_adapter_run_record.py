@@ -15,15 +15,15 @@ import pytest
 pytest.importorskip("openrlhf")
 
 from openrlhf_infalign.adapter.calibrate import CalibrateSettings, run_calibration  # noqa: E402
-from openrlhf_infalign.adapter.plugin import worker_setup  # noqa: E402
+from openrlhf_infalign.adapter.hook import worker_setup  # noqa: E402
 from openrlhf_infalign.adapter.run_record import (  # noqa: E402
     RECORD_KEY,
     check_run,
     check_store,
     record_from_args,
-    restore_normalization_on_load,
     run_record,
 )
+from openrlhf_infalign.adapter.upstream.reward_loader import restore_normalization_on_load  # noqa: E402
 from openrlhf_infalign.demo import tiny  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, StoreError, prompt_key, read_manifest, write_store  # noqa: E402
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from openrlhf_infalign.adapter.standins import install_flash_attn
+from openrlhf_infalign.adapter.cpu.standins import install_flash_attn
 
 install_flash_attn()
 
@@ -158,7 +158,7 @@ def test_async_trainer_swaps_training_actor_in_its_process(state, monkeypatch):
     assert isinstance(upstream_async.TrainingActor, ray.actor.ActorClass)  # restored
     # the generator actor learns whether to run the step-0 evaluation; the training actor gets its handle
     generator = seen["GenerateSamplesActor"]
-    assert generator.actor_class is T.InfAlignGenerateSamplesActorActor
+    assert generator.actor_class is T.InfAlignGenerateSamplesRemote
     assert generator.extra == {"infalign_eval_at_start": True}
     assert isinstance(upstream_async.GenerateSamplesActor, ray.actor.ActorClass)  # restored
     assert seen["generator"] == "generator-handle"

@@ -228,3 +228,26 @@ def test_nothing_points_outside_the_repository(pointer):
             if needle in line:
                 hits.append(f"{path.relative_to(ROOT)}:{lineno}")
     assert not hits, f"{pointer!r} is not part of this repository (docs/architecture.md is):\n  " + "\n  ".join(hits)
+
+
+def test_the_cpu_mode_is_one_package_that_imports_no_other_adapter_module():
+    bad = [v for v in _violations(f"{ADAPTER}.cpu", (ADAPTER,)) if f"imports {ADAPTER}.cpu" not in v]
+    assert not bad, "adapter/cpu/ stands alone (the hook and the console call it, not the reverse):\n  " + "\n  ".join(
+        bad
+    )
+
+
+def test_the_upstream_table_imports_nothing_upstream():
+    bad = [
+        f"{where}: imports {target}"
+        for target, where in GRAPH[f"{ADAPTER}.upstream"]
+        if _is_under(target, "openrlhf") or _is_under(target, "ray") or _is_under(target, "torch")
+    ]
+    assert not bad, "adapter/upstream/__init__.py reads upstream sources as text:\n  " + "\n  ".join(bad)
+
+
+def test_demo_studies_and_runs_never_import_the_adapter_and_the_demo_never_imports_studies():
+    bad = _violations(f"{PACKAGE}.demo", (ADAPTER, f"{PACKAGE}.studies", "openrlhf"))
+    bad += _violations(f"{PACKAGE}.studies", (ADAPTER, "openrlhf"))
+    bad += _violations(f"{PACKAGE}.runs", (ADAPTER, "openrlhf", f"{PACKAGE}.demo", f"{PACKAGE}.studies"))
+    assert not bad, "demo/, studies/ and runs/ run OpenRLHF in subprocesses only:\n  " + "\n  ".join(bad)

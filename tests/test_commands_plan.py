@@ -5,8 +5,8 @@ import sys
 import numpy as np
 import pytest
 
+from openrlhf_infalign.adapter.planning import plan_with_flags
 from openrlhf_infalign.cli import main
-from openrlhf_infalign.commands.plan import plan_with_flags
 from openrlhf_infalign.core import theory
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -66,7 +66,7 @@ def test_policy_generates_and_config(built):
 
 def test_reward_model_loads_with_openrlhf(built):
     pytest.importorskip("openrlhf")
-    from openrlhf_infalign.adapter.standins import install_flash_attn
+    from openrlhf_infalign.adapter.cpu.standins import install_flash_attn
 
     install_flash_attn()
     from openrlhf.models import get_llm_for_sequence_regression

@@ -63,10 +63,10 @@ def test_there_are_examples():
 def train_ppo_parser():
     """OpenRLHF's train_ppo_ray parser (built inline under __main__) + InfAlign's flags, as the console builds it."""
     pytest.importorskip("openrlhf")
-    from openrlhf_infalign.adapter.standins import install_flash_attn
+    from openrlhf_infalign.adapter.cpu.standins import install_flash_attn
 
     install_flash_attn()
-    from openrlhf_infalign.adapter.console import train_ppo_parser as build
+    from openrlhf_infalign.adapter.upstream.train_ppo_ray import train_ppo_parser as build
 
     return build()
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from openrlhf_infalign.adapter.args import get
+from openrlhf_infalign.adapter.upstream.experience_maker import effective_actors, forward, record_rollout_kl
 from openrlhf_infalign.core.winrate import default_ns, win_rates
 from openrlhf_infalign.evallog import EVAL_LOG, append_record
 from openrlhf_infalign.store import ReferenceStore
@@ -216,22 +217,13 @@ class InfAlignEvalMixin:
         reference model or the KL is a loss term (``--algo.kl.use_loss``): then nothing is recorded.
         """
         maker = getattr(self, "experience_maker", None)
-        if maker is None or getattr(maker, "_infalign_kl_wrapped", False):
+        if maker is None:
             return
         measured = getattr(self, "reference_model_group", None) is not None and not get(
             self.args, "algo.kl.use_loss", False
         )
-        inner = maker.make_experience_batch
-        trainer = self
-
-        def make_experience_batch(rollout_samples, *args, **kwargs):
-            experiences = inner(rollout_samples, *args, **kwargs)
-            if measured:
-                trainer._infalign_kl = sequence_kl(experiences)
-            return experiences
-
-        maker.make_experience_batch = make_experience_batch
-        maker._infalign_kl_wrapped = True
+        if measured:
+            record_rollout_kl(maker, lambda experiences: setattr(self, "_infalign_kl", sequence_kl(experiences)))
 
     # -- best checkpoint: accept the logger's "eval/" spelling of our keys ------------------------------------
     def _detect_eval_metric_key(self, eval_metrics):
@@ -316,24 +308,24 @@ class InfAlignEvalMixin:
         from openrlhf.trainer.ppo_utils.experience import Experience
 
         args = self.args
-        handlers = getattr(group, "_actor_handlers", None)
-        dup = int(getattr(group, "duplicate_actors", 1) or 1)
-        effective = max(1, len(handlers) // dup) if handlers else 1
+        effective = effective_actors(group)
         # async_run_method_batch needs at least one chunk per reward model actor.
         mb = max(1, min(int(args.rollout.micro_batch_size), math.ceil(len(todo) / effective)))
         batches = [todo[i : i + mb] for i in range(0, len(todo), mb)]
         pad_id = self.tokenizer.pad_token_id if getattr(self, "tokenizer", None) is not None else 0
         merged = [Experience.concat_experiences(b, pad_id) for b in batches]
         padded = merged + [merged[-1]] * max(0, effective - len(merged))
-        refs = self.experience_maker._dispatch_forward(
+        duplicate = int(args.ds.ring_attn_size) * int(args.ds.tensor_parallel_size)
+        results = forward(
+            self.experience_maker,
             group,
             args.train.colocate_all,
+            duplicate,
+            len(batches),
             sequences=[m.sequences for m in padded],
             attention_mask=[m.attention_mask for m in padded],
             pad_sequence=[True] * len(padded),
         )
-        duplicate = int(args.ds.ring_attn_size) * int(args.ds.tensor_parallel_size)
-        results = self.experience_maker._flatten_results(refs, duplicate)[: len(batches)]
         for batch, scores in zip(batches, results):
             scores = torch.as_tensor(scores).float().reshape(-1)
             if scores.numel() != len(batch):
@@ -438,7 +430,7 @@ class InfAlignEvalMixin:
         batches = [samples_list[i : i + mb] for i in range(0, len(samples_list), mb)]
         pad_id = self.tokenizer.pad_token_id if getattr(self, "tokenizer", None) is not None else 0
         merged = [Experience.concat_experiences(b, pad_id) for b in batches]
-        need = max(_effective_actors(actor_group), _effective_actors(ref_group))
+        need = max(effective_actors(actor_group), effective_actors(ref_group))
         padded = merged + [merged[-1]] * max(0, need - len(merged))
         kwargs = dict(
             sequences=[m.sequences for m in padded],
@@ -446,18 +438,10 @@ class InfAlignEvalMixin:
             attention_mask=[m.attention_mask for m in padded],
         )
         sync = bool(get(args, "train.colocate_all", False) or get(args, "train.colocate_actor_ref", False))
-        actor_refs = maker._dispatch_forward(actor_group, sync, **kwargs)
-        ref_refs = maker._dispatch_forward(ref_group, sync, **kwargs)
         duplicate = int(get(args, "ds.ring_attn_size", 1)) * int(get(args, "ds.tensor_parallel_size", 1))
-        log_probs = maker._flatten_results(actor_refs, duplicate)[: len(merged)]
-        ref_log_probs = maker._flatten_results(ref_refs, duplicate)[: len(merged)]
+        log_probs = forward(maker, actor_group, sync, duplicate, len(merged), **kwargs)
+        ref_log_probs = forward(maker, ref_group, sync, duplicate, len(merged), **kwargs)
         return eval_sequence_kl(log_probs, ref_log_probs, [m.action_mask for m in merged]), None
-
-
-def _effective_actors(group) -> int:
-    handlers = getattr(group, "_actor_handlers", None)
-    dup = int(getattr(group, "duplicate_actors", 1) or 1)
-    return max(1, len(handlers) // dup) if handlers else 1
 
 
 def eval_sequence_kl(log_probs, ref_log_probs, action_masks) -> float | None:

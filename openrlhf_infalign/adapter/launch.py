@@ -3,8 +3,8 @@
 Driver side (``openrlhf train_ppo``, :mod:`.console`): after upstream has parsed and validated its arguments,
 :func:`run_train` wraps upstream's ``train(args)``:
 
-1. ``--infalign.cpu`` only: the CPU compatibility module (:mod:`.cpu`) was applied before upstream was imported;
-   its ``ray.init`` settings join upstream's call below. GPU runs never import it.
+1. ``--infalign.cpu`` only: the CPU mode (:mod:`.cpu`) was applied before upstream was imported; its ``ray.init``
+   settings join upstream's call below. GPU runs never import it.
 2. :func:`prepare` resolves ``--reward_wrapper NAME`` through the entry-point group ``openrlhf.reward_wrappers``
    (:mod:`.registry`) and calls the factory: for ``infalign.*`` that opens the reference store HERE, in the driver,
    checks its prompt template settings, plans the transform and SETS ``args.algo.kl.init_coef`` to the planned
@@ -12,9 +12,9 @@ Driver side (``openrlhf train_ppo``, :mod:`.console`): after upstream has parsed
    it is > 0 and passes ``args`` by value to the actors it builds. The result (:class:`InfAlignState`)
    travels to the trainer actor as a constructor argument, i.e. through Ray's object store by value: other nodes
    need no shared filesystem.
-3. ``ray.init`` (upstream's own call) gets ``runtime_env.worker_process_setup_hook`` = the plugin's worker hook
-   (:data:`.plugin.SETUP_HOOK`), merged with upstream's environment, so every Ray worker loads the plugin (and the
-   CPU module when asked for).
+3. ``ray.init`` (upstream's own call) gets ``runtime_env.worker_process_setup_hook`` = the adapter's worker hook
+   (:mod:`.hook`), merged with upstream's environment (:mod:`.upstream.ray_init`), so every Ray worker loads the
+   plugin (and the CPU mode in a CPU run).
 4. The name upstream's ``train()`` instantiates, ``openrlhf.trainer.ppo_trainer.PPOTrainer`` (or
    ``ppo_trainer_async.PPOTrainerAsync`` with ``--train.async_enable``), points at our trainer (:mod:`.trainer`)
    for the duration of the call; the trainer installs the wrapper into its own experience maker, in its own process.
@@ -25,8 +25,7 @@ Everything is restored when ``train()`` returns, so a second run in the same pro
 from __future__ import annotations
 
 import contextlib
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import ray
@@ -34,14 +33,14 @@ import ray
 from openrlhf_infalign.adapter.args import get
 from openrlhf_infalign.adapter.build import say
 from openrlhf_infalign.adapter.flags import DEFAULTS
-from openrlhf_infalign.adapter.plugin import CPU_ENV, SETUP_HOOK
 from openrlhf_infalign.adapter.registry import load_reward_wrapper
 from openrlhf_infalign.adapter.run_record import check_run
-from openrlhf_infalign.adapter.trainer import patched, use_infalign_trainer
+from openrlhf_infalign.adapter.trainer import use_infalign_trainer
+from openrlhf_infalign.adapter.upstream.ray_init import ray_init_with_hook
 from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.store import ReferenceStore
 
-__all__ = ["InfAlignState", "merge_runtime_env", "prepare", "ray_init_with_plugin", "run_train"]
+__all__ = ["InfAlignState", "prepare", "run_train"]
 
 
 @dataclass
@@ -66,7 +65,6 @@ class InfAlignState:
     kl_budget: Optional[float] = None
     args: Any = None
     eval_at_start: bool = False
-    notes: list = field(default_factory=list)
 
 
 def prepare(args) -> Optional[InfAlignState]:
@@ -108,42 +106,6 @@ def prepare(args) -> Optional[InfAlignState]:
     )
 
 
-def merge_runtime_env(runtime_env: Optional[dict], cpu_mode: bool) -> dict:
-    """Upstream's ``ray.init`` runtime env plus the plugin's worker hook (and the CPU env vars with --infalign.cpu)."""
-    env = dict(runtime_env or {})
-    env_vars = dict(env.get("env_vars") or {})
-    if cpu_mode:
-        from openrlhf_infalign.adapter import cpu  # GPU runs never import the CPU module (cpu.py)
-
-        cpu_env = (cpu.ray_init_kwargs(setup_hook=None).get("runtime_env") or {}).get("env_vars") or {}
-        env_vars = {**cpu_env, **env_vars}
-        env_vars[CPU_ENV] = "1"
-    env["env_vars"] = env_vars
-    hook = env.get("worker_process_setup_hook")
-    if hook and hook != SETUP_HOOK:
-        raise ValueError(f"ray.init already sets worker_process_setup_hook={hook!r}; cannot also load InfAlign's")
-    env["worker_process_setup_hook"] = SETUP_HOOK
-    return env
-
-
-@contextlib.contextmanager
-def ray_init_with_plugin(cpu_mode: bool):
-    """Make upstream's ``ray.init(...)`` load the plugin in every worker (and the CPU settings with --infalign.cpu)."""
-    real_init = ray.init
-
-    def init(*a, **kw):
-        kw["runtime_env"] = merge_runtime_env(kw.get("runtime_env"), cpu_mode)
-        if cpu_mode and not a and "address" not in kw and not os.environ.get("RAY_ADDRESS"):
-            from openrlhf_infalign.adapter import cpu
-
-            for k, v in cpu.ray_init_kwargs(setup_hook=None).items():
-                kw.setdefault(k, v)
-        return real_init(*a, **kw)
-
-    with patched(ray, "init", init):
-        yield
-
-
 def run_train(train: Callable, args) -> Any:
     """Upstream's ``train(args)`` with the plugin in place (see the module docstring)."""
     cpu_mode = bool(get(args, "infalign.cpu", False))
@@ -151,7 +113,7 @@ def run_train(train: Callable, args) -> Any:
     if ray.is_initialized() and (cpu_mode or state is not None):
         say("note: Ray was already initialised: worker_process_setup_hook is not added (workers import the plugin)")
     with contextlib.ExitStack() as stack:
-        stack.enter_context(ray_init_with_plugin(cpu_mode))
+        stack.enter_context(ray_init_with_hook(cpu_mode))
         if state is not None:
             stack.enter_context(use_infalign_trainer(state))
         return train(args)

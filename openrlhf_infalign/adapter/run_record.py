@@ -12,11 +12,9 @@ weights. Two fine-tunes of one architecture can share one, so the model's direct
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
@@ -33,8 +31,6 @@ __all__ = [
     "compare_records",
     "model_fingerprint",
     "record_from_args",
-    "restore_normalization",
-    "restore_normalization_on_load",
     "reward_normalization",
     "run_record",
     "store_record",
@@ -116,47 +112,6 @@ def reward_normalization(reward_model: str) -> tuple[float, float]:
 
     cfg = AutoConfig.from_pretrained(reward_model, trust_remote_code=True)
     return float(getattr(cfg, "mean", 0.0)), float(getattr(cfg, "std", 1.0))
-
-
-def restore_normalization(model, reward_model: str):
-    """Set a loaded reward/critic model's ``mean``/``std`` buffers from its config.json; returns the model.
-
-    OpenRLHF's model ``__init__`` fills them from the config, but transformers 5 runs ``__init__`` on the meta device
-    and materialises non-persistent buffers uninitialised, so every loader of a normalised model calls this.
-    """
-    if hasattr(model, "mean") and hasattr(model, "std"):
-        import torch
-
-        mean, std = reward_normalization(reward_model)
-        with torch.no_grad():
-            model.mean.fill_(mean)
-            model.std.fill_(std)
-    return model
-
-
-def restore_normalization_on_load() -> None:
-    """Make OpenRLHF's ``get_llm_for_sequence_regression`` restore mean/std after loading (idempotent).
-
-    Called by the plugin's Ray worker hook, so the training reward model actors, the critic and the eval hook's local
-    reward model (the same actors) score like `infalign calibrate`, on CPU and GPU alike.
-    """
-    from openrlhf.models import model as model_module
-
-    original = model_module.get_llm_for_sequence_regression
-    if getattr(original, "_infalign_restores_normalization", False):
-        return
-
-    @functools.wraps(original)
-    def get_llm_for_sequence_regression(model_name_or_path, model_type, **kwargs):
-        return restore_normalization(original(model_name_or_path, model_type, **kwargs), model_name_or_path)
-
-    get_llm_for_sequence_regression._infalign_restores_normalization = True
-    # Modules imported before this call hold their own reference to the loader.
-    for name in ("openrlhf.models", "openrlhf.trainer.ray.launcher", "openrlhf.trainer.ray.ppo_critic"):
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "get_llm_for_sequence_regression", None) is original:
-            module.get_llm_for_sequence_regression = get_llm_for_sequence_regression
-    model_module.get_llm_for_sequence_regression = get_llm_for_sequence_regression
 
 
 def _reward_kind(url: str) -> str:

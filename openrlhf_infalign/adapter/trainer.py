@@ -37,6 +37,8 @@ from openrlhf.trainer import ppo_trainer_async as _ppo_trainer_async
 from openrlhf.trainer.ppo_trainer import PPOTrainer as _UpstreamPPOTrainerActor
 
 from openrlhf_infalign.adapter.evaluation import InfAlignEvalMixin
+from openrlhf_infalign.adapter.upstream import patched
+from openrlhf_infalign.adapter.upstream.experience_maker import install_reward_wrapper
 
 __all__ = [
     "InfAlignPPOTrainer",
@@ -45,31 +47,12 @@ __all__ = [
     "InfAlignGenerateSamplesActor",
     "InfAlignPPOTrainerAsync",
     "InfAlignTrainingActor",
-    "install_reward_wrapper",
-    "patched",
     "use_infalign_trainer",
     "UpstreamPPOTrainer",
 ]
 
 #: The plain (non-actor) class behind upstream's ``@ray.remote class PPOTrainer``.
 UpstreamPPOTrainer = _UpstreamPPOTrainerActor.__ray_actor_class__
-
-
-def install_reward_wrapper(experience_maker, wrapper) -> None:
-    """Make ``experience_maker.compute_advantages_and_returns`` wrap the rewards first (idempotent).
-
-    Instance-level, so only this trainer's maker changes. At that point every reward path (local RM actors, remote
-    RM, reward_func) has filled ``experience.rewards`` and no baseline, normalisation, clip or KL term has run.
-    """
-    if getattr(experience_maker, "_infalign_reward_wrapper", None) is wrapper:
-        return
-    upstream = type(experience_maker).compute_advantages_and_returns.__get__(experience_maker)
-
-    def compute_advantages_and_returns(experiences, *args, **kwargs):
-        return upstream(wrapper.wrap_experiences(experiences), *args, **kwargs)
-
-    experience_maker.compute_advantages_and_returns = compute_advantages_and_returns
-    experience_maker._infalign_reward_wrapper = wrapper
 
 
 def _setup(trainer, state) -> None:
@@ -229,7 +212,7 @@ class InfAlignTrainingActor(InfAlignEvalMixin, _ppo_trainer_async.TrainingActor.
         return super().save_best_checkpoint(eval_metrics, global_step, client_states)
 
 
-InfAlignGenerateSamplesActorActor = ray.remote(InfAlignGenerateSamplesActor)
+InfAlignGenerateSamplesRemote = ray.remote(InfAlignGenerateSamplesActor)
 
 
 class InfAlignPPOTrainerAsync(_ppo_trainer_async.PPOTrainerAsync.__ray_actor_class__):
@@ -238,7 +221,7 @@ class InfAlignPPOTrainerAsync(_ppo_trainer_async.PPOTrainerAsync.__ray_actor_cla
     def __init__(self, *args, infalign_state=None, **kwargs):
         at_start = bool(getattr(infalign_state, "eval_at_start", False))
         # Upstream's __init__ looks the module globals up at call time, in this actor's process.
-        generator = _Launcher(InfAlignGenerateSamplesActorActor, infalign_eval_at_start=at_start)
+        generator = _Launcher(InfAlignGenerateSamplesRemote, infalign_eval_at_start=at_start)
         with patched(_ppo_trainer_async, "GenerateSamplesActor", generator):
             with patched(_ppo_trainer_async, "TrainingActor", _Launcher(InfAlignTrainingActor, infalign_state)):
                 super().__init__(*args, **kwargs)
@@ -265,20 +248,6 @@ class _Launcher:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.actor_class, name)
-
-
-@contextlib.contextmanager
-def patched(obj, name: str, value):
-    """``obj.name`` is ``value`` while the block runs (yields the original), then the original again.
-
-    How the plugin reaches upstream code without editing it: upstream looks these names up at call time.
-    """
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield old
-    finally:
-        setattr(obj, name, old)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ optimal / auto (re-solved at every KL: the exact optimum / the plan's recommende
 
 from __future__ import annotations
 
-from openrlhf_infalign.commands.plan import dumps, procedure_words, win_rate_meaning
+import json
+
 from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.core.planning import frontier
 from openrlhf_infalign.errors import UserError
@@ -55,8 +56,8 @@ def format_table(f: dict) -> str:
     inf = InferenceProcedure.parse(f["inference"])
     per_point = any("transform" in q for q in f["points"])
     lines = [
-        f"InfAlign frontier: transform {f['transform']} under {procedure_words(inf)} ({f['inference']})",
-        f"win rate = {win_rate_meaning(inf)}, at the RLHF optimum for each KL",
+        f"InfAlign frontier: transform {f['transform']} under {inf.words} ({f['inference']})",
+        f"win rate = {inf.win_rate_words}, at the RLHF optimum for each KL",
         "",
         f"  {'KL':>8}  {'beta':>10}  {'win rate':>9}" + ("  transform" if per_point else ""),
     ]
@@ -78,7 +79,7 @@ def plot_frontier(f: dict, path: str) -> None:
             f"beta={q['beta']:.3g}", (q["kl"], q["win_rate"]), fontsize=8, xytext=(4, -10), textcoords="offset points"
         )
     ax.set_xlabel("KL(pi || pi_ref)  [nats]")
-    ax.set_ylabel(f"{procedure_words(inf)} win rate vs reference")
+    ax.set_ylabel(f"{inf.words} win rate vs reference")
     ax.set_title(f"infalign frontier --inference {f['inference']} --transform {f['transform']}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -90,7 +91,7 @@ def run(args) -> int:
     f = frontier(args.inference, args.transform, _kl_list(args.kl), k=args.k)
     if args.plot:
         plot_frontier(f, args.plot)
-    print(dumps(f) if args.json else format_table(f))
+    print(json.dumps(f, indent=2, allow_nan=False) if args.json else format_table(f))
     if args.plot and not args.json:
         print(f"plot: {args.plot}")
     return 0

@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import sys
 
-from openrlhf_infalign.adapter.kl_coef import ESTIMATORS, kl_coef_for_beta, unplanned_reason
-from openrlhf_infalign.adapter.plan_flags import openrlhf_args
+from openrlhf_infalign.adapter.planning import ESTIMATORS, plan_with_flags
 from openrlhf_infalign.core import planning
 from openrlhf_infalign.core.inference import InferenceProcedure
-from openrlhf_infalign.errors import UserError
 from openrlhf_infalign.files import pyplot, save_figure
 
 
@@ -54,44 +52,8 @@ def add_arguments(p) -> None:
     )
 
 
-def plan_with_flags(inference, kl: float, k=None, estimator: str = "gae", n_samples_per_prompt: int = 1) -> dict:
-    """The plan and the OpenRLHF flags that train it: exactly the JSON of `infalign plan --json`.
-
-    Every entry with a beta also gets ``kl_coef``, the --algo.kl.init_coef that gives that beta under the estimator.
-    """
-    reason = unplanned_reason(estimator, n_samples_per_prompt)  # also checks the estimator and n
-    if reason:
-        raise UserError(reason)
-    p = planning.plan(inference, kl, k=k)
-    notes = p.pop("notes")
-    for entry in [p["recommended"], p.get("optimal"), *p["baselines"].values()]:
-        if entry is not None:
-            entry["kl_coef"] = kl_coef_for_beta(entry["beta"], estimator, n_samples_per_prompt)
-    head = {"inference": p.pop("inference"), "kl": p.pop("kl"), "k": k, "estimator": estimator}
-    head["n_samples_per_prompt"] = n_samples_per_prompt
-    out = {**head, **p}
-    # The flags sit before the notes, where the plan has always printed them.
-    return {**out, "openrlhf_args": openrlhf_args(out), "notes": notes}
-
-
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2, allow_nan=False)
-
-
-def procedure_words(inf: InferenceProcedure) -> str:
-    if inf.kind == "bon":
-        return f"Best-of-{inf.n}"
-    if inf.kind == "won":
-        return f"Worst-of-{inf.n}"
-    return "standard sampling"
-
-
-def win_rate_meaning(inf: InferenceProcedure) -> str:
-    if inf.kind == "bon":
-        return f"P(best of {inf.n} policy samples beats best of {inf.n} reference samples)"
-    if inf.kind == "won":
-        return f"P(worst of {inf.n} policy samples beats worst of {inf.n} reference samples)"
-    return "P(a policy sample beats a reference sample)"
 
 
 def format_table(p: dict) -> str:
@@ -107,8 +69,8 @@ def format_table(p: dict) -> str:
     w = max(len(r[0]) for r in rows) + 2
     k_words = "K = infinity (continuum)" if p.get("k") is None else f"K = {p['k']} reference samples per prompt"
     lines = [
-        f"InfAlign plan: {procedure_words(inf)} ({p['inference']}), KL budget {p['kl']:g} nats, {k_words}",
-        f"win rate = {win_rate_meaning(inf)}, at the RLHF optimum "
+        f"InfAlign plan: {inf.words} ({p['inference']}), KL budget {p['kl']:g} nats, {k_words}",
+        f"win rate = {inf.win_rate_words}, at the RLHF optimum "
         + ("(calibrated-space theory)" if p.get("k") is None else "(expected over stores of K reference samples)"),
     ]
     if coef:
@@ -150,7 +112,7 @@ def plot_plan(p: dict, path: str) -> None:
         [kl], [rec["win_rate"]], "r*", ms=14, label=f"plan: beta={rec['beta']:.3g}, win rate={rec['win_rate']:.3f}"
     )
     ax.set_xlabel("KL(pi || pi_ref)  [nats]")
-    ax.set_ylabel(f"{procedure_words(inf)} win rate vs reference")
+    ax.set_ylabel(f"{inf.words} win rate vs reference")
     ax.set_title(f"infalign plan --inference {p['inference']} --kl {kl:g}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)

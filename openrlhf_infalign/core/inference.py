@@ -54,3 +54,16 @@ class InferenceProcedure:
 
     def __str__(self) -> str:
         return self.spec
+
+    @property
+    def words(self) -> str:
+        """The procedure in words: "Best-of-4", "Worst-of-4", "standard sampling"."""
+        return {"bon": f"Best-of-{self.n}", "won": f"Worst-of-{self.n}"}.get(self.kind, "standard sampling")
+
+    @property
+    def win_rate_words(self) -> str:
+        """What its win rate is the probability of."""
+        if self.kind == "standard":
+            return "P(a policy sample beats a reference sample)"
+        which = "best" if self.kind == "bon" else "worst"
+        return f"P({which} of {self.n} policy samples beats {which} of {self.n} reference samples)"

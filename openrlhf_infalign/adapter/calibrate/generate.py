@@ -118,11 +118,13 @@ class VLLMGenerator:
         self._own_ray = False
         if settings.cpu:
             from openrlhf_infalign.adapter import cpu
+            from openrlhf_infalign.adapter.hook import runtime_env
 
             cpu.apply()
             if not ray.is_initialized():
                 n = settings.num_engines * settings.tensor_parallel_size
-                ray.init(**cpu.ray_init_kwargs(num_cpus=max(2, n + settings.rm_actors + 1), num_gpus=n))
+                node = cpu.ray_init_kwargs(num_cpus=max(2, n + settings.rm_actors + 1), num_gpus=n)
+                ray.init(**node, runtime_env=runtime_env(None, cpu_mode=True))
                 self._own_ray = True
         elif not ray.is_initialized():
             ray.init()  # joins the cluster named by RAY_ADDRESS, else starts a local one

@@ -14,7 +14,7 @@ from typing import List
 
 import numpy as np
 
-from openrlhf_infalign.adapter.run_record import restore_normalization
+from openrlhf_infalign.adapter.upstream.reward_loader import restore_normalization
 from openrlhf_infalign.store import prompt_key
 
 from .settings import CalibrateSettings, CalibrationError
@@ -102,7 +102,7 @@ class RewardModelScorer:
     def __init__(self, settings: CalibrateSettings, tokenizer):
         import torch
 
-        from openrlhf_infalign.adapter.standins import install_flash_attn
+        from openrlhf_infalign.adapter.cpu.standins import install_flash_attn
 
         install_flash_attn()  # no-op where the real flash_attn is installed
         from openrlhf.models import get_llm_for_sequence_regression

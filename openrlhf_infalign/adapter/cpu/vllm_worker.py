@@ -23,7 +23,7 @@ class CpuWorkerWrap:
         """Join the weight-sync group as rank ``rank_offset + local rank`` (DeepSpeed rank 0 is the source)."""
         import torch
 
-        from openrlhf_infalign.adapter.cpu import GlooBroadcastGroup
+        from openrlhf_infalign.adapter.cpu.loopback import GlooBroadcastGroup
 
         if use_ray:
             raise NotImplementedError(

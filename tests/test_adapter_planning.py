@@ -4,9 +4,7 @@ import sys
 
 import pytest
 
-from openrlhf_infalign.adapter.kl_coef import beta_for_kl_coef, unplanned_reason
-from openrlhf_infalign.adapter.plan_flags import openrlhf_args
-from openrlhf_infalign.commands.plan import plan_with_flags
+from openrlhf_infalign.adapter.planning import beta_for_kl_coef, openrlhf_args, plan_with_flags, unplanned_reason
 from openrlhf_infalign.core.planning import plan
 from openrlhf_infalign.errors import UserError
 
@@ -79,3 +77,13 @@ def test_plan_refuses_what_no_coefficient_can_plan(kwargs, words):
 def test_kl_settings_that_break_the_mapping_are_named(kwargs, words):
     assert words in unplanned_reason("rloo", 4, **kwargs)
     assert unplanned_reason("rloo", 4) is None
+
+
+def test_the_estimator_table_is_typed_data():
+    from openrlhf_infalign.adapter.planning import ESTIMATORS, PLANNED, NotPlanned, Planned
+
+    assert all(isinstance(e, (Planned, NotPlanned)) for e in ESTIMATORS.values())
+    assert [name for name, e in ESTIMATORS.items() if isinstance(e, NotPlanned)] == ["group_norm"]
+    assert set(PLANNED) == set(ESTIMATORS) - {"group_norm"}
+    assert ESTIMATORS["group_norm"].reason == unplanned_reason("group_norm", 4)
+    assert ESTIMATORS["reinforce_baseline"].words() == "beta * (n-1)/n" and ESTIMATORS["rloo"].words() == "beta"
