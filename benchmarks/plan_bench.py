@@ -53,7 +53,7 @@ def main() -> None:
         p = planning.plan(inf, kl)
         rows.append((inf, kl, full, fast, p))
 
-    argv = ["plan", "--inference", inf0, "--kl", str(kl0), "--json"]
+    argv = ["plan", "--inference", inf0, "--kl-budget", str(kl0), "--json"]
     sub = best_of(lambda: run_cli(argv), args.repeats)
     # The K-aware plan (betas from the expected KL over stores with K = 16 and 64 reference samples per prompt).
     sub_k = {k: best_of(lambda: run_cli(argv + ["--k", str(k)]), args.repeats) for k in (16, 64)}
@@ -68,7 +68,7 @@ def main() -> None:
             f"{inf + '@' + format(kl, 'g'):>16}  {full:9.3f}  {fast:10.3f}  {full / point:8.0f}  "
             f"{p['recommended']['transform']:>16}  {p['gap_to_optimal']:7.4f}  {p['optimal']['iterations']}"
         )
-    print(f"`infalign plan --inference {inf0} --kl {kl0:g} --json` as a process: {sub:.3f} s")
+    print(f"`infalign plan --inference {inf0} --kl-budget {kl0:g} --json` as a process: {sub:.3f} s")
     for k, sec in sub_k.items():
         print(f"  ... with --k {k}:{' ' * 37}{sec:.3f} s")
     print(f"bare `python -c 'import numpy'` process:                    {start:.3f} s")

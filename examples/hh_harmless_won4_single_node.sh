@@ -13,7 +13,7 @@
 #
 # Transform t and KL coefficient: from the InfAlign planner for Worst-of-4 at a KL budget of 0.5 nat, for this run's
 # store (K = 32 reference samples per prompt) and estimator (reinforce_baseline, 4 samples per prompt):
-#   $ infalign plan --inference won:4 --kl 0.5 --k 32 --estimator reinforce_baseline --n-samples-per-prompt 4 --json
+#   $ infalign plan --inference won:4 --kl-budget 0.5 --k 32 --algo.advantage.estimator reinforce_baseline --rollout.n_samples_per_prompt 4 --json
 #   "recommended": {"transform": "negexp:t=9.676", "beta": 0.01406, "win_rate": 0.9387, "kl_coef": 0.01055}
 #   "optimal": {"win_rate": 0.9390}, baselines: identity 0.8819, log 0.9213
 #   -> --infalign.transform negexp:t=9.676 --algo.kl.init_coef 0.01055: reinforce_baseline's group mean includes

@@ -9,7 +9,7 @@
 #
 # Transform t and KL coefficient: from the InfAlign planner for Best-of-4 at a KL budget of 1 nat, for this run's
 # store (K = 32 reference samples per prompt) and estimator (reinforce_baseline, 4 samples per prompt):
-#   $ infalign plan --inference bon:4 --kl 1 --k 32 --estimator reinforce_baseline --n-samples-per-prompt 4 --json
+#   $ infalign plan --inference bon:4 --kl-budget 1 --k 32 --algo.advantage.estimator reinforce_baseline --rollout.n_samples_per_prompt 4 --json
 #   "recommended": {"transform": "exp:t=17.32", "beta": 0.2619, "win_rate": 0.9076, "kl_coef": 0.1965}
 #   "optimal": {"win_rate": 0.9067}, baselines: identity 0.8692, log 0.8559
 #   -> --infalign.transform exp:t=17.32 --algo.kl.init_coef 0.1965: reinforce_baseline's group mean includes the

@@ -15,9 +15,9 @@
 #   the trainer actor through Ray's object store.
 #
 # Transform t and KL coefficient per task, from the InfAlign planner:
-#   $ infalign plan --inference bon:4 --kl 1 --k 32 --estimator reinforce_baseline --n-samples-per-prompt 4 --json
+#   $ infalign plan --inference bon:4 --kl-budget 1 --k 32 --algo.advantage.estimator reinforce_baseline --rollout.n_samples_per_prompt 4 --json
 #     "recommended": {"transform": "exp:t=17.32", "beta": 0.2619, "win_rate": 0.9076, "kl_coef": 0.1965}
-#   $ infalign plan --inference won:4 --kl 0.5 --k 32 --estimator reinforce_baseline --n-samples-per-prompt 4 --json
+#   $ infalign plan --inference won:4 --kl-budget 0.5 --k 32 --algo.advantage.estimator reinforce_baseline --rollout.n_samples_per_prompt 4 --json
 #     "recommended": {"transform": "negexp:t=9.676", "beta": 0.01406, "win_rate": 0.9387, "kl_coef": 0.01055}
 #   kl_coef is --algo.kl.init_coef: beta * (n-1)/n under reinforce_baseline (its group mean includes the sample);
 #   win rates are the theory at the RLHF optimum for that KL budget with K = 32 reference samples per prompt.

@@ -61,12 +61,6 @@ def write_text(path, text: str) -> Path:
     return Path(path)
 
 
-def write_bytes(path, data: bytes) -> Path:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-    return Path(path)
-
-
 def write_json(path, obj, *, indent: int | None = 2, default=None) -> Path:
     """JSON with a trailing newline; NaN/inf are refused (they are not JSON and other tools choke on them)."""
     with atomic_open(path, "w") as f:

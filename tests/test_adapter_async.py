@@ -111,7 +111,7 @@ def run(tmp_path_factory, peak_rss):
             timeout=900,
         )  # fmt: skip
     plan = json.loads(
-        _run([sys.executable, "-m", "openrlhf_infalign", "plan", "--inference", "bon:2", "--kl", "2", "--json"],
+        _run([sys.executable, "-m", "openrlhf_infalign", "plan", "--inference", "bon:2", "--kl-budget", "2", "--json"],
              timeout=300).stdout
     )  # fmt: skip
     run_dir, wrap_log = out / "run", out / "wrap.jsonl"

@@ -65,7 +65,7 @@ def inputs(tmp_path_factory):
         timeout=900,
     )  # fmt: skip
     plan = json.loads(
-        _run([sys.executable, "-m", "openrlhf_infalign", "plan", "--inference", "bon:2", "--kl", "2", "--json"],
+        _run([sys.executable, "-m", "openrlhf_infalign", "plan", "--inference", "bon:2", "--kl-budget", "2", "--json"],
              timeout=300).stdout
     )  # fmt: skip
     return out, plan

@@ -138,15 +138,6 @@ def make_store(prompts, rng, k=16, loc=None, manifest=None):
 
 
 # ---- pure helpers -------------------------------------------------------------------------------------------------
-def test_parse_eval_n():
-    assert ev.parse_eval_n(None) is None and ev.parse_eval_n("auto") is None and ev.parse_eval_n("") is None
-    assert ev.parse_eval_n("8, 1,2,2") == [1, 2, 8]
-    assert ev.parse_eval_n([4, 1]) == [1, 4]
-    for bad in ("0", "1,x", "2.5", ","):
-        with pytest.raises(ValueError, match="--infalign.eval_n"):
-            ev.parse_eval_n(bad)
-
-
 def test_group_rewards_by_prompt_real_experiences(parser, tmp_path):
     args = make_args(parser, tmp_path)
     items = [("p1", 1.0), ("p2", -2.0), ("p1", 3.0), ("p2", 0.5), ("p3", 7.0)]

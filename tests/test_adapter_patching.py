@@ -1,4 +1,4 @@
-"""patches/: the native --reward.wrapper flag, applied to a COPY of the installed OpenRLHF 0.11.2 and checked there.
+"""adapter/patches/: the native --reward.wrapper flag, applied to a COPY of the installed OpenRLHF 0.11.2 and checked there.
 
 The patched copy is put first on PYTHONPATH of a subprocess (so ``import openrlhf`` is the copy); the same probe
 runs against the untouched installed OpenRLHF for comparison. Only flash_attn is a stand-in.

@@ -1,4 +1,4 @@
-"""patches/ must not break OpenRLHF's own tests: upstream's shipped suite, run on a patched copy of OpenRLHF 0.11.2.
+"""adapter/patches/ must not break OpenRLHF's own tests: upstream's shipped suite, run on a patched copy of OpenRLHF 0.11.2.
 
 The openrlhf wheel ships its tests as a top-level ``tests`` package next to ``openrlhf``; many of them load
 ``openrlhf/...`` by path relative to ``tests/``, so both are copied into one directory, the patch is applied there

@@ -158,7 +158,7 @@ def test_async_trainer_swaps_training_actor_in_its_process(state, monkeypatch):
     assert isinstance(upstream_async.TrainingActor, ray.actor.ActorClass)  # restored
     # the generator actor learns whether to run the step-0 evaluation; the training actor gets its handle
     generator = seen["GenerateSamplesActor"]
-    assert generator.actor_class is T.InfAlignGenerateSamplesRemote
+    assert generator.actor_class is T.InfAlignGenerateSamplesActor
     assert generator.extra == {"infalign_eval_at_start": True}
     assert isinstance(upstream_async.GenerateSamplesActor, ray.actor.ActorClass)  # restored
     assert seen["generator"] == "generator-handle"
@@ -188,7 +188,7 @@ def test_state_ships_by_value(state):
 
 
 def test_no_double_wrapping_on_a_patched_openrlhf(no_data_plumbing, state, monkeypatch):
-    # With patches/ applied, upstream's maker carries the wrapper natively (reward_wrapper attribute): leave it be.
+    # With adapter/patches/ applied, upstream's maker carries the wrapper natively (reward_wrapper attribute): leave it be.
     orig_init = RemoteExperienceMaker.__init__
 
     def patched_init(self, *a, **k):

@@ -20,7 +20,7 @@ ADAPTER = f"{PACKAGE}.adapter"
 
 # Built from pieces so that this file does not match its own search.
 OUTSIDE_POINTERS = ("DESIGN" + ".md", ".." + "/shared")
-SCANNED = ("openrlhf_infalign", "tests", "scripts", "docs", "examples", "benchmarks", "patches", ".ci")
+SCANNED = ("openrlhf_infalign", "tests", "scripts", "docs", "examples", "benchmarks", ".ci")
 SCANNED_FILES = ("README.md", "Makefile", "pyproject.toml")
 SKIPPED_DIRS = {"__pycache__", ".pytest_cache", ".mypy_cache"}
 
@@ -251,3 +251,12 @@ def test_demo_studies_and_runs_never_import_the_adapter_and_the_demo_never_impor
     bad += _violations(f"{PACKAGE}.studies", (ADAPTER, "openrlhf"))
     bad += _violations(f"{PACKAGE}.runs", (ADAPTER, "openrlhf", f"{PACKAGE}.demo", f"{PACKAGE}.studies"))
     assert not bad, "demo/, studies/ and runs/ run OpenRLHF in subprocesses only:\n  " + "\n  ".join(bad)
+
+
+def test_package_data_globs_match_real_files():
+    import tomllib
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for package, patterns in globs.items():
+        for pattern in patterns:
+            assert list((ROOT / package).glob(pattern)), f"pyproject package-data {package}: {pattern!r} matches nothing"

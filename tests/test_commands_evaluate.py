@@ -59,7 +59,7 @@ def data(tmp_path):
 
 
 def test_json_matches_estimator_on_the_matched_prompts(capsys, data):
-    out = run_json(capsys, "--policy", data["P"], "--reference", data["R"], "--n", "1,2,4")
+    out = run_json(capsys, "--policy", data["P"], "--reference", data["R"], "--eval-n", "1,2,4")
     want = win_rates([data["pol"][p] for p in data["prompts"]], [data["ref"][p] for p in data["prompts"]], [1, 2, 4])
     assert out["num_prompts"] == 12 and "skipped_missing" not in out
     assert out["standard"] == pytest.approx(want["standard"])
@@ -78,13 +78,13 @@ def test_default_n_is_powers_of_two_up_to_what_every_prompt_has(capsys, data):
 
 
 def test_n_larger_than_some_prompts_uses_fewer_prompts(capsys, data):
-    assert main(["evaluate", "--policy", data["P"], "--reference", data["R"], "--n", "1,7", "--json"]) == 0
+    assert main(["evaluate", "--policy", data["P"], "--reference", data["R"], "--eval-n", "1,7", "--json"]) == 0
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     assert "N=[7] use only the prompts" in captured.err
     fits = sum(min(len(data["pol"][p]), len(data["ref"][p])) >= 7 for p in data["prompts"])
     assert 0 < fits < 12 and out["bon"]["7"]["num_prompts"] == fits
-    err = fail(capsys, "--policy", data["P"], "--reference", data["R"], "--n", "1,64")
+    err = fail(capsys, "--policy", data["P"], "--reference", data["R"], "--eval-n", "1,64")
     assert "fits no prompt" in err
 
 
@@ -99,7 +99,7 @@ def test_prompts_on_one_side_only(capsys, data, tmp_path):
     assert "2 prompt(s) of" in err and sha1(data["prompts"][0]) in err and "question 1" in err
     assert "7 prompt(s) of" in err and "only in reference 4" in err and "(2 more)" in err
     assert "--skip-missing" in err
-    out = run_json(capsys, "--policy", data["P"], "--reference", extra_ref, "--skip-missing", "--n", "1,2")
+    out = run_json(capsys, "--policy", data["P"], "--reference", extra_ref, "--skip-missing", "--eval-n", "1,2")
     assert out["skipped_missing"] == 9 and out["skipped_policy_only"] == 2 and out["skipped_reference_only"] == 7
     kept = data["prompts"][2:]
     want = win_rates([data["pol"][p] for p in kept], [data["ref"][p] for p in kept], [1, 2])
@@ -131,7 +131,7 @@ def test_bad_rows_name_file_and_line(capsys, tmp_path, line, words):
 
 
 def test_bad_arguments(capsys, data, tmp_path):
-    assert "positive integer" in fail(capsys, "--policy", data["P"], "--reference", data["R"], "--n", "1,x")
+    assert "not an integer" in fail(capsys, "--policy", data["P"], "--reference", data["R"], "--eval-n", "1,x")
     assert "no such file" in fail(capsys, "--policy", str(tmp_path / "nope.jsonl"), "--reference", data["R"])
     assert "not a reference store" in fail(capsys, "--policy", data["P"], "--reference", str(tmp_path))
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
@@ -150,8 +150,8 @@ def test_reference_store_directory(capsys, data, tmp_path):
     store = store_mod.write_store(tmp_path / "store", [sha1(p) for p in ref_extra], [ref_extra[p] for p in ref_extra])
     p_path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "rewards": pol[p].tolist()} for p in pol])
     r_path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": p, "rewards": ref[p].tolist()} for p in ref])
-    from_store = run_json(capsys, "--policy", p_path, "--reference", str(store), "--n", "1,2,6")
-    from_jsonl = run_json(capsys, "--policy", p_path, "--reference", r_path, "--n", "1,2,6")
+    from_store = run_json(capsys, "--policy", p_path, "--reference", str(store), "--eval-n", "1,2,6")
+    from_jsonl = run_json(capsys, "--policy", p_path, "--reference", r_path, "--eval-n", "1,2,6")
     assert from_store["num_prompts"] == 12 and from_store["reference_samples"] == {"min": 9, "max": 9}
     for key in ("bon", "won"):
         for n in ("1", "2", "6"):
@@ -162,7 +162,7 @@ def test_reference_store_directory(capsys, data, tmp_path):
         [{"prompt": "unknown prompt", "rewards": [1.0]}] + [{"prompt": p, "rewards": pol[p].tolist()} for p in pol],
     )
     assert "'unknown prompt'" in fail(capsys, "--policy", p2, "--reference", str(store))
-    out = run_json(capsys, "--policy", p2, "--reference", str(store), "--skip-missing", "--n", "1")
+    out = run_json(capsys, "--policy", p2, "--reference", str(store), "--skip-missing", "--eval-n", "1")
     assert out["skipped_missing"] == 1 and out["num_prompts"] == 12
 
 
@@ -179,7 +179,7 @@ def test_help_lists_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--policy", "--reference", "--n", "--json", "--plot", "--skip-missing"):
+    for flag in ("--policy", "--reference", "--eval-n", "--json", "--plot", "--skip-missing"):
         assert flag in out
 
 

@@ -18,7 +18,7 @@ def _json(capsys, argv):
 
 
 def test_plan_json(capsys):
-    p = _json(capsys, ["plan", "--inference", "bon:4", "--kl", "0.5", "--json"])
+    p = _json(capsys, ["plan", "--inference", "bon:4", "--kl-budget", "0.5", "--json"])
     assert p["inference"] == "bon:4" and p["kl"] == 0.5
     rec = p["recommended"]
     assert rec["transform"].startswith("exp:t=") and rec["beta"] > 0 and 0.5 < rec["win_rate"] < 1
@@ -33,7 +33,7 @@ def test_plan_json(capsys):
 
 
 def test_plan_table(capsys):
-    assert main(["plan", "--inference", "won:4", "--kl", "0.25"]) == 0
+    assert main(["plan", "--inference", "won:4", "--kl-budget", "0.25"]) == 0
     out = capsys.readouterr().out
     p = plan_with_flags("won:4", 0.25)
     assert "Worst-of-4" in out and p["recommended"]["transform"] in out
@@ -44,23 +44,25 @@ def test_plan_table(capsys):
 
 
 def test_frontier_json_and_table(capsys):
-    f = _json(capsys, ["frontier", "--inference", "bon:4", "--transform", "exp:t=10", "--kl", "0.25,0.5,1", "--json"])
+    f = _json(
+        capsys, ["frontier", "--inference", "bon:4", "--transform", "exp:t=10", "--kl-budget", "0.25,0.5,1", "--json"]
+    )
     assert f["inference"] == "bon:4" and f["transform"] == "exp:t=10"
     assert [q["kl"] for q in f["points"]] == [0.25, 0.5, 1.0]
     for q in f["points"]:
         assert theory.kl_divergence("exp:t=10", q["beta"]) == pytest.approx(q["kl"], rel=1e-6)
         assert theory.win_rate("bon:4", "exp:t=10", q["beta"]) == pytest.approx(q["win_rate"])
-    assert main(["frontier", "--inference", "won:2", "--transform", "auto", "--kl", "0.1,0.5"]) == 0
+    assert main(["frontier", "--inference", "won:2", "--transform", "auto", "--kl-budget", "0.1,0.5"]) == 0
     out = capsys.readouterr().out
     assert "Worst-of-2" in out and out.count("negexp:t=") == 2
 
 
 def test_plots_are_written_atomically(tmp_path, capsys):
     png = tmp_path / "sub" / "plan.png"
-    assert main(["plan", "--inference", "bon:2", "--kl", "0.3", "--plot", str(png)]) == 0
+    assert main(["plan", "--inference", "bon:2", "--kl-budget", "0.3", "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
     fpng = tmp_path / "frontier.png"
-    assert main(["frontier", "--transform", "log", "--kl", "0.2,0.4", "--plot", str(fpng), "--json"]) == 0
+    assert main(["frontier", "--transform", "log", "--kl-budget", "0.2,0.4", "--plot", str(fpng), "--json"]) == 0
     assert fpng.read_bytes()[:8] == PNG_MAGIC
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
     capsys.readouterr()
@@ -71,17 +73,20 @@ def test_plots_are_written_atomically(tmp_path, capsys):
     [
         (["plan", "--inference", "bon:0"], "N must be >= 1"),
         (["plan", "--inference", "bon:x"], "not an integer"),
-        (["plan", "--kl", "0"], "KL budget must be a positive"),
-        (["plan", "--kl", "-1"], "KL budget must be a positive"),
-        (["frontier", "--transform", "exp:t=-1", "--kl", "0.5"], "t must be a positive"),
-        (["frontier", "--transform", "sigmoid", "--kl", "0.5"], "unknown transform"),
-        (["frontier", "--kl", "0.5,abc"], "not a number"),
-        (["frontier", "--kl", "0.5,-2"], "KL budget must be a positive"),
+        (["plan", "--kl-budget", "0"], "KL budget must be a positive"),
+        (["plan", "--kl-budget", "-1"], "KL budget must be a positive"),
+        (["frontier", "--transform", "exp:t=-1", "--kl-budget", "0.5"], "t must be a positive"),
+        (["frontier", "--transform", "sigmoid", "--kl-budget", "0.5"], "unknown transform"),
+        (["frontier", "--kl-budget", "0.5,abc"], "not a number"),
+        (["frontier", "--kl-budget", "0.5,-2"], "KL budget must be a positive"),
         (["plan", "--k", "1"], "K (reference samples per prompt) must be an integer >= 2"),
-        (["frontier", "--k", "0", "--kl", "0.5"], "K (reference samples per prompt) must be an integer >= 2"),
-        (["plan", "--estimator", "ppo2"], "unknown advantage estimator 'ppo2'"),
-        (["plan", "--estimator", "rloo"], "needs --rollout.n_samples_per_prompt >= 2"),
-        (["plan", "--estimator", "group_norm", "--n-samples-per-prompt", "4"], "no fixed KL coefficient"),
+        (["frontier", "--k", "0", "--kl-budget", "0.5"], "K (reference samples per prompt) must be an integer >= 2"),
+        (["plan", "--algo.advantage.estimator", "ppo2"], "unknown advantage estimator 'ppo2'"),
+        (["plan", "--algo.advantage.estimator", "rloo"], "needs --rollout.n_samples_per_prompt >= 2"),
+        (
+            ["plan", "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "4"],
+            "no fixed KL coefficient",
+        ),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(capsys, argv, fragment):
@@ -92,7 +97,7 @@ def test_bad_input_exits_nonzero_with_one_line(capsys, argv, fragment):
 
 def test_console_entry_point_subprocess():
     r = subprocess.run(
-        [sys.executable, "-m", "openrlhf_infalign", "plan", "--inference", "bon:8", "--kl", "1", "--json"],
+        [sys.executable, "-m", "openrlhf_infalign", "plan", "--inference", "bon:8", "--kl-budget", "1", "--json"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -125,24 +130,25 @@ def _independent_expected_kl(transform: str, beta: float, k: int, stores: int = 
 
 
 def test_k_aware_plan_spends_the_budget_on_average_over_stores(capsys):
-    p = _json(capsys, ["plan", "--inference", "bon:4", "--kl", "0.5", "--k", "16", "--json"])
+    p = _json(capsys, ["plan", "--inference", "bon:4", "--kl-budget", "0.5", "--k", "16", "--json"])
     assert p["k"] == 16
     rec = p["recommended"]
     mean, se = _independent_expected_kl(rec["transform"], rec["beta"], 16)
     assert abs(mean - 0.5) < 0.02 and se < 0.005, (mean, se)
     # the continuum beta over-spends with K = 16 (the reason for --k)
-    cont = _json(capsys, ["plan", "--inference", "bon:4", "--kl", "0.5", "--json"])["recommended"]
+    cont = _json(capsys, ["plan", "--inference", "bon:4", "--kl-budget", "0.5", "--json"])["recommended"]
     assert cont["transform"] == rec["transform"] and cont["beta"] < rec["beta"]
     assert _independent_expected_kl(cont["transform"], cont["beta"], 16)[0] > 0.7
     # a larger K returns toward the continuum plan
-    p64 = _json(capsys, ["plan", "--inference", "bon:4", "--kl", "0.5", "--k", "64", "--json"])["recommended"]
+    p64 = _json(capsys, ["plan", "--inference", "bon:4", "--kl-budget", "0.5", "--k", "64", "--json"])["recommended"]
     assert cont["beta"] < p64["beta"] < rec["beta"]
     assert rec["win_rate"] < p64["win_rate"] < cont["win_rate"]
 
 
 def test_k_aware_frontier_matches_the_plan(capsys):
     f = _json(
-        capsys, ["frontier", "--inference", "bon:4", "--transform", "auto", "--kl", "0.5", "--k", "16", "--json"]
+        capsys,
+        ["frontier", "--inference", "bon:4", "--transform", "auto", "--kl-budget", "0.5", "--k", "16", "--json"],
     )
     rec = plan_with_flags("bon:4", 0.5, k=16)["recommended"]
     assert f["points"][0]["beta"] == pytest.approx(rec["beta"]) and f["points"][0]["transform"] == rec["transform"]

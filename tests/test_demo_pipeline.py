@@ -49,7 +49,7 @@ def _plan_args():
 
 
 def test_train_command_runs_upstream_trainer_in_cpu_mode_with_matching_sampling(tmp_path):
-    args = pipeline.build_parser().parse_args(["--out", str(tmp_path)])
+    args = pipeline.parse(["--out", str(tmp_path)])
     cmd = pipeline.train_command(Path(tmp_path), args, {"openrlhf_args": _plan_args()})
     assert cmd[1:3] == ["-m", "openrlhf_infalign.train_ppo"] and "--infalign.cpu" in cmd
 
@@ -64,7 +64,7 @@ def test_train_command_runs_upstream_trainer_in_cpu_mode_with_matching_sampling(
     assert value("--data.input_template") == pipeline.INPUT_TEMPLATE
     steps = args.train_prompts // args.rollout_batch * args.episodes
     assert steps % int(value("--eval.steps")) == 0  # an evaluation lands on the last step
-    assert int(value("--train.batch_size")) == args.rollout_batch * args.n_samples
+    assert int(value("--train.batch_size")) == args.rollout_batch * args.n_samples_per_prompt
 
 
 def test_summary_takes_first_and_final_best_of_n_from_the_eval_log(tmp_path):

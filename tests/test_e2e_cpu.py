@@ -30,7 +30,7 @@ def demo(tmp_path_factory):
     missing = _missing()
     if missing:
         pytest.skip(f"the CPU stack is not installed ({', '.join(missing)}): run scripts/setup_cpu.sh")
-    from openrlhf_infalign.demo.pipeline import build_parser
+    from openrlhf_infalign.demo.pipeline import DemoSettings
 
     out = tmp_path_factory.mktemp("demo")
     proc = subprocess.run(
@@ -45,7 +45,7 @@ def demo(tmp_path_factory):
         f"pipeline failed: {summary.get('error') or ''}\n--- stdout ---\n{proc.stdout[-4000:]}\n"
         f"--- stderr ---\n{proc.stderr[-4000:]}"
     )
-    defaults = build_parser().parse_args([])
+    defaults = DemoSettings()
     return {"out": out, "summary": summary, "args": defaults, "stdout": proc.stdout}
 
 

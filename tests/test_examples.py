@@ -159,8 +159,18 @@ _PLAN_CACHE: dict = {}
 
 
 def plan_argv(inference: str, kl: float, k: int, estimator: str, n: int) -> list:
-    return ["plan", "--inference", inference, "--kl", f"{kl:g}", "--k", str(k), "--estimator", estimator] + [
-        "--n-samples-per-prompt",
+    return [
+        "plan",
+        "--inference",
+        inference,
+        "--kl-budget",
+        f"{kl:g}",
+        "--k",
+        str(k),
+        "--algo.advantage.estimator",
+        estimator,
+    ] + [
+        "--rollout.n_samples_per_prompt",
         str(n),
         "--json",
     ]
@@ -184,8 +194,8 @@ def plan(*key) -> dict:
 
 @pytest.mark.parametrize("script,task", CASES, ids=[f"{s.name}-{t}" for s, t in CASES])
 def test_pipeline_consistency_and_plan(script, task, train_ppo_parser):
-    from openrlhf_infalign.adapter.evaluation import parse_eval_n
     from openrlhf_infalign.cli import build_parser
+    from openrlhf_infalign.options import parse_ns
 
     cmds = commands(script, task)
     (train_argv,) = [a for k, a in cmds if k.endswith("train_ppo")]
@@ -212,7 +222,7 @@ def test_pipeline_consistency_and_plan(script, task, train_ppo_parser):
     assert by_out[store]["data.max_samples"] == g["data.max_samples"]
 
     # Evaluation: N fits M and K; the best-checkpoint key is one the hook logs.
-    ns = parse_eval_n(g["infalign.eval_n"])
+    ns = parse_ns(g["infalign.eval_n"], "--infalign.eval_n")
     assert max(ns) <= min(g["eval.n_samples_per_prompt"], by_out[eval_store]["k"])
     kind, n = g["infalign.inference"].split(":")
     assert g["ckpt.best_metric_key"] == f"infalign/{kind}_{n}" and int(n) in ns

@@ -21,7 +21,6 @@ def test_write_json_text_bytes_whole_with_the_usual_mode(tmp_path):
     assert p.read_text() == '{\n  "x": 1\n}\n'
     _mode(p)
     assert files.write_text(tmp_path / "t.md", "hi\n").read_text() == "hi\n"
-    assert files.write_bytes(tmp_path / "b.bin", b"\x00\x01").read_bytes() == b"\x00\x01"
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

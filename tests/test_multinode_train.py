@@ -77,7 +77,7 @@ def inputs(tmp_path, tiny_inputs, job_env):
             timeout=900,
             env=job_env(),
         )  # fmt: skip
-    plan = json.loads(_run(_py("-m", "openrlhf_infalign", "plan", "--inference", "bon:2", "--kl", "2", "--json"),
+    plan = json.loads(_run(_py("-m", "openrlhf_infalign", "plan", "--inference", "bon:2", "--kl-budget", "2", "--json"),
                            timeout=300, env=job_env()).stdout)  # fmt: skip
     return tmp_path, plan
 

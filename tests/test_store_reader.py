@@ -3,7 +3,6 @@
 import json
 import pickle
 import shutil
-import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from openrlhf_infalign.store import FORMAT_VERSION, ReferenceStore, StoreError, prompt_key, write_store
+from openrlhf_infalign.store.reader import differing_fields
 
 
 def test_round_trip_and_exact_midrank(tmp_path, quiet, make_data, midrank):
@@ -111,17 +111,12 @@ def test_pickle_by_value_without_the_directory(tmp_path, quiet, make_data):
     assert s2.manifest["num_prompts"] == 40
 
 
-def test_check_template(tmp_path):
+def test_differing_fields_compare_what_both_sides_record_and_tolerate_spellings():
+    # The run-record check (adapter/run_record.py) compares store and run through this.
     tmpl = {"input_key": "prompt", "apply_chat_template": True, "input_template": None, "chat_template_sha1": "ab"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        s = ReferenceStore.open(write_store(tmp_path / "s", [prompt_key("a")], [[1.0]], manifest={"template": tmpl}))
-    assert s.check_template({"input_key": "prompt", "apply_chat_template": "True", "input_template": ""}) == []
-    with pytest.raises(StoreError, match=r"input_key: store='prompt' training='question'.*allow_mismatch"):
-        s.check_template({"input_key": "question", "apply_chat_template": True})
-    with pytest.warns(UserWarning, match="chat_template_sha1"):
-        diffs = s.check_template({"chat_template_sha1": "cd"}, allow_mismatch=True)
-    assert diffs == ["chat_template_sha1: store='ab' training='cd'"]
+    assert differing_fields(tmpl, {"input_key": "prompt", "apply_chat_template": "True", "input_template": ""}) == []
+    assert differing_fields(tmpl, {"input_key": "question"}) == [("input_key", "prompt", "question")]
+    assert differing_fields(tmpl, {"chat_template_sha1": "cd"}) == [("chat_template_sha1", "ab", "cd")]
 
 
 def test_empty_store(tmp_path):

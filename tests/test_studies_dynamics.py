@@ -26,8 +26,16 @@ def test_exact_metrics_of_the_base_and_of_a_point_mass():
 def plans():
     out = {}
     for inference in ("bon:4", "won:4"):
-        cmd = [sys.executable, "-m", "openrlhf_infalign", "plan", "--inference", inference, "--kl", "0.5"]
-        cmd += ["--k", "32", "--estimator", "reinforce_baseline", "--n-samples-per-prompt", "8", "--json"]
+        cmd = [sys.executable, "-m", "openrlhf_infalign", "plan", "--inference", inference, "--kl-budget", "0.5"]
+        cmd += [
+            "--k",
+            "32",
+            "--algo.advantage.estimator",
+            "reinforce_baseline",
+            "--rollout.n_samples_per_prompt",
+            "8",
+            "--json",
+        ]
         out[inference] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     return out
 

@@ -71,7 +71,7 @@ def test_arm_flags():
 
 
 def test_run_command_same_setting_per_arm(tmp_path):
-    args = study.build_parser().parse_args(["--out", str(tmp_path)])
+    args = study.parse(["--out", str(tmp_path)])
     cmds = {arm: study.run_command(tmp_path, args, arm, 1, PLANS, 2.0) for arm in study.ARMS}
     for arm, cmd in cmds.items():
         run_dir = study.run_path(tmp_path, arm, 1)
@@ -108,7 +108,7 @@ def test_run_command_same_setting_per_arm(tmp_path):
 
 
 def test_max_steps_trims_with_one_pass(tmp_path):
-    args = study.build_parser().parse_args(["--out", str(tmp_path), "--max-steps", "2"])
+    args = study.parse(["--out", str(tmp_path), "--max-steps", "2"])
     assert study.run_steps(args) == 2
     cmd = study.run_command(tmp_path, args, "identity", 0, PLANS, 1.0)
     assert flag(cmd, "--train.num_episodes") == "1" and flag(cmd, "--data.max_samples") == str(2 * 32)
@@ -145,7 +145,7 @@ def test_raw_coef_scale(tmp_path):
 
 
 def test_last_eval_step():
-    args = study.build_parser().parse_args([])
+    args = study.parse([])
     assert study.run_steps(args) == 18 and study.last_eval_step(args) == 18
-    args = study.build_parser().parse_args(["--max-steps", "2"])
+    args = study.parse(["--max-steps", "2"])
     assert study.last_eval_step(args) == 0  # upstream evaluates every --eval.steps, not at the end

@@ -23,7 +23,7 @@ import sys
 from typing import Optional
 
 from openrlhf_infalign.adapter.args import get
-from openrlhf_infalign.adapter.flags import DEFAULTS
+from openrlhf_infalign.adapter.flags import TRAIN_DEFAULTS
 from openrlhf_infalign.adapter.planning import apply_kl_coef, check_planned_kl
 from openrlhf_infalign.adapter.run_record import check_run
 from openrlhf_infalign.core.inference import InferenceProcedure
@@ -52,13 +52,13 @@ def ctrl_settings(args, name: str, transform_spec: Optional[str] = None) -> dict
     store = ReferenceStore.open(store_dir)
     check_run(args, store)
 
-    inference = InferenceProcedure.parse(get(args, "infalign.inference", DEFAULTS["inference"]))
-    spec = transform_spec or get(args, "infalign.transform", DEFAULTS["transform"])
+    inference = InferenceProcedure.parse(get(args, "infalign.inference", TRAIN_DEFAULTS.inference))
+    spec = transform_spec or get(args, "infalign.transform", TRAIN_DEFAULTS.transform)
     kl_budget = get(args, "infalign.kl_budget")
     if spec.split(":")[0].strip().lower() in ("auto", "optimal") and kl_budget is None:
         raise ValueError(
             f"--infalign.transform {spec} is planned for a KL budget: pass --infalign.kl_budget NATS "
-            f"(see `infalign plan --inference {inference.spec} --kl 0.5`), or give a fixed transform such as exp:t=10"
+            f"(see `infalign plan --inference {inference.spec} --kl-budget 0.5`), or give a fixed transform such as exp:t=10"
         )
     k = store_k(store)
     unplanned = check_planned_kl(args, spec) if kl_budget is not None else None
@@ -81,7 +81,7 @@ def ctrl_settings(args, name: str, transform_spec: Optional[str] = None) -> dict
         kl_coef=kl_coef,
         k=k,
         kl_budget=kl_budget,
-        on_missing=get(args, "infalign.on_missing", DEFAULTS["on_missing"]),
+        on_missing=get(args, "infalign.on_missing", TRAIN_DEFAULTS.on_missing),
         name=name,
     )
 

@@ -43,6 +43,7 @@ from openrlhf_infalign.adapter.args import get
 from openrlhf_infalign.adapter.upstream.experience_maker import effective_actors, forward, record_rollout_kl
 from openrlhf_infalign.core.winrate import default_ns, win_rates
 from openrlhf_infalign.evallog import EVAL_LOG, append_record
+from openrlhf_infalign.options import parse_ns
 from openrlhf_infalign.store import ReferenceStore
 
 METRIC_PREFIX = "infalign/"
@@ -56,34 +57,12 @@ __all__ = [
     "eval_sequence_kl",
     "group_rewards_by_prompt",
     "metric_logs",
-    "parse_eval_n",
     "reference_rewards",
     "win_rate_record",
 ]
 
 
 # ---- pure helpers (no trainer state): unit-tested directly ------------------------------------------------------
-def parse_eval_n(value) -> list[int] | None:
-    """``--infalign.eval_n``: None/""/"auto" -> None (default powers of two); "1,2,4" / [1, 2, 4] -> sorted ints."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
-        return None
-    items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
-    out = []
-    for item in items:
-        if item in ("", None):
-            continue
-        try:
-            n = int(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"--infalign.eval_n: {item!r} is not an integer (expected e.g. 1,2,4,8)") from None
-        if n < 1 or n != float(item):
-            raise ValueError(f"--infalign.eval_n: N must be a positive integer, got {item!r}")
-        out.append(n)
-    if not out:
-        raise ValueError(f"--infalign.eval_n: no N in {value!r} (expected e.g. 1,2,4,8 or auto)")
-    return sorted(set(out))
-
-
 def _sample_rewards(sample) -> list[float]:
     """Per-sample raw rewards of one (possibly batched) Experience; shapes (B,) and (B, 1) alike."""
     r = sample.rewards
@@ -358,7 +337,7 @@ class InfAlignEvalMixin:
             prompts,
             policy,
             reference,
-            parse_eval_n(get(args, "infalign.eval_n")),
+            parse_ns(get(args, "infalign.eval_n"), "--infalign.eval_n"),
             on_missing=on_missing,
             store_name=str(getattr(store, "path", None) or "the eval store"),
         )

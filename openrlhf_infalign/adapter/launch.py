@@ -32,7 +32,7 @@ import ray
 
 from openrlhf_infalign.adapter.args import get
 from openrlhf_infalign.adapter.build import say
-from openrlhf_infalign.adapter.flags import DEFAULTS
+from openrlhf_infalign.adapter.flags import TRAIN_DEFAULTS
 from openrlhf_infalign.adapter.registry import load_reward_wrapper
 from openrlhf_infalign.adapter.run_record import check_run
 from openrlhf_infalign.adapter.trainer import use_infalign_trainer
@@ -80,7 +80,7 @@ def prepare(args) -> Optional[InfAlignState]:
     store = getattr(wrapper, "store", None)
     eval_store = ReferenceStore.open(eval_dir) if eval_dir else store
     inference = getattr(wrapper, "inference", None) or InferenceProcedure.parse(
-        get(args, "infalign.inference", DEFAULTS["inference"])
+        get(args, "infalign.inference", TRAIN_DEFAULTS.inference)
     )
 
     at_start = get(args, "infalign.eval_at_start")

@@ -1,4 +1,4 @@
-"""Apply (or revert) patches/openrlhf-0.11.2-reward-wrapper.patch to an installed OpenRLHF.
+"""Apply (or revert) adapter/patches/openrlhf-0.11.2-reward-wrapper.patch (package data) to an installed OpenRLHF.
 
     python -m openrlhf_infalign.adapter.patching apply [--check] [--target DIR]
     python -m openrlhf_infalign.adapter.patching revert [--target DIR]
@@ -167,13 +167,8 @@ def _write(plan: dict[Path, Optional[str]]) -> None:
 
 
 def find_patch(explicit: Optional[str] = None) -> Path:
-    """The patch file: --patch, else the repository's patches/ (source checkout), else package data."""
-    here = Path(__file__).resolve()
-    candidates = (
-        [Path(explicit)]
-        if explicit
-        else [here.parents[2] / "patches" / PATCH_NAME, here.parent / "patches" / PATCH_NAME]
-    )
+    """The patch file: --patch, else the one the package ships (``adapter/patches/``)."""
+    candidates = [Path(explicit) if explicit else Path(__file__).resolve().parent / "patches" / PATCH_NAME]
     for c in candidates:
         if c.is_file():
             return c
@@ -234,12 +229,12 @@ def _installed_version(target: Path) -> Optional[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m openrlhf_infalign.adapter.patching",
-        description="Add the native --reward.wrapper flag to an installed OpenRLHF 0.11.2 (patches/).",
+        description="Add the native --reward.wrapper flag to an installed OpenRLHF 0.11.2 (adapter/patches/).",
     )
     ap.add_argument("action", choices=["apply", "revert", "status"], help="what to do")
     ap.add_argument("--check", action="store_true", help="only report whether it would apply/revert (default: off)")
     ap.add_argument("--target", default=None, help="directory containing the openrlhf package (default: installed)")
-    ap.add_argument("--patch", default=None, help=f"patch file (default: patches/{PATCH_NAME})")
+    ap.add_argument("--patch", default=None, help=f"patch file (default: the package's adapter/patches/{PATCH_NAME})")
     a = ap.parse_args(argv)
     try:
         target = Path(a.target) if a.target else default_target()

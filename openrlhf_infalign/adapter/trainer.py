@@ -44,7 +44,7 @@ __all__ = [
     "InfAlignPPOTrainer",
     "InfAlignPPOTrainerActor",
     "AsyncEvalSamples",
-    "InfAlignGenerateSamplesActor",
+    "InfAlignGenerateSamples",
     "InfAlignPPOTrainerAsync",
     "InfAlignTrainingActor",
     "use_infalign_trainer",
@@ -60,7 +60,7 @@ def _setup(trainer, state) -> None:
     if state is None or state.wrapper is None:
         return
     if getattr(trainer.experience_maker, "reward_wrapper", None) is not None:
-        return  # an OpenRLHF with patches/ applied already runs the wrapper natively at the same seam
+        return  # an OpenRLHF with adapter/patches/ applied already runs the wrapper natively at the same seam
     install_reward_wrapper(trainer.experience_maker, state.wrapper)
 
 
@@ -104,7 +104,7 @@ class AsyncEvalSamples:
     eval_batches: list  # (datasources, prompts, None, None) per eval batch: what compute_eval_metrics reads
 
 
-class InfAlignGenerateSamplesActor(_ppo_trainer_async.GenerateSamplesActor.__ray_actor_class__):
+class InfAlignGenerateSamples(_ppo_trainer_async.GenerateSamplesActor.__ray_actor_class__):
     """Upstream's async generator; its evaluations ship samples, and it runs the step-0 evaluation."""
 
     def __init__(self, *args, infalign_eval_at_start=False, **kwargs):
@@ -212,7 +212,7 @@ class InfAlignTrainingActor(InfAlignEvalMixin, _ppo_trainer_async.TrainingActor.
         return super().save_best_checkpoint(eval_metrics, global_step, client_states)
 
 
-InfAlignGenerateSamplesRemote = ray.remote(InfAlignGenerateSamplesActor)
+InfAlignGenerateSamplesActor = ray.remote(InfAlignGenerateSamples)
 
 
 class InfAlignPPOTrainerAsync(_ppo_trainer_async.PPOTrainerAsync.__ray_actor_class__):
@@ -221,7 +221,7 @@ class InfAlignPPOTrainerAsync(_ppo_trainer_async.PPOTrainerAsync.__ray_actor_cla
     def __init__(self, *args, infalign_state=None, **kwargs):
         at_start = bool(getattr(infalign_state, "eval_at_start", False))
         # Upstream's __init__ looks the module globals up at call time, in this actor's process.
-        generator = _Launcher(InfAlignGenerateSamplesRemote, infalign_eval_at_start=at_start)
+        generator = _Launcher(InfAlignGenerateSamplesActor, infalign_eval_at_start=at_start)
         with patched(_ppo_trainer_async, "GenerateSamplesActor", generator):
             with patched(_ppo_trainer_async, "TrainingActor", _Launcher(InfAlignTrainingActor, infalign_state)):
                 super().__init__(*args, **kwargs)

@@ -5,7 +5,7 @@ Where it runs. OpenRLHF 0.11.2 has three reward paths (local reward-model actors
 actors). All three have filled ``experience.rewards`` when ``RemoteExperienceMaker.compute_advantages_and_returns``
 starts, and nothing has touched them yet: length penalties, group baselines (rloo / reinforce_baseline / group_norm
 / dr_grpo), ``--reward.clip_range`` and the KL penalty all come after. That is the seam: the trainer subclass
-(:mod:`.trainer`) or the source patch (``patches/``) calls :meth:`CTRLRewardWrapper.wrap_experiences` there, so
+(:mod:`.trainer`) or the source patch (``adapter/patches/``) calls :meth:`CTRLRewardWrapper.wrap_experiences` there, so
 every advantage estimator trains on Phi(C(x, y)) in place of r(x, y).
 
 What it does, per rollout batch (vectorised over ALL experiences: one store lookup, no Python loop per sample):

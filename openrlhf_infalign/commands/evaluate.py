@@ -10,64 +10,52 @@ prompts, with a prompt-level standard error. A prompt counts for N only if both 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from openrlhf_infalign import options
 from openrlhf_infalign.errors import UserError
+from openrlhf_infalign.options import option, parse_ns
 from openrlhf_infalign.store import ReferenceStore
 from openrlhf_infalign.store.rows import check_rewards, iter_reward_lists
 
 _SHOW = 5  # missing prompts listed in an error
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--policy",
-        required=True,
-        default=argparse.SUPPRESS,
-        metavar="P.jsonl",
-        help="policy rewards, one JSON row per prompt",
-    )
-    parser.add_argument(
-        "--reference",
-        required=True,
-        default=argparse.SUPPRESS,
+@dataclass(kw_only=True)
+class EvaluateSettings:
+    """`infalign evaluate`: policy rewards against reference rewards, per N."""
+
+    policy: str = option(flags=("--policy",), metavar="P.jsonl", help="policy rewards, one JSON row per prompt")
+    reference: str = option(
+        flags=("--reference",),
         metavar="R.jsonl|STORE",
         help="reference (base policy) rewards: a JSONL file like --policy, or a reference store directory",
     )
-    parser.add_argument(
-        "--n",
-        default="auto",
+    eval_n: str = option(
+        "auto",
+        flags=("--eval-n",),
         metavar="N1,N2,...",
         help="comma-separated N for Best-of-N / Worst-of-N; auto = powers of two up to the largest N that every "
         "prompt has samples for on both sides",
     )
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
-    parser.add_argument("--plot", default=None, metavar="OUT.png", help="also plot win rate vs N (PNG)")
-    parser.add_argument(
-        "--skip-missing",
-        action="store_true",
+    json: bool = option(False, flags=("--json",), help="print the result as one JSON object instead of a table")
+    plot: Optional[str] = option(None, flags=("--plot",), metavar="OUT.png", help="also plot win rate vs N (PNG)")
+    skip_missing: bool = option(
+        False,
+        flags=("--skip-missing",),
         help="drop prompts found on one side only (their count is reported) instead of failing",
     )
 
 
-def _parse_ns(text: str) -> list[int]:
-    ns = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if not part.isdigit() or int(part) < 1:
-            raise UserError(f"--n: {part!r} is not a positive integer; give e.g. --n 1,2,4,8")
-        ns.append(int(part))
-    if not ns:
-        raise UserError("--n is empty; give e.g. --n 1,2,4,8")
-    return sorted(set(ns))
+def add_arguments(parser) -> None:
+    options.add_arguments(parser, EvaluateSettings)
 
 
 def _short(prompt: str, width: int = 60) -> str:
@@ -164,11 +152,7 @@ def run(args) -> int:
     keys, policy, reference, info = load_pairs(args.policy, args.reference, args.skip_missing)
     m = np.array([len(x) for x in policy])
     k = np.array([len(x) for x in reference])
-    ns = (
-        _parse_ns(args.n)
-        if args.n.strip().lower() != "auto"
-        else default_ns(int(np.minimum(m, k).min()), int(np.minimum(m, k).min()))
-    )
+    ns = parse_ns(args.eval_n, "--eval-n") or default_ns(int(np.minimum(m, k).min()), int(np.minimum(m, k).min()))
     result = win_rates(policy, reference, ns)
     partial = [n for n in ns if result["bon"][str(n)]["num_prompts"] < len(keys)]
     if partial:

@@ -7,49 +7,45 @@ optimal / auto (re-solved at every KL: the exact optimum / the plan's recommende
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Optional
 
+from openrlhf_infalign import options
 from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.core.planning import frontier
-from openrlhf_infalign.errors import UserError
 from openrlhf_infalign.files import pyplot, save_figure
+from openrlhf_infalign.options import option, parse_floats
 
 
-def _kl_list(text: str) -> list[float]:
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(float(part))
-        except ValueError:
-            raise UserError(f"--kl: {part!r} is not a number (give comma-separated KL budgets, e.g. 0.25,0.5,1)")
-    if not out:
-        raise UserError("--kl: give at least one KL budget, e.g. 0.25,0.5,1")
-    return out
+@dataclass(kw_only=True)
+class FrontierSettings:
+    """`infalign frontier`: one transform's win rate at each KL budget."""
+
+    inference: str = option(
+        "bon:4", flags=("--inference",), help="inference procedure: standard, bon:N (Best-of-N), won:N (Worst-of-N)"
+    )
+    transform: str = option(
+        "auto",
+        flags=("--transform",),
+        help="identity | exp:t=T | negexp:t=T | log | power:k=K | optimal | auto (the plan's pick per KL)",
+    )
+    kl_budget: str = option(
+        "0.1,0.25,0.5,1,2", flags=("--kl-budget",), metavar="NATS,...", help="comma-separated KL budgets in nats"
+    )
+    k: Optional[int] = option(
+        None,
+        flags=("--k",),
+        doc_default="the continuum",
+        help="reference samples per prompt in the store: expected KL and win rates with K-bin calibrated rewards",
+    )
+    json: bool = option(False, flags=("--json",), help="print JSON instead of a table")
+    plot: Optional[str] = option(
+        None, flags=("--plot",), metavar="FILE.png", help="also plot win rate vs KL to this PNG"
+    )
 
 
 def add_arguments(p) -> None:
-    p.add_argument(
-        "--inference",
-        default="bon:4",
-        help="inference procedure: standard, bon:N (Best-of-N), won:N (Worst-of-N)",
-    )
-    p.add_argument(
-        "--transform",
-        default="auto",
-        help="identity | exp:t=T | negexp:t=T | log | power:k=K | optimal | auto (the plan's pick per KL)",
-    )
-    p.add_argument("--kl", default="0.1,0.25,0.5,1,2", help="comma-separated KL budgets in nats (each > 0)")
-    p.add_argument(
-        "--k",
-        type=int,
-        default=None,
-        help="reference samples per prompt in the store: expected KL and win rates with K-bin calibrated rewards; "
-        "default: K = infinity (the continuum)",
-    )
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--plot", metavar="FILE.png", default=None, help="also plot win rate vs KL to this PNG")
+    options.add_arguments(p, FrontierSettings)
 
 
 def format_table(f: dict) -> str:
@@ -88,7 +84,8 @@ def plot_frontier(f: dict, path: str) -> None:
 
 
 def run(args) -> int:
-    f = frontier(args.inference, args.transform, _kl_list(args.kl), k=args.k)
+    args = options.settings_from_args(FrontierSettings, args)
+    f = frontier(args.inference, args.transform, parse_floats(args.kl_budget, "--kl-budget"), k=args.k)
     if args.plot:
         plot_frontier(f, args.plot)
     print(json.dumps(f, indent=2, allow_nan=False) if args.json else format_table(f))

@@ -10,46 +10,56 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
+from openrlhf_infalign import options
 from openrlhf_infalign.adapter.planning import ESTIMATORS, plan_with_flags
 from openrlhf_infalign.core import planning
 from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.files import pyplot, save_figure
+from openrlhf_infalign.options import option
+
+
+@dataclass(kw_only=True)
+class PlanSettings:
+    """`infalign plan`: the procedure, the KL budget, and the run's K, estimator and samples per prompt."""
+
+    inference: str = option(
+        "bon:4",
+        flags=("--inference",),
+        help="inference procedure the policy will be used with: standard, bon:N (Best-of-N), won:N (Worst-of-N)",
+    )
+    kl_budget: float = option(0.5, flags=("--kl-budget",), metavar="NATS", help="KL budget KL(pi || pi_ref) in nats")
+    k: Optional[int] = option(
+        None,
+        flags=("--k",),
+        doc_default="the continuum",
+        help="reference samples per prompt in the store (`infalign store info` shows its median K): beta is chosen "
+        "so that the expected KL over such stores equals the budget",
+    )
+    estimator: str = option(
+        "gae",
+        flags=("--algo.advantage.estimator",),
+        help="the run's advantage estimator (" + ", ".join(ESTIMATORS) + "): it decides which "
+        "--algo.kl.init_coef gives the planned beta",
+    )
+    n_samples_per_prompt: int = option(
+        1,
+        flags=("--rollout.n_samples_per_prompt",),
+        help="the run's samples per prompt (group size of the group-baseline estimators)",
+    )
+    json: bool = option(False, flags=("--json",), help="print the plan as JSON instead of a table")
+    plot: Optional[str] = option(
+        None,
+        flags=("--plot",),
+        metavar="FILE.png",
+        help="also write win rate vs KL curves (recommended exp/negexp, identity, log, optimal) to this PNG",
+    )
 
 
 def add_arguments(p) -> None:
-    p.add_argument(
-        "--inference",
-        default="bon:4",
-        help="inference procedure the policy will be used with: standard, bon:N (Best-of-N), won:N (Worst-of-N)",
-    )
-    p.add_argument("--kl", type=float, default=0.5, help="KL budget KL(pi || pi_ref) in nats (> 0)")
-    p.add_argument(
-        "--k",
-        type=int,
-        default=None,
-        help="reference samples per prompt in the store (`infalign store info` shows its median K): beta is chosen "
-        "so that the expected KL over such stores equals the budget; default: K = infinity (the continuum)",
-    )
-    p.add_argument(
-        "--estimator",
-        default="gae",
-        help="the run's --algo.advantage.estimator (" + ", ".join(ESTIMATORS) + "): it decides which "
-        "--algo.kl.init_coef gives the planned beta",
-    )
-    p.add_argument(
-        "--n-samples-per-prompt",
-        type=int,
-        default=1,
-        help="the run's --rollout.n_samples_per_prompt (group size of the group-baseline estimators)",
-    )
-    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
-    p.add_argument(
-        "--plot",
-        metavar="FILE.png",
-        default=None,
-        help="also write win rate vs KL curves (recommended exp/negexp, identity, log, optimal) to this PNG",
-    )
+    options.add_arguments(p, PlanSettings)
 
 
 def dumps(obj) -> str:
@@ -113,7 +123,7 @@ def plot_plan(p: dict, path: str) -> None:
     )
     ax.set_xlabel("KL(pi || pi_ref)  [nats]")
     ax.set_ylabel(f"{inf.words} win rate vs reference")
-    ax.set_title(f"infalign plan --inference {p['inference']} --kl {kl:g}")
+    ax.set_title(f"infalign plan --inference {p['inference']} --kl-budget {kl:g}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
     save_figure(fig, path)
@@ -121,7 +131,8 @@ def plot_plan(p: dict, path: str) -> None:
 
 
 def run(args) -> int:
-    p = plan_with_flags(args.inference, args.kl, args.k, args.estimator, args.n_samples_per_prompt)
+    args = options.settings_from_args(PlanSettings, args)
+    p = plan_with_flags(args.inference, args.kl_budget, args.k, args.estimator, args.n_samples_per_prompt)
     if args.plot:
         plot_plan(p, args.plot)
     print(dumps(p) if args.json else format_table(p))

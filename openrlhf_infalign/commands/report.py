@@ -15,60 +15,82 @@ trained for) and standard, summary.md (also printed) and compare.json (printed w
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import List, Optional
 
+from openrlhf_infalign import options
 from openrlhf_infalign.errors import UserError
 from openrlhf_infalign.evallog import eval_log_path, load_eval_log
 from openrlhf_infalign.files import write_json, write_text
+from openrlhf_infalign.options import option
+
+GROUPS = {"one": "one or several runs", "compare": "several runs"}
+
+
+@dataclass(kw_only=True)
+class ReportSettings:
+    """`infalign report`: one run's plots and table, or several runs side by side at matched KL."""
+
+    run_dir: List[str] = option(
+        flags=("run_dir",),
+        positional=True,
+        nargs="+",
+        metavar="RUN_DIR",
+        group="one",
+        help="the training run's save path (holds infalign_eval.jsonl); several: compared side by side",
+    )
+    out: Optional[str] = option(
+        None,
+        flags=("--out",),
+        group="one",
+        doc_default="RUN_DIR/infalign_report, ./infalign_compare for several",
+        help="output directory",
+    )
+    no_optimal: bool = option(
+        False,
+        flags=("--no-optimal",),
+        group="one",
+        help="leave the optimal-transform ceiling off the KL plot (it takes a fixed-point solve, ~1-2 s)",
+    )
+    json: bool = option(
+        False, flags=("--json",), group="one", help="print a JSON summary instead of the Markdown table"
+    )
+    label: Optional[List[str]] = option(
+        None,
+        flags=("--label",),
+        append=True,
+        group="compare",
+        doc_default="the run directory's name",
+        help="arm label of each run, repeated in run order; runs sharing a label are seeds of one arm",
+    )
+    baseline: Optional[str] = option(
+        None,
+        flags=("--baseline",),
+        group="compare",
+        doc_default="the identity arm, else the first",
+        help="arm the differences are taken to",
+    )
+    kl_grid: Optional[str] = option(
+        None,
+        flags=("--kl-grid",),
+        group="compare",
+        doc_default="a few KLs every arm covers",
+        help="matched KLs (nats per sequence) for the table, e.g. 0.25,0.5,1",
+    )
+    k: Optional[int] = option(
+        None,
+        flags=("--k",),
+        group="compare",
+        doc_default="the K the runs recorded, when they agree",
+        help="the store's K (reference samples per prompt) for the K-aware theory curves",
+    )
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument(
-        "run_dir",
-        metavar="RUN_DIR",
-        nargs="+",
-        help="the training run's save path (holds infalign_eval.jsonl); several: compared side by side",
-    )
-    parser.add_argument(
-        "--out",
-        default=argparse.SUPPRESS,
-        help="output directory (default: RUN_DIR/infalign_report for one run, ./infalign_compare for several)",
-    )
-    parser.add_argument(
-        "--no-optimal",
-        action="store_true",
-        help="leave the optimal-transform ceiling off the KL plot (it takes a fixed-point solve, ~1-2 s)",
-    )
-    parser.add_argument("--json", action="store_true", help="print a JSON summary instead of the Markdown table")
-    compare = parser.add_argument_group("several runs")
-    compare.add_argument(
-        "--label",
-        action="append",
-        default=None,
-        help="arm label of each run, repeated in run order (default: the run directory's name); "
-        "runs sharing a label are seeds of one arm",
-    )
-    compare.add_argument(
-        "--baseline",
-        default=None,
-        help="arm the differences are taken to (default: the arm trained with the identity transform, else the first)",
-    )
-    compare.add_argument(
-        "--kl-grid",
-        default=None,
-        help="matched KLs (nats per sequence) for the table, e.g. 0.25,0.5,1 "
-        "(default: a few KLs inside the range every arm covers)",
-    )
-    compare.add_argument(
-        "--k",
-        type=int,
-        default=None,
-        help="the store's K (reference samples per prompt) for the K-aware theory curves (default: the K the runs "
-        "recorded, when they agree; else the continuum)",
-    )
+    options.add_arguments(parser, ReportSettings, groups=GROUPS)
 
 
 def run(args) -> int:

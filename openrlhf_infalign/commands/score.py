@@ -7,38 +7,52 @@ among the prompt's K reference rewards (ties count 1/2), transformed is the tran
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from openrlhf_infalign import options
 from openrlhf_infalign.files import write_json
+from openrlhf_infalign.options import option
 from openrlhf_infalign.store.format import DIGEST_BYTES
 from openrlhf_infalign.store.rows import iter_single_rewards
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", required=True, help="reference store directory (infalign calibrate / store import)")
-    p.add_argument("--jsonl", required=True, help='samples: rows {"prompt"|"prompt_key": ..., "reward": float}')
-    p.add_argument(
-        "--transform",
-        default="identity",
+@dataclass(kw_only=True)
+class ScoreSettings:
+    """`infalign score`: sample rewards calibrated and transformed against a store."""
+
+    store: str = option(flags=("--store",), help="reference store directory (infalign calibrate / store import)")
+    jsonl: str = option(flags=("--jsonl",), help='samples: rows {"prompt"|"prompt_key": ..., "reward": float}')
+    transform: str = option(
+        "identity",
+        flags=("--transform",),
         help="transform of the calibrated reward: identity, exp:t=T, negexp:t=T, log, power:k=K, "
         "or auto/optimal (need --inference and --kl-budget)",
     )
-    p.add_argument("--inference", default=None, help="inference procedure for auto/optimal: bon:N, won:N, standard")
-    p.add_argument("--kl-budget", type=float, default=None, help="KL budget (nats) for auto/optimal")
-    p.add_argument(
-        "--on-missing",
+    inference: Optional[str] = option(
+        None, flags=("--inference",), help="inference procedure for auto/optimal: bon:N, won:N, standard"
+    )
+    kl_budget: Optional[float] = option(
+        None, flags=("--kl-budget",), metavar="NATS", help="KL budget (nats) for auto/optimal"
+    )
+    on_missing: str = option(
+        "error",
+        flags=("--on-missing",),
         choices=("error", "raw"),
-        default="error",
         help="a prompt without reference rewards: error, or raw (row gets calibrated/transformed null, missing true)",
     )
-    p.add_argument("--json", action="store_true", help="print the JSON result to stdout instead of a table")
-    p.add_argument("--out", default=None, help="also write the JSON result to this file (atomically)")
-    p.add_argument("--head", type=int, default=20, help="rows shown in the table (text mode)")
+    json: bool = option(False, flags=("--json",), help="print the JSON result to stdout instead of a table")
+    out: Optional[str] = option(None, flags=("--out",), help="also write the JSON result to this file (atomically)")
+    head: int = option(20, flags=("--head",), help="rows shown in the table (text mode)")
+
+
+def add_arguments(p) -> None:
+    options.add_arguments(p, ScoreSettings)
 
 
 def read_samples(src: Path):

@@ -10,7 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import List, Optional
+
+from openrlhf_infalign import options
+from openrlhf_infalign.options import option
 
 
 def _kv(text: str) -> tuple[str, object]:
@@ -24,53 +29,80 @@ def _kv(text: str) -> tuple[str, object]:
     return k.strip(), val
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="store_command", metavar="ACTION")
-    sub.required = True
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+@dataclass(kw_only=True)
+class StoreImportSettings:
+    """`infalign store import`: a store from a JSONL file of reference rewards."""
 
-    p = sub.add_parser("import", help="build a store from a JSONL file of reference rewards", formatter_class=fmt)
-    p.add_argument("--jsonl", required=True, help='input rows {"prompt"|"prompt_key": ..., "rewards": [float, ...]}')
-    p.add_argument("--out", required=True, help="store directory to create (written atomically)")
-    p.add_argument("--k-min", type=int, default=1, help="error on a prompt with fewer reference rewards than this")
-    p.add_argument("--policy-model", default=None, help="base (reference) policy the rewards were sampled from")
-    p.add_argument("--reward-source", default=None, help="reward model / URL / reward_func file that scored them")
-    p.add_argument(
-        "--template",
-        type=_kv,
-        action="append",
-        default=[],
+    jsonl: str = option(flags=("--jsonl",), help='input rows {"prompt"|"prompt_key": ..., "rewards": [float, ...]}')
+    out: str = option(flags=("--out",), help="store directory to create (written atomically)")
+    k_min: int = option(1, flags=("--k-min",), help="error on a prompt with fewer reference rewards than this")
+    policy_model: Optional[str] = option(
+        None, flags=("--policy-model",), help="base (reference) policy the rewards were sampled from"
+    )
+    reward_source: Optional[str] = option(
+        None, flags=("--reward-source",), help="reward model / URL / reward_func file that scored them"
+    )
+    template: Optional[List[tuple]] = option(
+        None,
+        flags=("--template",),
+        append=True,
+        parse=_kv,
         metavar="KEY=VALUE",
         help="prompt template setting recorded in the manifest (input_key, apply_chat_template, input_template, ...)"
         "; training compares these against its own flags; repeatable",
     )
-    p.add_argument(
-        "--sampling",
-        type=_kv,
-        action="append",
-        default=[],
+    sampling: Optional[List[tuple]] = option(
+        None,
+        flags=("--sampling",),
+        append=True,
+        parse=_kv,
         metavar="KEY=VALUE",
         help="sampling parameter recorded in the manifest (temperature, top_p, max_new_tokens, ...); repeatable",
     )
-    p.add_argument(
-        "--manifest",
-        default=None,
+    manifest: Optional[str] = option(
+        None,
+        flags=("--manifest",),
         help="JSON file of extra manifest fields (e.g. another store's manifest.json, to carry its settings over)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    overwrite: bool = option(False, flags=("--overwrite",), help="replace an existing store at --out")
+    progress: bool = option(True, flags=("--no-progress",), negated=True, help="no tqdm progress bar")
 
-    p = sub.add_parser("info", help="counts, K min/median/max and manifest of a store", formatter_class=fmt)
-    p.add_argument("store", help="store directory")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--verify", action="store_true", help="also check every row (reads the whole store)")
 
-    p = sub.add_parser("export", help="write a store back out as JSONL", formatter_class=fmt)
-    p.add_argument("store", help="store directory")
-    p.add_argument("--jsonl", required=True, help="output file (written via a temp file, then renamed)")
-    p.add_argument("--no-prompts", action="store_true", help="write prompt_key only, not the prompt text")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+@dataclass(kw_only=True)
+class StoreInfoSettings:
+    """`infalign store info`: counts, K and manifest."""
+
+    store: str = option(flags=("store",), positional=True, help="store directory")
+    json: bool = option(False, flags=("--json",), help="print one JSON object instead of text")
+    verify: bool = option(False, flags=("--verify",), help="also check every row (reads the whole store)")
+
+
+@dataclass(kw_only=True)
+class StoreExportSettings:
+    """`infalign store export`: a store back out as JSONL."""
+
+    store: str = option(flags=("store",), positional=True, help="store directory")
+    jsonl: str = option(flags=("--jsonl",), help="output file (written via a temp file, then renamed)")
+    prompts: bool = option(
+        True, flags=("--no-prompts",), negated=True, help="write prompt_key only, not the prompt text"
+    )
+    overwrite: bool = option(False, flags=("--overwrite",), help="replace an existing output file")
+    progress: bool = option(True, flags=("--no-progress",), negated=True, help="no tqdm progress bar")
+
+
+ACTIONS = {
+    "import": ("build a store from a JSONL file of reference rewards", StoreImportSettings),
+    "info": ("counts, K min/median/max and manifest of a store", StoreInfoSettings),
+    "export": ("write a store back out as JSONL", StoreExportSettings),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="store_command", metavar="ACTION")
+    sub.required = True
+    for name, (help_, cls) in ACTIONS.items():
+        p = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        options.add_arguments(p, cls)
 
 
 def run(args) -> int:

@@ -21,16 +21,19 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from openrlhf_infalign import options
 from openrlhf_infalign.demo import tiny
 from openrlhf_infalign.evallog import eval_log_path, load_eval_log
 from openrlhf_infalign.files import atomic_open, write_text
+from openrlhf_infalign.options import option
 from openrlhf_infalign.runs import trainer_log
 from openrlhf_infalign.runs.supervise import PhaseError, run_phase
 
-__all__ = ["main", "build_parser", "train_command"]
+__all__ = ["DemoSettings", "main", "parse", "train_command"]
 
 INPUT_TEMPLATE = tiny.INPUT_TEMPLATE  # the fit, the reference stores and the rollouts must template alike
 
@@ -42,54 +45,72 @@ def say(msg: str) -> None:
 # ── the phases ──
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m openrlhf_infalign.demo.pipeline",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+@dataclass(kw_only=True)
+class DemoSettings:
+    """The demo's setting: every phase reads it (the study builds one per run from its own, studies/study.py)."""
+
+    out: str = option("demo_out", flags=("--out",), help="output directory (models, prompts, stores, run, report)")
+    train_prompts: int = option(
+        192, flags=("--train-prompts",), help="training prompts (steps = this / --rollout-batch)"
     )
-    p.add_argument("--out", default="demo_out", help="output directory (models, prompts, stores, run, report)")
-    p.add_argument("--train-prompts", type=int, default=192, help="training prompts (steps = this / --rollout-batch)")
-    p.add_argument(
-        "--eval-prompts", type=int, default=128, help="evaluation prompts (held out: disjoint from training)"
+    eval_prompts: int = option(
+        128, flags=("--eval-prompts",), help="evaluation prompts (held out: disjoint from training)"
     )
-    p.add_argument("--k", type=int, default=16, help="reference samples per prompt (infalign calibrate --k)")
-    p.add_argument("--inference", default="bon:4", help="inference procedure trained for (bon:N / won:N)")
-    p.add_argument(
-        "--kl",
-        type=float,
-        default=2.0,
+    k: int = option(16, flags=("--k",), help="reference samples per prompt (infalign calibrate --k)")
+    inference: str = option("bon:4", flags=("--inference",), help="inference procedure trained for (bon:N / won:N)")
+    kl_budget: float = option(
+        2.0,
+        flags=("--kl-budget",),
         help="KL budget (nats) the transform and beta are planned for (0.5 is too tight for a few noisy PPO steps)",
     )
-    p.add_argument("--rollout-batch", type=int, default=32, help="prompts per PPO step (--rollout.batch_size)")
-    p.add_argument(
-        "--n-samples",
-        type=int,
-        default=8,
-        help="samples per prompt (--rollout.n_samples_per_prompt); with --rollout-batch: less noise per step",
+    rollout_batch: int = option(32, flags=("--rollout-batch",), help="prompts per PPO step (--rollout.batch_size)")
+    n_samples_per_prompt: int = option(
+        8,
+        flags=("--rollout.n_samples_per_prompt",),
+        help="samples per prompt; with --rollout-batch: less noise per step",
     )
-    p.add_argument(
-        "--eval-samples", type=int, default=16, help="eval samples per prompt (--eval.n_samples_per_prompt)"
+    eval_samples: int = option(
+        16, flags=("--eval-samples",), help="eval samples per prompt (--eval.n_samples_per_prompt)"
     )
-    p.add_argument("--eval-n", default="1,2,4,8", help="N values of the Best-of-N / Worst-of-N win rates")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="response length cap (rollouts, eval, calibrate)")
-    p.add_argument("--lr", type=float, default=5e-4, help="actor learning rate")
-    p.add_argument("--episodes", type=int, default=8, help="passes over the training prompts (--train.num_episodes)")
-    p.add_argument(
-        "--estimator", default="reinforce_baseline", help="--algo.advantage.estimator (gae adds a critic: slower)"
+    eval_n: str = option("1,2,4,8", flags=("--eval-n",), help="N values of the Best-of-N / Worst-of-N win rates")
+    max_new_tokens: int = option(
+        16, flags=("--max-new-tokens",), help="response length cap (rollouts, eval, calibrate)"
     )
-    p.add_argument("--fit-steps", type=int, default=300, help="SFT steps of the base policy")
-    p.add_argument("--reward", choices=["func", "rm"], default="func", help="reward: rule reward_func .py or tiny RM")
-    p.add_argument(
-        "--calibrate-backend",
+    lr: float = option(5e-4, flags=("--lr",), help="actor learning rate")
+    episodes: int = option(8, flags=("--episodes",), help="passes over the training prompts (--train.num_episodes)")
+    estimator: str = option(
+        "reinforce_baseline",
+        flags=("--algo.advantage.estimator",),
+        help="advantage estimator (gae adds a critic: slower)",
+    )
+    fit_steps: int = option(300, flags=("--fit-steps",), help="SFT steps of the base policy")
+    reward: str = option(
+        "func", flags=("--reward",), choices=["func", "rm"], help="reward: rule reward_func .py or tiny RM"
+    )
+    calibrate_backend: str = option(
+        "vllm",
+        flags=("--calibrate-backend",),
         choices=["hf", "vllm"],
-        default="vllm",
         help="infalign calibrate --backend (vllm: the very sampler the rollouts use; hf: transformers, faster start)",
     )
-    p.add_argument("--eval-every", type=int, default=None, help="--eval.steps (default: a sixth of the steps)")
-    p.add_argument("--seed", type=int, default=0, help="seed of models, prompts and sampling")
-    p.add_argument("--no-report", action="store_true", help="skip the infalign report phase")
-    return p
+    eval_every: Optional[int] = option(
+        None, flags=("--eval-every",), help="--eval.steps (default: a sixth of the steps)"
+    )
+    seed: int = option(0, flags=("--seed",), help="seed of models, prompts and sampling")
+    report: bool = option(True, flags=("--no-report",), negated=True, help="skip the infalign report phase")
+
+
+def parse(
+    argv: Optional[Sequence[str]] = None, cls=DemoSettings, prog: str = "python -m openrlhf_infalign.demo.pipeline"
+):
+    """Settings of ``cls`` from a command line (its flags generated from the dataclass)."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=(cls.__doc__ or "").split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    options.add_arguments(p, cls)
+    return options.settings_from_args(cls, p.parse_args(argv))
 
 
 def _py(*args: str) -> List[str]:
@@ -185,9 +206,25 @@ def _max_len(args) -> int:
 def _plan(out: Path, args) -> dict:
     proc = subprocess.run(
         _py(
-            *("-m", "openrlhf_infalign", "plan", "--inference", args.inference, "--kl", str(args.kl), "--json"),
+            *(
+                "-m",
+                "openrlhf_infalign",
+                "plan",
+                "--inference",
+                args.inference,
+                "--kl-budget",
+                str(args.kl_budget),
+                "--json",
+            ),
             # Planned for the store's K and the run's estimator: the flags then carry the converted init_coef.
-            *("--k", str(args.k), "--estimator", args.estimator, "--n-samples-per-prompt", str(args.n_samples)),
+            *(
+                "--k",
+                str(args.k),
+                "--algo.advantage.estimator",
+                args.estimator,
+                "--rollout.n_samples_per_prompt",
+                str(args.n_samples_per_prompt),
+            ),
         ),
         capture_output=True,
         text=True,
@@ -202,7 +239,7 @@ def _plan(out: Path, args) -> dict:
 def train_command(out: Path, args, plan: dict) -> List[str]:
     """The ``openrlhf train_ppo`` command line of the demo (upstream flags + InfAlign's, CPU mode)."""
     steps = max(1, args.train_prompts // args.rollout_batch) * args.episodes
-    samples_per_step = args.rollout_batch * args.n_samples
+    samples_per_step = args.rollout_batch * args.n_samples_per_prompt
     micro = min(16, samples_per_step)
     return _py(
         "-m",
@@ -251,7 +288,7 @@ def train_command(out: Path, args, plan: dict) -> List[str]:
         "--algo.advantage.estimator",
         args.estimator,
         "--rollout.n_samples_per_prompt",
-        str(args.n_samples),
+        str(args.n_samples_per_prompt),
         "--rollout.batch_size",
         str(args.rollout_batch),
         "--rollout.micro_batch_size",
@@ -302,12 +339,12 @@ def _summarise_train(train: dict, args) -> dict:
         out["transformed_mean_per_step"] = [s["metrics"].get("infalign/transformed") for s in steps]
         out["kl_per_step"] = [s["metrics"].get("kl") for s in steps]
         out["vllm_kl_per_step"] = [s["metrics"].get("vllm_kl") for s in steps]
-        out["samples_per_step"] = args.rollout_batch * args.n_samples
+        out["samples_per_step"] = args.rollout_batch * args.n_samples_per_prompt
     return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("run", "report", "logs"):
@@ -315,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (out / "prompts").mkdir(exist_ok=True)
     t_start = time.time()
     phases: Dict[str, dict] = {}
-    summary: dict = {"out": str(out), "args": vars(args), "phases": phases}
+    summary: dict = {"out": str(out), "args": asdict(args), "phases": phases}
 
     def record(name: str, result: dict) -> None:
         result.pop("_lines", None)
@@ -365,7 +402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary["evaluations"] = load_eval_log(eval_log) if eval_log.is_file() else []
         except ValueError as e:
             raise PhaseError(f"the run's evaluation log is unreadable: {e}") from e
-        if not args.no_report:
+        if args.report:
             rep = run_phase(
                 "report",
                 _py("-m", "openrlhf_infalign", "report", str(out / "run"), "--out", str(out / "report")),

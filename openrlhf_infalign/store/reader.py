@@ -334,31 +334,6 @@ class ReferenceStore:
         """min/median/max/mean of K (reference rewards per prompt)."""
         return k_summary(np.diff(self.offsets))
 
-    def check_template(self, training_settings: dict, allow_mismatch: bool = False) -> list[str]:
-        """Compare the store's prompt template settings with the training run's; returns the differences.
-
-        Only settings recorded on both sides are compared. Differences raise StoreError (the calibration would
-        look up prompts the trainer never sees) unless allow_mismatch, which warns instead.
-        """
-        stored = self.manifest.get("template") or {}
-        if not stored:
-            warnings.warn(
-                f"reference store {self.path}: no prompt template settings recorded; cannot check they match training",
-                stacklevel=2,
-            )
-            return []
-        diffs = [f"{k}: store={a!r} training={b!r}" for k, a, b in differing_fields(stored, training_settings)]
-        if diffs:
-            msg = (
-                f"reference store {self.path} was built with different prompt template settings than this training "
-                f"run: {'; '.join(diffs)}. Prompt keys would not match; rebuild the store with `infalign calibrate` "
-                "using the training flags, or pass --infalign.allow_mismatch to go on anyway"
-            )
-            if not allow_mismatch:
-                raise StoreError(msg)
-            warnings.warn(msg, stacklevel=2)
-        return diffs
-
     def verify(self) -> None:
         """Full consistency check (touches every page): offsets monotone, rows sorted, keys sorted, values finite."""
         if (np.diff(self.offsets) < 1).any():

@@ -25,8 +25,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from openrlhf_infalign import options
 from openrlhf_infalign.core.transforms import parse_transform
 from openrlhf_infalign.files import save_figure, write_json
+from openrlhf_infalign.options import option, parse_floats
 
 __all__ = ["Setting", "exact_metrics", "simulate", "main"]
 
@@ -143,31 +145,40 @@ def at_kl(traj: List[dict], kl: float, metric: str) -> Optional[float]:
     return None
 
 
+@dataclass(kw_only=True)
+class DynamicsSettings:
+    """`python -m openrlhf_infalign.studies.dynamics`: the study's optimisation on a tabular policy."""
+
+    plans: str = option(flags=("--plans",), help="the study's plans.json")
+    out: str = option(flags=("--out",), help="output directory (dynamics.json, dynamics.png)")
+    steps: int = option(18, flags=("--steps",), help="PPO steps of the study's runs")
+    long_steps: int = option(600, flags=("--long-steps",), help="steps of the long runs")
+    seeds: int = option(8, flags=("--seeds",), help="seeds per arm")
+    prompts: int = option(Setting.prompts, flags=("--prompts",), help="train prompts (each with its own store)")
+    rollout_batch: int = option(Setting.rollout_batch, flags=("--rollout-batch",), help="prompts per step")
+    n_samples_per_prompt: int = option(
+        Setting.n_samples, flags=("--rollout.n_samples_per_prompt",), help="samples per prompt"
+    )
+    train_batch: int = option(Setting.train_batch, flags=("--train-batch",), help="samples per optimizer update")
+    lr: float = option(Setting.lr, flags=("--lr",), help="Adam learning rate on the logits")
+    matched_kl: str = option("0.1,0.2,0.3,0.4,0.5", flags=("--matched-kl",), help="KLs of the table")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--plans", required=True, help="the study's plans.json")
-    p.add_argument("--out", required=True, help="output directory (dynamics.json, dynamics.png)")
-    p.add_argument("--steps", type=int, default=18, help="PPO steps of the study's runs")
-    p.add_argument("--long-steps", type=int, default=600, help="steps of the long runs")
-    p.add_argument("--seeds", type=int, default=8, help="seeds per arm")
-    p.add_argument("--prompts", type=int, default=Setting.prompts, help="train prompts (each with its own store)")
-    p.add_argument("--rollout-batch", type=int, default=Setting.rollout_batch, help="prompts per step")
-    p.add_argument("--n-samples", type=int, default=Setting.n_samples, help="samples per prompt")
-    p.add_argument("--train-batch", type=int, default=Setting.train_batch, help="samples per optimizer update")
-    p.add_argument("--lr", type=float, default=Setting.lr, help="Adam learning rate on the logits")
-    p.add_argument("--matched-kl", default="0.1,0.2,0.3,0.4,0.5", help="KLs of the table")
-    args = p.parse_args(argv)
+    options.add_arguments(p, DynamicsSettings)
+    args = options.settings_from_args(DynamicsSettings, p.parse_args(argv))
     plans = json.loads(Path(args.plans).read_text())
     setting = Setting(
         prompts=args.prompts,
         k=plans["bon:4"].get("k") or Setting.k,
         rollout_batch=args.rollout_batch,
-        n_samples=args.n_samples,
+        n_samples=args.n_samples_per_prompt,
         train_batch=args.train_batch,
         lr=args.lr,
     )
     arms = arms_from_plans(plans)
-    grid = [float(x) for x in args.matched_kl.split(",")]
+    grid = parse_floats(args.matched_kl, "--matched-kl")
     result = {"setting": vars(setting), "arms": {}}
     for arm, (transform, coef) in arms.items():
         entry = {"transform": transform, "kl_coef": coef}

@@ -19,7 +19,6 @@ Runs go seed by seed (every arm's seed 0, then every arm's seed 1, ...) so a stu
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -27,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -35,13 +35,15 @@ import numpy as np
 from openrlhf_infalign.demo import pipeline, tiny
 from openrlhf_infalign.evallog import eval_log_path, load_eval_log
 from openrlhf_infalign.files import write_text
+from openrlhf_infalign.options import option
 from openrlhf_infalign.runs import trainer_log
 from openrlhf_infalign.runs.supervise import PhaseError, run_phase
 
 __all__ = [
     "ARMS",
     "main",
-    "build_parser",
+    "StudySettings",
+    "parse",
     "arm_flags",
     "run_steps",
     "last_eval_step",
@@ -68,76 +70,49 @@ def say(msg: str) -> None:
     print(f"[study] {msg}", flush=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m openrlhf_infalign.studies.study",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--out", default="study_out", help="output directory (shared models and stores, runs, compare)")
-    p.add_argument(
-        "--arms",
-        default=",".join(ARMS),
+@dataclass(kw_only=True)
+class StudySettings(pipeline.DemoSettings):
+    """The study's setting: the demo's (its phases run it), with the study's defaults and its own arms and seeds."""
+
+    out: str = option("study_out", flags=("--out",), help="output directory (shared models and stores, runs, compare)")
+    arms: str = option(
+        ",".join(ARMS),
+        flags=("--arms",),
         help="comma-separated arms to run, from: " + ", ".join(ARMS) + "; controls: " + ", ".join(CONTROLS),
     )
-    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (--train.seed 0 .. seeds-1)")
-    p.add_argument("--kl", type=float, default=0.5, help="KL budget (nats) every InfAlign arm is planned for")
-    p.add_argument("--train-prompts", type=int, default=192, help="training prompts")
-    p.add_argument("--eval-prompts", type=int, default=128, help="held-out evaluation prompts")
-    p.add_argument("--k", type=int, default=16, help="reference samples per prompt of the EVAL store")
-    p.add_argument("--train-k", type=int, default=32, help="reference samples per prompt of the TRAIN (CTRL) store")
-    p.add_argument("--rollout-batch", type=int, default=32, help="prompts per PPO step")
-    p.add_argument("--n-samples", type=int, default=8, help="samples per prompt")
-    p.add_argument("--eval-samples", type=int, default=8, help="eval samples per prompt")
-    p.add_argument("--eval-n", default="1,2,4,8", help="N values of the Best-of-N / Worst-of-N win rates")
-    p.add_argument("--eval-every", type=int, default=3, help="--eval.steps")
-    p.add_argument("--episodes", type=int, default=3, help="passes over the training prompts (6 steps each)")
-    p.add_argument(
-        "--train-batch",
-        type=int,
-        default=64,
-        help="samples per optimizer update (--train.batch_size): rollout-batch x n-samples / train-batch updates a step",
+    seeds: int = option(3, flags=("--seeds",), help="seeds per arm (--train.seed 0 .. seeds-1)")
+    kl_budget: float = option(0.5, flags=("--kl-budget",), help="KL budget (nats) every InfAlign arm is planned for")
+    k: int = option(16, flags=("--k",), help="reference samples per prompt of the EVAL store")
+    train_k: int = option(32, flags=("--train-k",), help="reference samples per prompt of the TRAIN (CTRL) store")
+    eval_samples: int = option(8, flags=("--eval-samples",), help="eval samples per prompt")
+    eval_every: int = option(3, flags=("--eval-every",), help="--eval.steps")
+    episodes: int = option(3, flags=("--episodes",), help="passes over the training prompts (6 steps each)")
+    train_batch: int = option(
+        64,
+        flags=("--train-batch",),
+        help="samples per optimizer update (--train.batch_size): rollout-batch x samples per prompt / train-batch "
+        "updates a step",
     )
-    p.add_argument(
-        "--lr-scheduler",
-        default="constant_with_warmup",
+    lr_scheduler: str = option(
+        "constant_with_warmup",
+        flags=("--lr-scheduler",),
         help="--actor.lr_scheduler (upstream's default cosine_with_min_lr decays to 0.1x within the short run)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=16, help="response length cap")
-    p.add_argument("--lr", type=float, default=5e-4, help="actor learning rate")
-    p.add_argument("--estimator", default="reinforce_baseline", help="--algo.advantage.estimator")
-    p.add_argument("--fit-steps", type=int, default=300, help="SFT steps of the base policy")
-    p.add_argument("--calibrate-backend", choices=["hf", "vllm"], default="vllm", help="infalign calibrate --backend")
-    p.add_argument("--seed", type=int, default=0, help="seed of the models, prompts and stores (shared by all runs)")
-    p.add_argument("--max-steps", type=int, default=None, help="cap on PPO steps (smoke test); default: all")
-    p.add_argument("--no-report", action="store_true", help="skip the side-by-side report")
-    return p
+    max_steps: Optional[int] = option(None, flags=("--max-steps",), help="cap on PPO steps (smoke test); default: all")
+    report: bool = option(True, flags=("--no-report",), negated=True, help="skip the side-by-side report")
+    # The arms fix these: no flags.
+    inference: str = option("bon:4", flags=(), help="set per arm")
+    reward: str = option("func", flags=(), help="the rule reward_func")
 
 
-def _demo_args(args, **override) -> argparse.Namespace:
-    """The demo pipeline's arguments for the study's setting (its phase functions read them)."""
-    d = vars(pipeline.build_parser().parse_args([]))
-    for key in (
-        "train_prompts",
-        "eval_prompts",
-        "k",
-        "rollout_batch",
-        "n_samples",
-        "eval_samples",
-        "eval_n",
-        "eval_every",
-        "episodes",
-        "max_new_tokens",
-        "lr",
-        "estimator",
-        "fit_steps",
-        "calibrate_backend",
-        "seed",
-    ):
-        d[key] = getattr(args, key)
-    d["reward"] = "func"
-    d.update(override)
-    return argparse.Namespace(**d)
+def parse(argv: Optional[Sequence[str]] = None) -> StudySettings:
+    return pipeline.parse(argv, StudySettings, prog="python -m openrlhf_infalign.studies.study")
+
+
+def _demo_args(args: StudySettings, **override) -> pipeline.DemoSettings:
+    """The demo pipeline's settings for the study's setting (its phase functions read them)."""
+    shared = {f.name: getattr(args, f.name) for f in fields(pipeline.DemoSettings)}
+    return pipeline.DemoSettings(**{**shared, **override})
 
 
 def run_steps(args) -> int:
@@ -158,14 +133,14 @@ def plan_command(args, inference: str) -> List[str]:
         "plan",
         "--inference",
         inference,
-        "--kl",
-        str(args.kl),
+        "--kl-budget",
+        str(args.kl_budget),
         "--k",
         str(args.train_k),
-        "--estimator",
+        "--algo.advantage.estimator",
         args.estimator,
-        "--n-samples-per-prompt",
-        str(args.n_samples),
+        "--rollout.n_samples_per_prompt",
+        str(args.n_samples_per_prompt),
         "--json",
     ]
 
@@ -243,8 +218,8 @@ def run_command(out: Path, args, arm: str, seed: int, plans: Dict[str, dict], ra
     return cmd
 
 
-def _no_cap(args) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(args), "max_steps": None})
+def _no_cap(args: StudySettings) -> StudySettings:
+    return replace(args, max_steps=None)
 
 
 def run_path(out: Path, arm: str, seed: int) -> Path:
@@ -449,7 +424,7 @@ def report_command(out: Path, runs: Sequence[tuple]) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS + CONTROLS]
     if unknown:
@@ -458,10 +433,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if (args.rollout_batch * args.n_samples) % args.train_batch:
+    if (args.rollout_batch * args.n_samples_per_prompt) % args.train_batch:
         print(
             f"[study] error: --train-batch {args.train_batch} must divide the samples of a step "
-            f"(--rollout-batch {args.rollout_batch} x --n-samples {args.n_samples})",
+            f"(--rollout-batch {args.rollout_batch} x --rollout.n_samples_per_prompt {args.n_samples_per_prompt})",
             file=sys.stderr,
         )
         return 2
@@ -502,11 +477,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if run_finished(run_path(out, arm, seed), last_eval_step(args))
         ]
         summary = _summary(out, args, arms, plans, raw, phases, t_start)
-        if not args.no_report and len(finished) >= 2:
+        if args.report and len(finished) >= 2:
             rep = run_phase("report", report_command(out, finished), out / "logs", timeout=600.0)
             summary["report"] = {"seconds": rep["seconds"], "dir": str(out / "compare")}
             print((out / "logs" / "report.log").read_text().split("\n", 1)[1], flush=True)
-        if not args.no_report:
+        if args.report:
             # the same optimisation on a tabular policy: what these steps give when the policy class is no limit
             dyn = [sys.executable, "-m", "openrlhf_infalign.studies.dynamics", "--plans", str(out / "plans.json")]
             dyn += [
@@ -517,7 +492,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "--prompts",
                 str(args.train_prompts),
             ]
-            dyn += ["--rollout-batch", str(args.rollout_batch), "--n-samples", str(args.n_samples)]
+            dyn += [
+                "--rollout-batch",
+                str(args.rollout_batch),
+                "--rollout.n_samples_per_prompt",
+                str(args.n_samples_per_prompt),
+            ]
             dyn += ["--train-batch", str(args.train_batch)]
             rep = run_phase("dynamics", dyn, out / "logs", timeout=600.0)
             summary["dynamics"] = {"seconds": rep["seconds"], "dir": str(out / "dynamics")}

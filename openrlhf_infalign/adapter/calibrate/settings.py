@@ -1,7 +1,7 @@
 """The calibration job's settings: each one's name, type, default, flags and help, written once.
 
-``CalibrateSettings`` is the single source; ``add_arguments`` generates the `infalign calibrate` flags from its
-field metadata and ``settings_from_args`` reads them back, as TRL does with its config dataclasses. Flag names are
+``CalibrateSettings`` is the single source; the `infalign calibrate` flags are generated from its field metadata
+(:mod:`openrlhf_infalign.options`, the way every command's flags are defined). Flag names are
 OpenRLHF's ``train_ppo_ray`` ones wherever training has the same setting, so one set of flags serves both jobs.
 """
 
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import typing
 import warnings
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional
+
+from openrlhf_infalign import options
+from openrlhf_infalign.options import dest_of, option
 
 __all__ = ["CalibrateSettings", "CalibrationError", "add_arguments", "settings_from_args", "GROUPS"]
 
@@ -30,73 +32,62 @@ GROUPS = {
 }
 
 
-def setting(default=MISSING, *, flags, group, help, metavar=None, choices=None, negated=False):
-    """A settings field and its flag. ``negated``: a ``--no-X`` switch that turns the (True) default off.
-
-    A field without a default is a required flag.
-    """
-    meta = dict(flags=tuple(flags), group=group, help=help, metavar=metavar, choices=choices, negated=negated)
-    return field(default=default, metadata=meta)
-
-
 @dataclass(kw_only=True)
 class CalibrateSettings:
     """Everything that defines a calibration run; fields are in `--help` order."""
 
     # policy and prompts
-    policy: str = setting(
+    policy: str = option(
         flags=("--actor.model_name_or_path", "--pretrain"),
         group="policy",
         metavar="PATH",
         help="base (reference) policy the K samples are drawn from: the SFT model PPO starts from",
     )
-    prompt_dataset: str = setting(
+    prompt_dataset: str = option(
         flags=("--data.prompt_dataset",),
         group="policy",
         metavar="PATH",
         help="training prompt dataset(s), comma-separated, as given to train_ppo_ray",
     )
-    prompt_probs: Optional[str] = setting(
+    prompt_probs: Optional[str] = option(
         None, flags=("--data.prompt_probs",), group="policy", metavar="P1,P2", help="sampling probs for datasets"
     )
-    prompt_split: str = setting(
+    prompt_split: str = option(
         "train", flags=("--data.prompt_split",), group="policy", metavar="NAME", help="dataset split"
     )
-    input_key: str = setting(
+    input_key: str = option(
         "input", flags=("--data.input_key",), group="policy", metavar="KEY", help="JSON dataset key of the prompt"
     )
-    label_key: Optional[str] = setting(
+    label_key: Optional[str] = option(
         None,
         flags=("--data.label_key",),
         group="policy",
         metavar="KEY",
         help="JSON dataset key of the label passed to a reward_func (None: empty labels)",
     )
-    apply_chat_template: bool = setting(
+    apply_chat_template: bool = option(
         False,
         flags=("--data.apply_chat_template",),
         group="policy",
         help="wrap each prompt in the tokenizer's chat template (as train_ppo_ray)",
     )
-    input_template: Optional[str] = setting(
+    input_template: Optional[str] = option(
         None,
         flags=("--data.input_template",),
         group="policy",
         metavar="TEMPLATE",
         help='prompt template with "{}" for the input, e.g. "Q : {} A :" (ignored with a warning without "{}")',
     )
-    max_samples: int = setting(
-        int(1e8), flags=("--data.max_samples",), group="policy", metavar="N", help="max prompts"
-    )
-    max_len: int = setting(
+    max_samples: int = option(int(1e8), flags=("--data.max_samples",), group="policy", metavar="N", help="max prompts")
+    max_len: int = option(
         2048, flags=("--data.max_len",), group="policy", metavar="N", help="max total length (prompt + response)"
     )
-    disable_fast_tokenizer: bool = setting(
+    disable_fast_tokenizer: bool = option(
         False, flags=("--data.disable_fast_tokenizer",), group="policy", help="slow tokenizer"
     )
 
     # reward source
-    reward_model: Optional[str] = setting(
+    reward_model: Optional[str] = option(
         None,
         flags=("--reward.model_name_or_path",),
         group="reward",
@@ -104,20 +95,20 @@ class CalibrateSettings:
         help="local reward model, loaded with OpenRLHF's get_llm_for_sequence_regression: in Ray reward-model "
         "actors spread over the cluster with --backend vllm (see --reward.num_actors), in this process with hf",
     )
-    reward_url: Optional[str] = setting(
+    reward_url: Optional[str] = option(
         None,
         flags=("--reward.remote_url",),
         group="reward",
         metavar="URL|FILE.py",
         help="remote RM URL(s), comma-separated, or a reward_func(queries, prompts, labels) .py file",
     )
-    normalize_reward: bool = setting(
+    normalize_reward: bool = option(
         False,
         flags=("--reward.normalize_enable",),
         group="reward",
         help="score (r - mean) / std with the RM config's mean/std, as training with this flag does",
     )
-    reward_num_actors: Optional[int] = setting(
+    reward_num_actors: Optional[int] = option(
         None,
         flags=("--reward.num_actors",),
         group="reward",
@@ -126,60 +117,60 @@ class CalibrateSettings:
         "engines as each prompt's samples finish (the samples never pass through this process); default: one per "
         "vLLM engine; 0: score in this process after each shard's generation",
     )
-    reward_actor_gpus: Optional[float] = setting(
+    reward_actor_gpus: Optional[float] = option(
         None,
         flags=("--reward.actor_num_gpus",),
         group="reward",
         metavar="G",
         help="GPUs per reward-model actor (default: 1, or 0 with --infalign.cpu)",
     )
-    value_head_prefix: str = setting(
+    value_head_prefix: str = option(
         "score", flags=("--ds.value_head_prefix",), group="reward", metavar="NAME", help="RM value head name"
     )
-    attn_implementation: str = setting(
+    attn_implementation: str = option(
         "sdpa",
         flags=("--ds.attn_implementation",),
         group="reward",
         metavar="IMPL",
         help="RM attention implementation (flash_attention_2 needs flash-attn)",
     )
-    param_dtype: str = setting(
+    param_dtype: str = option(
         "bf16", flags=("--ds.param_dtype",), group="reward", choices=["bf16", "fp16", "fp32"], help="model dtype"
     )
 
     # sampling
-    temperature: float = setting(
+    temperature: float = option(
         1.0, flags=("--rollout.temperature",), group="sampling", metavar="T", help="temperature"
     )
-    top_p: float = setting(1.0, flags=("--rollout.top_p",), group="sampling", metavar="P", help="nucleus top-p")
-    max_new_tokens: Optional[int] = setting(
+    top_p: float = option(1.0, flags=("--rollout.top_p",), group="sampling", metavar="P", help="nucleus top-p")
+    max_new_tokens: Optional[int] = option(
         None,
         flags=("--rollout.max_new_tokens",),
         group="sampling",
         metavar="N",
         help="max tokens per sample (None: --data.max_len minus the prompt length, as OpenRLHF)",
     )
-    num_engines: int = setting(
+    num_engines: int = option(
         1, flags=("--vllm.num_engines",), group="sampling", metavar="N", help="vLLM engines (Ray actors)"
     )
-    tensor_parallel_size: int = setting(
+    tensor_parallel_size: int = option(
         1, flags=("--vllm.tensor_parallel_size",), group="sampling", metavar="N", help="GPUs per engine"
     )
-    enforce_eager: bool = setting(False, flags=("--vllm.enforce_eager",), group="sampling", help="no CUDA graphs")
-    enable_prefix_caching: bool = setting(
+    enforce_eager: bool = option(False, flags=("--vllm.enforce_eager",), group="sampling", help="no CUDA graphs")
+    enable_prefix_caching: bool = option(
         False,
         flags=("--vllm.enable_prefix_caching",),
         group="sampling",
         help="reuse the prompt's KV cache across its K samples",
     )
-    gpu_memory_utilization: float = setting(
+    gpu_memory_utilization: float = option(
         0.9,
         flags=("--vllm.gpu_memory_utilization",),
         group="sampling",
         metavar="FRAC",
         help="vLLM gpu_memory_utilization",
     )
-    cpu: bool = setting(
+    cpu: bool = option(
         False,
         flags=("--infalign.cpu",),
         group="sampling",
@@ -187,55 +178,55 @@ class CalibrateSettings:
     )
 
     # calibration
-    k: int = setting(32, flags=("--k",), group="calibration", help="reference samples per prompt (K; below 16 warns)")
-    out: str = setting(
+    k: int = option(32, flags=("--k",), group="calibration", help="reference samples per prompt (K; below 16 warns)")
+    out: str = option(
         flags=("--out",),
         group="calibration",
         metavar="DIR",
         help="reference store directory to write (atomically)",
     )
-    backend: str = setting(
+    backend: str = option(
         "vllm",
         flags=("--backend",),
         group="calibration",
         choices=["vllm", "hf"],
         help="vllm: OpenRLHF's Ray vLLM engines; hf: transformers",
     )
-    shard_size: int = setting(
+    shard_size: int = option(
         256, flags=("--shard-size",), group="calibration", metavar="N", help="prompts per shard (unit of resumption)"
     )
-    seed: int = setting(
+    seed: int = option(
         42,
         flags=("--seed", "--train.seed"),
         group="calibration",
         metavar="N",
         help="sampling seed (and dataset blending seed)",
     )
-    batch_size: int = setting(
+    batch_size: int = option(
         8,
         flags=("--batch-size",),
         group="calibration",
         metavar="N",
         help="hf backend: prompts per generate call (each with K samples)",
     )
-    rm_batch_size: int = setting(
+    rm_batch_size: int = option(
         64,
         flags=("--rm-batch-size",),
         group="calibration",
         metavar="N",
         help="sequences per reward model forward / per HTTP request",
     )
-    store_prompts: bool = setting(
+    store_prompts: bool = option(
         True,
         flags=("--no-prompts",),
         group="calibration",
         negated=True,
         help="do not keep prompt strings in the store (keys only)",
     )
-    progress: bool = setting(
+    progress: bool = option(
         True, flags=("--no-progress",), group="calibration", negated=True, help="no tqdm progress bar"
     )
-    overwrite: bool = setting(
+    overwrite: bool = option(
         False,
         flags=("--overwrite",),
         group="calibration",
@@ -323,42 +314,14 @@ class CalibrateSettings:
         return "reward_func" if self.reward_urls[0].endswith(".py") else "remote_url"
 
 
-def _dest(f) -> str:
-    # argparse's own rule (first long flag, dashes to underscores), so the namespace keeps OpenRLHF's dotted names.
-    return f.metadata["flags"][0].lstrip("-").replace("-", "_")
-
-
-_BY_DEST = {_dest(f): f for f in fields(CalibrateSettings)}
+_BY_DEST = {dest_of(f): f for f in fields(CalibrateSettings)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> Dict[str, argparse._ArgumentGroup]:
     """The `infalign calibrate` flags of every setting, in GROUPS; returns the groups so a command can add its own."""
-    groups = {name: parser.add_argument_group(title) for name, title in GROUPS.items()}
-    hints = typing.get_type_hints(CalibrateSettings)
-    for f in fields(CalibrateSettings):
-        m = f.metadata
-        kw = dict(dest=_dest(f), help=m["help"])
-        kind = hints[f.name]
-        if typing.get_origin(kind) is typing.Union:  # Optional[X]: the flag parses X
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        if kind is bool:
-            kw["action"] = "store_true"
-        else:
-            if kind is not str:  # strings stay argparse's untyped default
-                kw["type"] = kind
-            if f.default is MISSING:
-                kw["required"] = True
-            elif f.default is not None:
-                kw["default"] = f.default
-            kw.update({k: m[k] for k in ("metavar", "choices") if m[k] is not None})
-        groups[m["group"]].add_argument(*m["flags"], **kw)
-    return groups
+    return options.add_arguments(parser, CalibrateSettings, groups=GROUPS)
 
 
 def settings_from_args(args: argparse.Namespace) -> CalibrateSettings:
     """CalibrateSettings from the namespace ``add_arguments`` parses into (dotted dests, as OpenRLHF's flags)."""
-    values = {}
-    for f in fields(CalibrateSettings):
-        value = getattr(args, _dest(f))
-        values[f.name] = not value if f.metadata["negated"] else value
-    return CalibrateSettings(**values)
+    return options.settings_from_args(CalibrateSettings, args)

@@ -172,14 +172,14 @@ UPSTREAM_HOOKS: tuple[Hook, ...] = (
     Hook(
         f"{_ASYNC}:GenerateSamplesActor._run_eval",
         SUBCLASSED,
-        "openrlhf_infalign.adapter.trainer:InfAlignGenerateSamplesActor",
+        "openrlhf_infalign.adapter.trainer:InfAlignGenerateSamples",
         "ships eval samples to the training actor instead of metrics",
         "a5a545f4c3ff0bd2",
     ),
     Hook(
         f"{_ASYNC}:GenerateSamplesActor.fit",
         SUBCLASSED,
-        "openrlhf_infalign.adapter.trainer:InfAlignGenerateSamplesActor",
+        "openrlhf_infalign.adapter.trainer:InfAlignGenerateSamples",
         "queues the step-0 evaluation with upstream's slot-token protocol",
         "2c774b5a07a3bc46",
     ),
