@@ -115,7 +115,7 @@ class TwoNodeCluster:
 
     def connect(self):
         """``ray.init`` this process to the head. Ray resolves 127.0.0.1 in an address to the outbound address,
-        where no node listens; CPU mode's driver answers loopback (cpu.py, item 9), and so does this process."""
+        where no node listens; CPU mode's driver answers loopback (adapter/cpu, item 7), and so does this process."""
         import ray
 
         self._monkeypatch.setattr(ray._private.services, "get_node_ip_address", lambda address=None: LOOPBACK)

@@ -1,4 +1,4 @@
-"""Building the infalign.* wrappers from args (openrlhf/build.py) and the one dotted-args getter (openrlhf/args.py).
+"""Building the infalign.* wrappers from args (adapter/build.py) and the one dotted-args getter (adapter/args.py).
 
 Bare namespaces stand for OpenRLHF's hierarchized args here: the factories must also work on the source patch path
 (no console, so no ``args.infalign.explicit_dests``). The real parser is exercised in test_adapter_console.py.

@@ -259,4 +259,6 @@ def test_package_data_globs_match_real_files():
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     for package, patterns in globs.items():
         for pattern in patterns:
-            assert list((ROOT / package).glob(pattern)), f"pyproject package-data {package}: {pattern!r} matches nothing"
+            assert list(
+                (ROOT / package).glob(pattern)
+            ), f"pyproject package-data {package}: {pattern!r} matches nothing"

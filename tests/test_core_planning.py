@@ -45,7 +45,7 @@ def test_plan_json_shape():
     assert set(p["recommended"]) >= {"transform", "beta", "win_rate"}
     assert set(p["baselines"]) == {"identity", "log"}
     assert set(p["baselines"]["log"]) >= {"beta", "win_rate"}
-    assert "openrlhf_args" not in p  # OpenRLHF's flag names are the adapter's (openrlhf/plan_flags.py)
+    assert "openrlhf_args" not in p  # OpenRLHF's flag names are the adapter's (adapter/planning.py)
 
 
 def test_plan_standard_recommends_identity_which_is_optimal():

@@ -93,7 +93,7 @@ def plan(inference, kl: float, with_optimal: bool = True, grid=None, k: int | No
     """Best transform and beta for (inference procedure, KL budget): the exp:t (BoN) / negexp:t (WoN) with the
     highest inference-time win rate at that KL, beside the exact optimum and the identity / log baselines.
     With ``k``, betas and win rates are those of K reference samples per prompt (module docstring).
-    The JSON of `infalign plan --json` less the OpenRLHF flags, which the adapter adds (openrlhf/plan_flags.py)."""
+    The JSON of `infalign plan --json` less the OpenRLHF flags, which the adapter adds (adapter/planning.py)."""
     inf = InferenceProcedure.coerce(inference)
     kl = check_kl(kl)
     k = check_k(k)
