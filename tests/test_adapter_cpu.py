@@ -41,7 +41,7 @@ def test_ray_init_kwargs_loopback_fake_gpus_and_the_one_hook():
     env = hook.runtime_env({"env_vars": {"X": "1"}}, cpu_mode=True)
     assert env["worker_process_setup_hook"] == hook.SETUP_HOOK == "openrlhf_infalign.adapter.hook.worker_setup"
     assert env["env_vars"]["X"] == "1" and env["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
-    assert env["env_vars"][cpu.ENV] == "1"  # the hook applies the CPU mode in every worker
+    assert env["env_vars"][cpu.ENV] == "1" and hook.CPU_ENV == cpu.ENV  # the hook applies the CPU mode in every worker
     assert cpu.ENV not in hook.runtime_env(None, cpu_mode=False)["env_vars"]
 
 
@@ -144,3 +144,12 @@ def test_gloo_group_broadcasts_bf16_between_processes():
             proc.kill()
     assert proc.returncode == 0
     assert json.loads(out.strip().splitlines()[-1]) == sent.float().tolist()
+
+
+def test_gpu_runs_never_import_the_cpu_mode():
+    out = _run("""
+        import sys
+        import openrlhf_infalign.adapter.console, openrlhf_infalign.adapter.hook, openrlhf_infalign.adapter.planning
+        print(sorted(m for m in sys.modules if m.startswith("openrlhf_infalign.adapter.cpu")))
+        """)
+    assert out.strip() == "[]"

@@ -12,7 +12,6 @@ import runpy
 import sys
 from typing import Callable, Optional, Sequence
 
-from openrlhf_infalign.adapter import cpu
 from openrlhf_infalign.adapter.upstream.train_ppo_ray import UPSTREAM_MODULE, intercept
 
 __all__ = ["main", "run_train_ppo"]
@@ -30,8 +29,11 @@ def run_train_ppo(argv: Sequence[str], prog: str = PROG, train: Optional[Callabl
     """Run upstream's ``train_ppo_ray`` as ``__main__`` with InfAlign loaded. ``train`` replaces upstream's
     ``train(args)`` at that exact boundary (tests); by default upstream's own runs."""
     argv = list(argv)
-    if cpu.FLAG in argv:
-        # Before upstream is imported: the CPU mode installs the flash_attn stand-in and the CUDA no-ops.
+    if "--infalign.cpu" in argv:
+        # Before upstream is imported: the CPU mode installs the flash_attn stand-in and the CUDA no-ops. GPU runs
+        # never import it.
+        from openrlhf_infalign.adapter import cpu
+
         cpu.apply()
         argv = cpu.with_cpu_flags(argv)
     elif _wants_help(argv):

@@ -10,18 +10,21 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from openrlhf_infalign.adapter import cpu
-
 __all__ = ["SETUP_HOOK", "runtime_env", "worker_setup"]
 
 #: Ray 2.55 wants the dotted form "pkg.module.function" (it rejects "pkg.module:function").
 SETUP_HOOK = "openrlhf_infalign.adapter.hook.worker_setup"
+#: cpu.ENV, spelled here so that GPU workers check it without importing the CPU mode (a test keeps the two equal).
+CPU_ENV = "INFALIGN_CPU"
 
 
 def worker_setup() -> None:
     """``worker_process_setup_hook``: runs first in every Ray worker process of the job."""
-    if os.environ.get(cpu.ENV) == "1":
-        cpu.apply()  # GPU workers never get here (cpu/__init__ imports nothing heavy)
+    if os.environ.get(CPU_ENV) == "1":
+        # Only CPU runs import the CPU mode: GPU workers never load it.
+        from openrlhf_infalign.adapter import cpu
+
+        cpu.apply()
     # After the CPU mode (it must precede OpenRLHF's import): reward models and critics loaded in this worker get
     # their config's mean/std, as `infalign calibrate` scores them, on CPU and GPU alike.
     from openrlhf_infalign.adapter.upstream.reward_loader import restore_normalization_on_load
@@ -35,6 +38,8 @@ def runtime_env(base: Optional[dict], cpu_mode: bool) -> dict:
     env = dict(base or {})
     env_vars = dict(env.get("env_vars") or {})
     if cpu_mode:
+        from openrlhf_infalign.adapter import cpu
+
         env_vars = {**cpu.worker_env(), **env_vars, cpu.ENV: "1"}
     env["env_vars"] = env_vars
     hook = env.get("worker_process_setup_hook")

@@ -54,7 +54,6 @@ from openrlhf_infalign.adapter.cpu.loopback import LOOPBACK
 
 __all__ = [
     "ENV",
-    "FLAG",
     "LOOPBACK",
     "UPSTREAM_FLAGS",
     "WORKER_ENV",
@@ -65,8 +64,6 @@ __all__ = [
     "worker_env",
 ]
 
-#: The flag that switches the CPU mode on (train_ppo and calibrate alike).
-FLAG = "--infalign.cpu"
 #: Set to "1" in every Ray worker's environment of a CPU run: the worker hook then calls :func:`apply` there.
 ENV = "INFALIGN_CPU"
 
