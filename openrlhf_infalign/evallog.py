@@ -8,6 +8,8 @@ update; ``infalign report`` and the demo read it. Schema (one object per line; e
       "kl": 0.0,                       # float or null: KL(pi || pi_ref) per SEQUENCE of the EVALUATED policy
                                        #   (summed over response tokens), mean over the eval samples; null at step 0
                                        #   is read as 0, null elsewhere leaves the point off the KL plot
+      "kl_stderr": 0.01,               # float or null: its standard error given the eval prompts (pooled
+                                       #   within-prompt spread of the per-sample k1 sums)
       "kl_estimator": "k1_seq_eval",   # how "kl" was measured: "k1_seq_eval" (log pi - log pi_ref on the eval
                                        #   samples), "step0_reference" (step 0, not measured: pi = pi_ref), or null
       "kl_reason": null,               # string or null: why "kl" is null (no reference model, eval temperature

@@ -408,6 +408,21 @@ def test_eval_sequence_kl_from_log_probs():
     assert ev.eval_sequence_kl([], [], []) is None
 
 
+def test_kl_stderr_is_the_within_prompt_error_of_the_mean():
+    rng = np.random.default_rng(3)
+    prompts = [f"p{i}" for i in range(40) for _ in range(8)]
+    offsets = {p: 10.0 * rng.random() for p in set(prompts)}  # between-prompt spread must not count
+    draws = []
+    for _ in range(400):
+        values = np.array([offsets[p] + rng.normal() for p in prompts])
+        draws.append((values.mean(), ev.kl_stderr(values, prompts)))
+    means, ses = np.array(draws).T
+    # the mean's spread over repeated eval samples (same prompts) is what the stated error must describe
+    assert np.std(means) == pytest.approx(np.mean(ses), rel=0.1)
+    assert np.mean(ses) == pytest.approx(1 / np.sqrt(len(prompts)), rel=0.05)
+    assert ev.kl_stderr(np.array([1.0, 2.0]), ["a", "b"]) is None  # no prompt with two samples
+
+
 def test_evaluate_records_the_kl_of_the_evaluated_policy(parser, tmp_path, monkeypatch):
     import openrlhf.trainer.ppo_utils.experience_maker as maker_mod
 

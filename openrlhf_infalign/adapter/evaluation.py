@@ -55,6 +55,8 @@ __all__ = [
     "InfAlignEvalMixin",
     "append_record",
     "eval_sequence_kl",
+    "kl_stderr",
+    "sequence_kl_values",
     "group_rewards_by_prompt",
     "metric_logs",
     "reference_rewards",
@@ -344,13 +346,14 @@ class InfAlignEvalMixin:
         if result["missing_prompts"]:
             logger.warning(f"InfAlign eval: {result['missing_prompts']} eval prompt(s) not in the eval store, skipped")
         kl_ctl = getattr(self, "kl_ctl", None)
-        kl, kl_reason = self._infalign_eval_kl(samples_list, generate_kwargs)
+        kl, kl_stderr, kl_reason = self._infalign_eval_kl(samples_list, generate_kwargs)
         estimator = KL_EVAL_ESTIMATOR if kl is not None else None
         if kl is None and int(global_step) == 0:
             kl, estimator = 0.0, "step0_reference"  # before any update the policy is the reference
         record = {
             "step": int(global_step),
             "kl": kl,
+            "kl_stderr": kl_stderr,
             "kl_estimator": estimator,
             "kl_reason": kl_reason,
             "kl_rollout": self._infalign_kl,
@@ -384,8 +387,9 @@ class InfAlignEvalMixin:
             logs[f"{METRIC_PREFIX}kl_rollout"] = self._infalign_kl
         return logs
 
-    def _infalign_eval_kl(self, samples_list, generate_kwargs) -> tuple[float | None, str | None]:
-        """(sequence KL of the evaluated policy on its eval samples, None) or (None, why it is not measured).
+    def _infalign_eval_kl(self, samples_list, generate_kwargs) -> tuple[float | None, float | None, str | None]:
+        """(sequence KL of the evaluated policy on its eval samples, its standard error, None) or (None, None, why
+        it is not measured).
 
         The actor and reference log-probs come from upstream's ``make_experience`` calls: micro-batches of
         --rollout.micro_batch_size merged by ``Experience.concat_experiences``, ``forward`` dispatched to
@@ -395,10 +399,10 @@ class InfAlignEvalMixin:
         ref_group = getattr(self, "reference_model_group", None)
         actor_group = getattr(self, "actor_model_group", None)
         if ref_group is None or actor_group is None:
-            return None, "no reference model (--algo.kl.init_coef 0): KL(pi || pi_ref) is not measured"
+            return None, None, "no reference model (--algo.kl.init_coef 0): KL(pi || pi_ref) is not measured"
         temps = (generate_kwargs.get("temperature"), get(args, "rollout.temperature", 1.0))
         if temps[0] is not None and float(temps[0]) != float(temps[1]):
-            return None, (
+            return None, None, (
                 f"--eval.temperature {temps[0]:g} differs from --rollout.temperature {temps[1]:g}: eval samples are "
                 "not drawn from the policy whose log-probs the actor returns"
             )
@@ -420,21 +424,41 @@ class InfAlignEvalMixin:
         duplicate = int(get(args, "ds.ring_attn_size", 1)) * int(get(args, "ds.tensor_parallel_size", 1))
         log_probs = forward(maker, actor_group, sync, duplicate, len(merged), **kwargs)
         ref_log_probs = forward(maker, ref_group, sync, duplicate, len(merged), **kwargs)
-        return eval_sequence_kl(log_probs, ref_log_probs, [m.action_mask for m in merged]), None
+        values = sequence_kl_values(log_probs, ref_log_probs, [m.action_mask for m in merged])
+        prompts = [p for m in merged for p in m.prompts]
+        return (float(values.mean()) if values.size else None), kl_stderr(values, prompts), None
 
 
-def eval_sequence_kl(log_probs, ref_log_probs, action_masks) -> float | None:
-    """k1 sequence KL: per sample, sum over response tokens of log pi - log pi_ref; mean over samples.
+def sequence_kl_values(log_probs, ref_log_probs, action_masks) -> np.ndarray:
+    """k1 sequence KL of each sample: sum over its response tokens of log pi - log pi_ref.
 
     Each argument: per micro-batch a (B, A) tensor (action log-probs of policy / reference, the action mask).
     """
-    total, count = 0.0, 0
+    out = []
     for lp, ref, mask in zip(log_probs, ref_log_probs, action_masks):
         mask = torch.as_tensor(mask).float()
         diff = torch.as_tensor(lp).float() - torch.as_tensor(ref).float()
-        total += float((diff * mask).sum())
-        count += mask.shape[0]
-    return total / count if count else None
+        out.append((diff * mask).sum(-1).double().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def eval_sequence_kl(log_probs, ref_log_probs, action_masks) -> float | None:
+    """k1 sequence KL: per sample, sum over response tokens of log pi - log pi_ref; mean over samples."""
+    values = sequence_kl_values(log_probs, ref_log_probs, action_masks)
+    return float(values.mean()) if values.size else None
+
+
+def kl_stderr(values: np.ndarray, prompts: Sequence[str]) -> float | None:
+    """Standard error of the mean k1 KL given the eval prompts: sqrt(sum_p n_p s_p^2) / n, with s_p^2 the sample
+    variance among prompt p's eval samples (the error of the estimate of the KL on THESE prompts; None when no
+    prompt has two samples)."""
+    groups: dict = {}
+    for v, p in zip(np.asarray(values, dtype=float).tolist(), prompts):
+        groups.setdefault(p, []).append(v)
+    spread = [(len(g), np.var(g, ddof=1)) for g in groups.values() if len(g) > 1]
+    if not spread or len(values) != len(prompts):
+        return None
+    return float(math.sqrt(sum(n * var for n, var in spread)) / sum(n for n, _ in spread))
 
 
 def sequence_kl(experiences) -> float | None:
