@@ -46,8 +46,10 @@ import os
 from pathlib import Path
 
 EVAL_LOG = "infalign_eval.jsonl"
+#: The exact evaluation of a run's checkpoints (studies/exact.py), same schema, beside EVAL_LOG.
+EXACT_LOG = "infalign_eval_exact.jsonl"
 
-__all__ = ["EVAL_LOG", "append_record", "load_eval_log", "eval_log_path"]
+__all__ = ["EVAL_LOG", "EXACT_LOG", "append_record", "load_eval_log", "eval_log_path"]
 
 
 def eval_log_path(run_dir) -> Path:

@@ -64,7 +64,21 @@ def test_train_command_runs_upstream_trainer_in_cpu_mode_with_matching_sampling(
     assert value("--data.input_template") == pipeline.INPUT_TEMPLATE
     steps = args.train_prompts // args.rollout_batch * args.episodes
     assert steps % int(value("--eval.steps")) == 0  # an evaluation lands on the last step
-    assert int(value("--train.batch_size")) == args.rollout_batch * args.n_samples_per_prompt
+    assert int(value("--train.batch_size")) == args.train_batch
+    # the word-pair task keeps the actor of every evaluation for the exact evaluation, and nothing else
+    assert args.task == "pairs" and args.max_new_tokens == 2
+    assert value("--ckpt.save_steps") == value("--eval.steps") and "--ckpt.save_hf" in cmd
+    assert "--ckpt.disable_ds" in cmd and int(value("--ckpt.max_num")) >= steps
+
+
+def test_words_task_keeps_its_own_defaults_and_saves_no_checkpoints(tmp_path):
+    args = pipeline.parse(["--out", str(tmp_path), "--task", "words", "--train-batch", "0"])
+    assert args.max_new_tokens == 16 and args.eval_prompts == 128
+    cmd = pipeline.train_command(Path(tmp_path), args, {"openrlhf_args": _plan_args()})
+    assert "--ckpt.save_hf" not in cmd
+    assert cmd[cmd.index("--train.batch_size") + 1] == str(args.rollout_batch * args.n_samples_per_prompt)
+    with pytest.raises(SystemExit):
+        pipeline.parse(["--out", str(tmp_path), "--reward", "rm"])  # the pairs task has no reward model
 
 
 def test_summary_takes_first_and_final_best_of_n_from_the_eval_log(tmp_path):

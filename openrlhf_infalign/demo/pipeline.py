@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from openrlhf_infalign import options
-from openrlhf_infalign.demo import tiny
-from openrlhf_infalign.evallog import eval_log_path, load_eval_log
+from openrlhf_infalign.demo import pairs, tiny
+from openrlhf_infalign.evallog import EXACT_LOG, eval_log_path, load_eval_log
 from openrlhf_infalign.files import atomic_open, write_text
 from openrlhf_infalign.options import option
 from openrlhf_infalign.runs import trainer_log
@@ -36,6 +36,9 @@ from openrlhf_infalign.runs.supervise import PhaseError, run_phase
 __all__ = ["DemoSettings", "main", "parse", "train_command"]
 
 INPUT_TEMPLATE = tiny.INPUT_TEMPLATE  # the fit, the reference stores and the rollouts must template alike
+assert pairs.INPUT_TEMPLATE == INPUT_TEMPLATE
+#: Per task: response cap and eval prompts (the word-pair task has 256 prompts: 192 train, 64 held out).
+TASK_DEFAULTS = {"pairs": {"max_new_tokens": 2, "eval_prompts": 64}, "words": {"max_new_tokens": 16, "eval_prompts": 128}}
 
 
 def say(msg: str) -> None:
@@ -50,18 +53,27 @@ class DemoSettings:
     """The demo's setting: every phase reads it (the study builds one per run from its own, studies/study.py)."""
 
     out: str = option("demo_out", flags=("--out",), help="output directory (models, prompts, stores, run, report)")
+    task: str = option(
+        "pairs",
+        flags=("--task",),
+        choices=["pairs", "words"],
+        help="pairs: two-word answers, exact evaluation (demo/pairs.py); words: 16-token sentences (demo/tiny.py)",
+    )
     train_prompts: int = option(
         192, flags=("--train-prompts",), help="training prompts (steps = this / --rollout-batch)"
     )
-    eval_prompts: int = option(
-        128, flags=("--eval-prompts",), help="evaluation prompts (held out: disjoint from training)"
+    eval_prompts: Optional[int] = option(
+        None,
+        flags=("--eval-prompts",),
+        help="evaluation prompts, held out (disjoint from training)",
+        doc_default="64 (pairs), 128 (words)",
     )
     k: int = option(16, flags=("--k",), help="reference samples per prompt (infalign calibrate --k)")
     inference: str = option("bon:4", flags=("--inference",), help="inference procedure trained for (bon:N / won:N)")
     kl_budget: float = option(
-        2.0,
+        0.1,
         flags=("--kl-budget",),
-        help="KL budget (nats) the transform and beta are planned for (0.5 is too tight for a few noisy PPO steps)",
+        help="KL budget (nats) the transform and beta are planned for: what the run reaches in its steps",
     )
     rollout_batch: int = option(32, flags=("--rollout-batch",), help="prompts per PPO step (--rollout.batch_size)")
     n_samples_per_prompt: int = option(
@@ -69,15 +81,29 @@ class DemoSettings:
         flags=("--rollout.n_samples_per_prompt",),
         help="samples per prompt; with --rollout-batch: less noise per step",
     )
+    train_batch: Optional[int] = option(
+        64,
+        flags=("--train-batch",),
+        help="samples per optimizer update (--train.batch_size; none: one update per step): more updates per "
+        "rollout, each with the optimiser noise of its own batch size",
+    )
     eval_samples: int = option(
         16, flags=("--eval-samples",), help="eval samples per prompt (--eval.n_samples_per_prompt)"
     )
     eval_n: str = option("1,2,4,8", flags=("--eval-n",), help="N values of the Best-of-N / Worst-of-N win rates")
-    max_new_tokens: int = option(
-        16, flags=("--max-new-tokens",), help="response length cap (rollouts, eval, calibrate)"
+    max_new_tokens: Optional[int] = option(
+        None,
+        flags=("--max-new-tokens",),
+        help="response length cap (rollouts, eval, calibrate)",
+        doc_default="2 (pairs), 16 (words)",
     )
     lr: float = option(5e-4, flags=("--lr",), help="actor learning rate")
-    episodes: int = option(8, flags=("--episodes",), help="passes over the training prompts (--train.num_episodes)")
+    lr_scheduler: str = option(
+        "constant_with_warmup",
+        flags=("--lr-scheduler",),
+        help="--actor.lr_scheduler (upstream's default cosine_with_min_lr decays to 0.1x within a short run)",
+    )
+    episodes: int = option(12, flags=("--episodes",), help="passes over the training prompts (--train.num_episodes)")
     estimator: str = option(
         "reinforce_baseline",
         flags=("--algo.advantage.estimator",),
@@ -85,7 +111,7 @@ class DemoSettings:
     )
     fit_steps: int = option(300, flags=("--fit-steps",), help="SFT steps of the base policy")
     reward: str = option(
-        "func", flags=("--reward",), choices=["func", "rm"], help="reward: rule reward_func .py or tiny RM"
+        "func", flags=("--reward",), choices=["func", "rm"], help="reward: rule reward_func .py or tiny RM (words)"
     )
     calibrate_backend: str = option(
         "vllm",
@@ -95,6 +121,12 @@ class DemoSettings:
     )
     eval_every: Optional[int] = option(
         None, flags=("--eval-every",), help="--eval.steps (default: a sixth of the steps)"
+    )
+    exact: bool = option(
+        True,
+        flags=("--no-exact",),
+        negated=True,
+        help="pairs: save the actor at every evaluation and evaluate it exactly (studies/exact.py) after training",
     )
     seed: int = option(0, flags=("--seed",), help="seed of models, prompts and sampling")
     report: bool = option(True, flags=("--no-report",), negated=True, help="skip the infalign report phase")
@@ -110,7 +142,22 @@ def parse(
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     options.add_arguments(p, cls)
-    return options.settings_from_args(cls, p.parse_args(argv))
+    settings = options.settings_from_args(cls, p.parse_args(argv))
+    if settings.task == "pairs" and settings.reward == "rm":
+        p.error("--reward rm: the word-pair task has only its rule reward (--task words has a tiny reward model)")
+    return with_task_defaults(settings)
+
+
+def with_task_defaults(settings):
+    """The settings with the task's defaults filled in where a field was left unset (None)."""
+    from dataclasses import replace
+
+    fill = {k: v for k, v in TASK_DEFAULTS[settings.task].items() if getattr(settings, k) is None}
+    return replace(settings, **fill)
+
+
+def exact_evaluation(args) -> bool:
+    return bool(args.exact) and args.task == "pairs"
 
 
 def _py(*args: str) -> List[str]:
@@ -125,6 +172,24 @@ def _write_prompts(path: Path, prompts: Sequence[str]) -> None:
 
 def _build_and_fit(out: Path, args) -> dict:
     """The tiny models and the fitted base policy, in a child process (keeps torch out of the driver, measures it)."""
+    if args.task == "pairs":
+        code = (
+            "import json, sys\n"
+            "from openrlhf_infalign.demo import pairs\n"
+            "out, seed, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
+            "pairs.build_policy(out + '/policy_init', seed=seed)\n"
+            "pairs.write_reward_func(out + '/reward_func.py')\n"
+            "fitted = pairs.fit_policy(out + '/policy_init', out + '/policy', pairs.make_prompts(256, seed=seed + 1000),"
+            " steps=steps, seed=seed)\n"
+            "print('FIT ' + json.dumps(fitted))\n"
+        )
+        return run_phase(
+            "build_fit",
+            _py("-c", code, str(out), str(args.seed), str(args.fit_steps)),
+            out / "logs",
+            echo=re.compile(r"^FIT "),
+            env={"OMP_NUM_THREADS": "1"},
+        )
     code = (
         "import json, sys\n"
         "from openrlhf_infalign.demo import tiny, fit\n"
@@ -143,6 +208,15 @@ def _build_and_fit(out: Path, args) -> dict:
         echo=re.compile(r"^FIT "),
         env={"OMP_NUM_THREADS": "1"},
     )
+
+
+def write_prompts(out: Path, args) -> None:
+    """The task's train and held-out eval prompts (disjoint), ``<out>/prompts/{train,eval}.jsonl``."""
+    task = pairs if args.task == "pairs" else tiny
+    prompts = task.make_prompts(args.train_prompts + args.eval_prompts, seed=args.seed + 1)
+    (out / "prompts").mkdir(parents=True, exist_ok=True)
+    _write_prompts(out / "prompts" / "train.jsonl", prompts[: args.train_prompts])
+    _write_prompts(out / "prompts" / "eval.jsonl", prompts[args.train_prompts :])
 
 
 def _reward_flags(out: Path, args) -> List[str]:
@@ -241,6 +315,10 @@ def train_command(out: Path, args, plan: dict) -> List[str]:
     steps = max(1, args.train_prompts // args.rollout_batch) * args.episodes
     samples_per_step = args.rollout_batch * args.n_samples_per_prompt
     micro = min(16, samples_per_step)
+    eval_every = args.eval_every or max(1, steps // 6)
+    # exact evaluation reads the actor as it was evaluated: an HF copy at every evaluation (upstream saves before
+    # it evaluates, with no update between), no DeepSpeed states, none deleted
+    checkpoints = ["--ckpt.save_steps", str(eval_every), "--ckpt.save_hf", "--ckpt.disable_ds", "--ckpt.max_num", "100000"]
     return _py(
         "-m",
         "openrlhf_infalign.train_ppo",
@@ -273,7 +351,7 @@ def train_command(out: Path, args, plan: dict) -> List[str]:
         "--eval.temperature",
         "1.0",
         "--eval.steps",
-        str(args.eval_every or max(1, steps // 6)),
+        str(eval_every),
         # rollouts and PPO
         "--vllm.num_engines",
         "1",
@@ -294,7 +372,7 @@ def train_command(out: Path, args, plan: dict) -> List[str]:
         "--rollout.micro_batch_size",
         str(micro),
         "--train.batch_size",
-        str(samples_per_step),
+        str(args.train_batch or samples_per_step),
         "--train.micro_batch_size",
         str(micro),
         "--rollout.max_new_tokens",
@@ -303,6 +381,8 @@ def train_command(out: Path, args, plan: dict) -> List[str]:
         "1.0",
         "--actor.adam.lr",
         str(args.lr),
+        "--actor.lr_scheduler",
+        args.lr_scheduler,
         # vLLM returns its sampling log-probs, so every step logs vllm_kl (rollout engine vs DeepSpeed actor): ~0
         # only if the weight sync really reloads the engine. With synced weights the IS ratio is ~1 and the
         # token mask it adds never fires.
@@ -318,6 +398,30 @@ def train_command(out: Path, args, plan: dict) -> List[str]:
         str(out / "run" / "checkpoints"),
         "--ckpt.best_metric_key",
         "none",
+        *(checkpoints if exact_evaluation(args) else []),
+    )
+
+
+def exact_command(out: Path, args, runs: Sequence[Path]) -> List[str]:
+    """``studies/exact.py`` over run directories of this setting: the base law and rewards cached in ``<out>``."""
+    return _py(
+        "-m",
+        "openrlhf_infalign.studies.exact",
+        *[str(r) for r in runs],
+        "--base",
+        str(out / "policy"),
+        "--reward-func",
+        str(out / "reward_func.py"),
+        "--prompts",
+        str(out / "prompts" / "eval.jsonl"),
+        "--template",
+        INPUT_TEMPLATE,
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--store",
+        str(out / "stores" / "eval"),
+        "--cache",
+        str(out / "exact_cache.npz"),
     )
 
 
@@ -371,9 +475,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         record("build_fit", _build_and_fit(out, args))
 
         t = time.time()
-        prompts = tiny.make_prompts(args.train_prompts + args.eval_prompts, seed=args.seed + 1)
-        _write_prompts(out / "prompts" / "train.jsonl", prompts[: args.train_prompts])
-        _write_prompts(out / "prompts" / "eval.jsonl", prompts[args.train_prompts :])
+        write_prompts(out, args)
         record("prompts", {"seconds": round(time.time() - t, 2)})
 
         record("calibrate_train", _calibrate(out, args, "train", seed=args.seed + 11))
@@ -382,6 +484,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t = time.time()
         plan = _plan(out, args)
         record("plan", {"seconds": round(time.time() - t, 2)})
+        summary["plan"] = {"kl": plan["kl"], "k": plan["k"], **plan["recommended"]}
         say(f"plan: {' '.join(plan['openrlhf_args'])}")
 
         cmd = train_command(out, args, plan)
@@ -402,10 +505,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary["evaluations"] = load_eval_log(eval_log) if eval_log.is_file() else []
         except ValueError as e:
             raise PhaseError(f"the run's evaluation log is unreadable: {e}") from e
+        evaluated = out / "run"
+        if exact_evaluation(args):
+            record("exact", run_phase("exact", exact_command(out, args, [out / "run"]), out / "logs"))
+            evaluated = out / "run" / EXACT_LOG
+            summary["exact_evaluations"] = load_eval_log(evaluated)
         if args.report:
             rep = run_phase(
                 "report",
-                _py("-m", "openrlhf_infalign", "report", str(out / "run"), "--out", str(out / "report")),
+                _py("-m", "openrlhf_infalign", "report", str(evaluated), "--out", str(out / "report")),
                 out / "logs",
             )
             record("report", rep)
@@ -438,8 +546,28 @@ def _write_summary(out: Path, summary: dict, t_start: float) -> None:
             "first": {"step": first["step"], **(_bon(first, n) or {})},
             "final": {"step": last["step"], "kl": last.get("kl"), **(_bon(last, n) or {})},
         }
+    exact, plan = summary.get("exact_evaluations") or [], summary.get("plan")
+    if exact and plan:
+        # where the run ended, exactly, against where the plan said it would (the demo's promise, docs/demo.md)
+        last = exact[-1]
+        metric = _metric(last, str(summary["args"].get("inference", "")))
+        summary["end_vs_plan"] = {
+            "step": last["step"],
+            "kl": last["kl"],
+            "planned_kl": plan["kl"],
+            "kl_ratio": last["kl"] / plan["kl"] if plan["kl"] else None,
+            "win_rate": metric,
+            "planned_win_rate": plan["win_rate"],
+            "win_rate_gap": None if metric is None else metric - plan["win_rate"],
+        }
     path = out / "demo_summary.json"
     write_text(path, json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def _metric(record: dict, inference: str) -> Optional[float]:
+    kind, _, n = inference.partition(":")
+    stat = record.get("standard") if kind == "standard" else (record.get(kind) or {}).get(n)
+    return None if stat is None else stat["win_rate"]
 
 
 def _bon_n(summary: dict) -> Optional[int]:
@@ -486,6 +614,12 @@ def _print_summary(summary: dict, args) -> None:
             f"  BoN_{bon['n']} win rate vs base policy: step {f['step']} {f.get('win_rate', float('nan')):.3f} "
             f"± {f.get('stderr', float('nan')):.3f}  ->  step {l['step']} {l.get('win_rate', float('nan')):.3f} "
             f"± {l.get('stderr', float('nan')):.3f}"
+        )
+    end = summary.get("end_vs_plan")
+    if end:
+        say(
+            f"  exact end point (step {end['step']}): KL {end['kl']:.3f} nats (plan {end['planned_kl']:g}), "
+            f"{args.inference} win rate {end['win_rate']:.3f} (plan {end['planned_win_rate']:.3f})"
         )
     say(f"summary: {summary['out']}/demo_summary.json")
 
