@@ -126,3 +126,28 @@ def test_run_evaluation_writes_the_log_and_checks_the_hook(tmp_path):
     hook = records[1]["hook"]
     assert hook["z"]["bon_4"] == pytest.approx((0.55 - records[1]["bon"]["4"]["win_rate"]) / 0.02)
     assert hook["z_kl"] == pytest.approx((0.1 - hook["kl_target"]) / 0.05)
+
+
+def test_tilt_profile_recovers_a_tilt_by_quantile():
+    rng = np.random.default_rng(4)
+    rewards = rng.normal(size=(3, 400)).astype(np.float32).astype(np.float64)
+    base = np.log(rng.dirichlet(np.ones(400), size=3))
+    # policy tilted by f(u) = 2 u^2 of each response's base quantile
+    u = np.empty_like(rewards)
+    for p in range(3):
+        order = np.argsort(rewards[p])
+        cum = np.cumsum(np.exp(base[p])[order])
+        u[p, order] = cum - 0.5 * np.exp(base[p])[order]
+    logp = base + 2 * u**2
+    logp -= np.logaddexp.reduce(logp, axis=1, keepdims=True)
+    prof = exact.tilt_profile(logp, base, rewards, bins=8)
+    centres = (np.arange(8) + 0.5) / 8
+    assert np.allclose(prof - prof.mean(), 2 * centres**2 - np.mean(2 * centres**2), atol=0.03)
+
+
+def test_theory_tilt_shapes():
+    ident = np.array(exact.theory_tilt("identity", 0.15))
+    assert np.allclose(np.diff(ident), np.diff(ident)[0], rtol=1e-3)  # a straight line: g = exp(u / beta) / Z
+    top = np.array(exact.theory_tilt("exp:t=12.63", 0.15))
+    assert np.diff(top)[-1] > 5 * np.diff(ident)[-1] and abs(np.diff(top)[0]) < 0.01  # all of it at the top
+    assert exact.theory_tilt(None, 0.15) is None

@@ -12,7 +12,7 @@ PLANS = {
         "kl": 1.0,
         "recommended": {"transform": "exp:t=17.32", "kl_coef": 0.2443},
         "optimal": {"kl_coef": 0.2405},
-        "baselines": {"identity": {"kl_coef": 0.1226}},
+        "baselines": {"identity": {"kl_coef": 0.1226}, "log": {"kl_coef": 0.0212}},
         "openrlhf_args": [
             "--reward_wrapper",
             "infalign.ctrl",
@@ -63,6 +63,8 @@ def test_arm_flags():
     assert flag(opt, "--infalign.transform") == "optimal" and flag(opt, "--infalign.inference") == "bon:4"
     assert float(flag(opt, "--algo.kl.init_coef")) == pytest.approx(0.2405)
     assert study.arm_flags("ctrl_negexp_won4", PLANS, 2.0) == PLANS["won:4"]["openrlhf_args"]
+    log = study.arm_flags("log_bon4", PLANS, 2.0)
+    assert flag(log, "--infalign.transform") == "log" and float(flag(log, "--algo.kl.init_coef")) == 0.0212
     noise = study.arm_flags("noise", PLANS, 2.0)
     assert "--reward_wrapper" not in noise and "--infalign.allow_mismatch" in noise
     assert float(flag(noise, "--algo.kl.init_coef")) == pytest.approx(0.1226)  # identity's: no spread to scale by
@@ -97,7 +99,10 @@ def test_run_command_same_setting_per_arm(tmp_path):
             assert flag(cmd, shared) == flag(cmds["raw"], shared), (arm, shared)
     assert "--infalign.store" not in cmds["raw"] and "--reward_wrapper" not in cmds["raw"]
     assert flag(cmds["identity"], "--infalign.store") == str(tmp_path / "stores" / "train")
-    assert flag(cmds["raw"], "--eval.steps") == "3"
+    assert flag(cmds["raw"], "--eval.steps") == "2"
+    # the word-pair task, its two-token answers, and the actor saved at every evaluation for the exact evaluation
+    assert flag(cmds["raw"], "--rollout.max_new_tokens") == "2" and "--ckpt.save_hf" in cmds["raw"]
+    assert flag(cmds["raw"], "--ckpt.save_steps") == flag(cmds["raw"], "--eval.steps")
     # 32 prompts x 8 samples a step in updates of 64: four optimizer updates per PPO step, at a constant rate
     assert flag(cmds["raw"], "--train.batch_size") == "64" and cmds["raw"].count("--train.batch_size") == 1
     assert flag(cmds["raw"], "--actor.lr_scheduler") == "constant_with_warmup"
@@ -129,10 +134,30 @@ def test_run_finished(tmp_path):
 
 def test_report_command_labels_each_run(tmp_path):
     runs = [("raw", tmp_path / "a"), ("identity", tmp_path / "b"), ("identity", tmp_path / "c")]
-    cmd = study.report_command(tmp_path, runs)
-    assert cmd[cmd.index("report") + 1 : cmd.index("report") + 4] == [str(r) for _, r in runs]
+    cmd = study.report_command(tmp_path, runs, noise=[tmp_path / "n0", tmp_path / "n1"])
+    # the exact logs are compared, the noise control's exact logs give the floor
+    logs = [str(r / "infalign_eval_exact.jsonl") for _, r in runs]
+    assert cmd[cmd.index("report") + 1 : cmd.index("report") + 4] == logs
     assert [cmd[i + 1] for i, c in enumerate(cmd) if c == "--label"] == ["raw", "identity", "identity"]
+    assert [cmd[i + 1] for i, c in enumerate(cmd) if c == "--noise"] == [
+        str(tmp_path / n / "infalign_eval_exact.jsonl") for n in ("n0", "n1")
+    ]
     assert flag(cmd, "--baseline") == "identity" and flag(cmd, "--out") == str(tmp_path / "compare")
+
+
+def test_hook_check_summarises_z_over_runs(tmp_path):
+    stat = {"win_rate": 0.5, "stderr": 0.0}
+    for i, run in enumerate(("a", "b")):
+        for step, z in ((0, 9.0), (2, 1.0 + i), (4, -1.0 - 3 * i)):  # step 0 (the base policy) is left out
+            hook = {"z": {"bon_4": z}, "z_given_store": {"bon_4": z / 2}, "z_kl": 0.5}
+            record = {"step": step, "kl": 0.0, "standard": stat, "bon": {"4": stat}, "won": {"4": stat}, "hook": hook}
+            append_record(tmp_path / run / "infalign_eval_exact.jsonl", record)
+    got = study.hook_check([tmp_path / "a", tmp_path / "b", tmp_path / "missing"])
+    z = got["z"]["bon_4"]
+    assert z["n"] == 4 and z["mean"] == pytest.approx(-0.5) and z["max_abs"] == 4.0 and z["beyond_3"] == 1
+    assert z["sd"] == pytest.approx(np.std([1.0, -1.0, 2.0, -4.0], ddof=1))
+    assert got["z_given_store"]["bon_4"]["max_abs"] == 2.0 and got["z"]["kl"]["n"] == 4
+    assert study.hook_check([tmp_path / "missing"]) is None
 
 
 def test_raw_coef_scale(tmp_path):
@@ -146,6 +171,6 @@ def test_raw_coef_scale(tmp_path):
 
 def test_last_eval_step():
     args = study.parse([])
-    assert study.run_steps(args) == 18 and study.last_eval_step(args) == 18
-    args = study.parse(["--max-steps", "2"])
-    assert study.last_eval_step(args) == 0  # upstream evaluates every --eval.steps, not at the end
+    assert study.run_steps(args) == 66 and study.last_eval_step(args) == 66
+    args = study.parse(["--max-steps", "3"])
+    assert study.last_eval_step(args) == 2  # upstream evaluates every --eval.steps, not at the end

@@ -11,7 +11,7 @@ taste: for a prompt with topic words (adj, noun) and an answer (w1, w2),
 
     r = s(adj) s(noun) [ g1(w1) + a(adj, w1) + g2(w2) + b(noun, w2) + c(w1, w2) ] + o(adj) + o(noun)
 
-with g1, g2 ~ N(0, 1) shared by every prompt (what the policy can learn quickly), a, b ~ N(0, 1/4) the topic's own
+with g1, g2 ~ N(0, 1) shared by every prompt (what the policy can learn quickly), a, b ~ N(0, 1/16) the topic's own
 taste (what generalises to held-out prompts only through the topic words), c ~ N(0, 1/4) how well the two words go
 together, and a per-topic scale s = exp(N(0, 1/4)) and offset o ~ N(0, 1): a reward model that reacts more strongly on
 some topics than on others, which the raw reward's RL follows and calibration removes. A word outside its slot (a
@@ -83,8 +83,8 @@ def reward_tables(seed: int = 7) -> dict:
         "g1": rng.normal(size=nq),
         "g2": rng.normal(size=nt),
         "c": 0.5 * rng.normal(size=(nq, nt)),
-        "a": 0.5 * rng.normal(size=(na, nq)),
-        "b": 0.5 * rng.normal(size=(nn, nt)),
+        "a": 0.25 * rng.normal(size=(na, nq)),
+        "b": 0.25 * rng.normal(size=(nn, nt)),
         "s_adj": np.exp(0.5 * rng.normal(size=na)),
         "s_noun": np.exp(0.5 * rng.normal(size=nn)),
         "o_adj": rng.normal(size=na),

@@ -375,6 +375,44 @@ def evaluate_runs(task: Task, runs: Sequence[Path], progress: bool = True) -> Di
     return result
 
 
+def theory_tilt(transform: str, kl_value: float, inference: str = "bon:4", bins: int = 16) -> Optional[List[float]]:
+    """The theory's optimum for ``transform`` at KL ``kl_value`` as the same profile: bin means of log g(u)."""
+    from openrlhf_infalign.core import theory
+
+    if not transform or kl_value <= 0:
+        return None
+    if transform == "optimal":  # the exact optimum of the inference procedure at this KL
+        transform = theory.optimal_transform_for_kl(inference, kl_value)[0]
+    u, g = theory.optimum_density(transform, theory.beta_for_kl(transform, kl_value))
+    b = np.minimum((u * bins).astype(int), bins - 1)
+    logg = np.log(np.maximum(g, 1e-300))
+    return (np.bincount(b, weights=logg, minlength=bins) / np.bincount(b, minlength=bins)).tolist()
+
+
+def tilt_at_kl(task: Task, runs: Sequence[Path], target: float, bins: int = 16) -> Dict[str, dict]:
+    """Per run: its tilt profile at the checkpoint whose exact KL is nearest ``target``, beside the theory's."""
+    result = {}
+    for run in runs:
+        run = Path(run)
+        records = [r for r in load_eval_log(run / EXACT_LOG) if r["step"] > 0]
+        ckpts = dict(_checkpoints(run))
+        records = [r for r in records if r["step"] in ckpts]
+        if not records:
+            continue
+        r = min(records, key=lambda r: abs(r["kl"] - target))
+        task.policy.load(ckpts[r["step"]])
+        logp, _ = task.policy.logprobs()
+        profile = tilt_profile(logp, task.ref_sampling, task.rewards, bins)
+        result[str(run)] = {
+            "step": r["step"],
+            "kl": r["kl"],
+            "transform": r.get("transform"),
+            "profile": [None if not np.isfinite(x) else float(x) for x in profile],
+            "theory": theory_tilt(r.get("transform"), r["kl"], r.get("inference") or "bon:4", bins),
+        }
+    return result
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m openrlhf_infalign.studies.exact", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (--ckpt.output_dir, checkpoints inside)")
@@ -386,12 +424,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=2, help="--rollout.max_new_tokens")
     p.add_argument("--store", default=None, help="the eval store: the hook's error split into store and sampling")
     p.add_argument("--cache", default=None, help="file caching the base law and rewards across invocations")
+    p.add_argument("--tilt-kl", type=float, default=None, help="instead: each run's tilt profile at this KL (JSON)")
+    p.add_argument("--tilt-out", default=None, help="with --tilt-kl: the JSON file to write")
     a = p.parse_args(argv)
     prompts = [json.loads(line)[a.input_key] for line in Path(a.prompts).read_text().splitlines() if line.strip()]
     task = Task(Path(a.base), Path(a.reward_func), prompts, a.template, a.max_new_tokens, a.store,
                 Path(a.cache) if a.cache else None)
+    if a.tilt_kl is not None:
+        result = tilt_at_kl(task, [Path(r) for r in a.runs], a.tilt_kl)
+        with atomic_open(Path(a.tilt_out)) as f:
+            json.dump({"target_kl": a.tilt_kl, "runs": result}, f, indent=2)
+        return 0
     evaluate_runs(task, [Path(r) for r in a.runs])
     return 0
+
+
+
+def tilt_profile(logp: np.ndarray, ref_logp: np.ndarray, rewards: np.ndarray, bins: int = 16) -> np.ndarray:
+    """How the policy reweights the base by calibrated reward: per bin of the base quantile u, the base-weighted mean
+    of log pi(y) / pi_ref(y) over responses in that bin, averaged over prompts ([bins]; NaN where a bin is empty).
+
+    The theory's optimum is a tilt by Phi(u) / beta, a function of u alone; this is the run's own tilt on that axis.
+    """
+    out = np.zeros(bins)
+    weight = np.zeros(bins)
+    for p in range(logp.shape[0]):
+        q = np.exp(ref_logp[p])
+        values, inverse = np.unique(rewards[p], return_inverse=True)
+        mass = np.bincount(inverse, weights=q, minlength=values.size)
+        below = np.concatenate([[0.0], np.cumsum(mass)])[:-1]
+        u = (below + 0.5 * mass)[inverse] / mass.sum()  # mid-rank base quantile of each response
+        b = np.minimum((u * bins).astype(int), bins - 1)
+        out += np.bincount(b, weights=q * (logp[p] - ref_logp[p]), minlength=bins)
+        weight += np.bincount(b, weights=q, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return out / weight
 
 
 if __name__ == "__main__":

