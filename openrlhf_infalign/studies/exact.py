@@ -384,9 +384,10 @@ def theory_tilt(transform: str, kl_value: float, inference: str = "bon:4", bins:
     if transform == "optimal":  # the exact optimum of the inference procedure at this KL
         transform = theory.optimal_transform_for_kl(inference, kl_value)[0]
     u, g = theory.optimum_density(transform, theory.beta_for_kl(transform, kl_value))
-    b = np.minimum((u * bins).astype(int), bins - 1)
-    logg = np.log(np.maximum(g, 1e-300))
-    return (np.bincount(b, weights=logg, minlength=bins) / np.bincount(b, minlength=bins)).tolist()
+    # the theory's grid is clustered at the ends: bin means over evenly spaced points
+    even = (np.arange(bins * 64) + 0.5) / (bins * 64)
+    logg = np.interp(even, u, np.log(np.maximum(g, 1e-300)))
+    return logg.reshape(bins, 64).mean(axis=1).tolist()
 
 
 def tilt_at_kl(task: Task, runs: Sequence[Path], target: float, bins: int = 16) -> Dict[str, dict]:
