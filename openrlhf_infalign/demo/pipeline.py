@@ -68,7 +68,7 @@ class DemoSettings:
         help="evaluation prompts, held out (disjoint from training)",
         doc_default="64 (pairs), 128 (words)",
     )
-    k: int = option(16, flags=("--k",), help="reference samples per prompt (infalign calibrate --k)")
+    k: int = option(32, flags=("--k",), help="reference samples per prompt (infalign calibrate --k)")
     inference: str = option("bon:4", flags=("--inference",), help="inference procedure trained for (bon:N / won:N)")
     kl_budget: float = option(
         0.1,
@@ -103,7 +103,7 @@ class DemoSettings:
         flags=("--lr-scheduler",),
         help="--actor.lr_scheduler (upstream's default cosine_with_min_lr decays to 0.1x within a short run)",
     )
-    episodes: int = option(12, flags=("--episodes",), help="passes over the training prompts (--train.num_episodes)")
+    episodes: int = option(24, flags=("--episodes",), help="passes over the training prompts (--train.num_episodes)")
     estimator: str = option(
         "reinforce_baseline",
         flags=("--algo.advantage.estimator",),
@@ -120,7 +120,7 @@ class DemoSettings:
         help="infalign calibrate --backend (vllm: the very sampler the rollouts use; hf: transformers, faster start)",
     )
     eval_every: Optional[int] = option(
-        None, flags=("--eval-every",), help="--eval.steps (default: a sixth of the steps)"
+        None, flags=("--eval-every",), help="--eval.steps (default: a twelfth of the steps)"
     )
     exact: bool = option(
         True,
@@ -315,7 +315,7 @@ def train_command(out: Path, args, plan: dict) -> List[str]:
     steps = max(1, args.train_prompts // args.rollout_batch) * args.episodes
     samples_per_step = args.rollout_batch * args.n_samples_per_prompt
     micro = min(16, samples_per_step)
-    eval_every = args.eval_every or max(1, steps // 6)
+    eval_every = args.eval_every or max(1, steps // 12)
     # exact evaluation reads the actor as it was evaluated: an HF copy at every evaluation (upstream saves before
     # it evaluates, with no update between), no DeepSpeed states, none deleted
     checkpoints = ["--ckpt.save_steps", str(eval_every), "--ckpt.save_hf", "--ckpt.disable_ds", "--ckpt.max_num", "100000"]
