@@ -199,7 +199,10 @@ def pair_task(prompts_dir: Optional[str] = None, train_prompts: int = 192, eval_
     """The study's train and eval prompts: read from ``<prompts_dir>/{train,eval}.jsonl`` (``--prompts-dir``), or
     made as the study makes them (``demo/pipeline.write_prompts``: make_prompts(train + eval, seed + 1))."""
     if prompts_dir:
-        read = lambda name: [json.loads(x)["input"] for x in (Path(prompts_dir) / name).read_text().splitlines() if x.strip()]  # noqa: E731
+        def read(name):
+            lines = (Path(prompts_dir) / name).read_text().splitlines()
+            return [json.loads(x)["input"] for x in lines if x.strip()]
+
         train, evals = read("train.jsonl"), read("eval.jsonl")
     else:
         from openrlhf_infalign.demo import pairs
@@ -341,6 +344,60 @@ def _transform(transform: str, plans: Optional[dict] = None, inference: str = "b
     return parse_transform(transform)
 
 
+
+def pair_stores(task: PairTask, k: int, store_seed: int = 11) -> np.ndarray:
+    """[P, k] ascending rewards of k uniform base pairs per train prompt (the train store)."""
+    n = task.train.shape[0]
+    draws = np.random.default_rng(store_seed).integers(0, Q * Q, size=(n, k))
+    return np.sort(np.take_along_axis(task.train.reshape(n, Q * Q), draws, axis=1), axis=1)
+
+
+def converged_pairs(transform, beta: float, task: PairTask, k: int = 32, store_seed: int = 11,
+                    policy: str = "pairs") -> np.ndarray:
+    """The [16, 16] log pi where the pair replay's PPO comes to rest: the KL-regularised optimum of a prompt-blind
+    policy, log pi(y) = log base(y) + Rbar(y) / beta - log Z, Rbar(y) = the train prompts' mean of Phi(mid-rank of
+    r_p(y) in the store). ``pairs`` and ``pairs-flat`` reach it (the autoregressive table is a complete
+    parametrisation, and with per-token k1 in the returns-to-go its stationary point is the joint optimum);
+    ``pairs-product`` rests at the best product pi1(w1) pi2(w2) (mean field: log pi1 = E_pi2[Rbar] / beta + c, and
+    symmetrically). With reinforce_baseline's group mean over n samples, a run's ``kl_coef`` c rests at
+    beta = c n / (n - 1)."""
+    phi = parse_transform(transform) if isinstance(transform, str) else transform
+    store = pair_stores(task, k, store_seed)
+    r = task.train.reshape(task.train.shape[0], Q * Q)
+    less = (store[:, None, :] < r[:, :, None]).sum(-1)
+    ties = (store[:, None, :] == r[:, :, None]).sum(-1)
+    rbar = phi((less + 0.5 * ties) / k).mean(0)
+    if policy != "pairs-product":
+        x = rbar / beta
+        return (x - np.logaddexp.reduce(x)).reshape(Q, Q)
+    rb = rbar.reshape(Q, Q) / beta
+    l1, l2 = np.full(Q, -np.log(Q)), np.full(Q, -np.log(Q))
+    for _ in range(5000):
+        n1 = rb @ np.exp(l2)
+        n1 -= np.logaddexp.reduce(n1)
+        n2 = np.exp(n1) @ rb
+        n2 -= np.logaddexp.reduce(n2)
+        done = max(np.abs(n1 - l1).max(), np.abs(n2 - l2).max()) < 1e-12
+        l1, l2 = 0.5 * (l1 + n1), 0.5 * (l2 + n2)
+        l1 -= np.logaddexp.reduce(l1)
+        l2 -= np.logaddexp.reduce(l2)
+        if done:
+            break
+    return l1[:, None] + l2[None, :]
+
+
+def coef_for_rest_kl(transform, kl: float, task: PairTask, k: int = 32, n_samples: int = 8,
+                     store_seed: int = 11, policy: str = "pairs") -> float:
+    """The run's ``kl_coef`` whose rest point (:func:`converged_pairs`) has exact KL ``kl``."""
+    from scipy.optimize import brentq
+
+    def gap(log_beta):
+        rest = converged_pairs(transform, math.exp(log_beta), task, k, store_seed, policy)
+        return pair_metrics(rest, task)["kl"] - kl
+
+    beta = math.exp(brentq(gap, math.log(1e-4), math.log(1e3), xtol=1e-10))
+    return beta * (n_samples - 1) / n_samples
+
 def simulate_pairs(transform, kl_coef: float, steps: int, seed: int, s: "Setting", task: PairTask,
                    eval_every: int = 2, policy: str = "pairs", store_seed: int = 11,
                    keep_tables: bool = False) -> List[dict]:
@@ -353,9 +410,7 @@ def simulate_pairs(transform, kl_coef: float, steps: int, seed: int, s: "Setting
     phi = parse_transform(transform) if isinstance(transform, str) else transform
     rng = np.random.default_rng(seed)
     n_prompts = task.train.shape[0]
-    flat_rewards = task.train.reshape(n_prompts, Q * Q)
-    store = np.sort(np.take_along_axis(
-        flat_rewards, np.random.default_rng(store_seed).integers(0, Q * Q, size=(n_prompts, s.k)), axis=1), axis=1)
+    store = pair_stores(task, s.k, store_seed)
     pol = PairPolicy(policy)
     m1 = [np.zeros_like(x) for x in pol.params]
     m2 = [np.zeros_like(x) for x in pol.params]
@@ -458,10 +513,15 @@ class DynamicsSettings:
     )
     train_batch: int = option(Setting.train_batch, flags=("--train-batch",), help="samples per optimizer update")
     lr: Optional[float] = option(
-        None, flags=("--lr",), help="Adam learning rate on the logits (default: the policy's calibrated rate)"
+        None,
+        flags=("--lr",),
+        help="Adam learning rate on the logits (default: cells 0.05; pairs 0.045, pairs-flat 0.08, pairs-product "
+        "0.035, calibrated to the LM's identity KL)",
     )
     matched_kl: str = option("0.1,0.2,0.3,0.4,0.5", flags=("--matched-kl",), help="KLs of the table")
-    eval_every: Optional[int] = option(None, flags=("--eval-every",), help="steps between evaluations (cells 3, pairs 2)")
+    eval_every: Optional[int] = option(
+        None, flags=("--eval-every",), help="steps between evaluations (default: cells 3, pairs 2)"
+    )
     arms: str = option(
         "identity,ctrl_exp_bon4,ctrl_negexp_won4",
         flags=("--arms",),
@@ -477,10 +537,27 @@ class DynamicsSettings:
     tilt_kl: float = option(0.15, flags=("--tilt-kl",), help="KL (nats) of the tilt profiles")
 
 
-#: Adam's rate per policy class that puts the identity arm's exact KL on the LM's (study_out identity runs, steps
-#: 4-12: ~0.07, 0.19, 0.34, 0.43 nats; docs/replay.md). The cells default stays the study's historical 0.05.
-CALIBRATED_LR = {"cells": 0.05, "pairs": 0.045, "pairs-flat": 0.045, "pairs-product": 0.045}
+#: Adam's rate per policy class that puts the identity arm's exact KL on the LM's (:func:`calibrate_lr` against the
+#: study's identity runs, seeds 0-1, steps 4-12: 0.07, 0.18, 0.32, 0.41, 0.42 nats; docs/replay.md).
+CALIBRATED_LR = {"cells": 0.08, "pairs": 0.045, "pairs-flat": 0.08, "pairs-product": 0.035}
+#: The default --lr per policy: the calibrated rate, except cells, which keeps the study's historical 0.05.
+DEFAULT_LR = {**CALIBRATED_LR, "cells": Setting.lr}
 
+
+
+def calibrate_lr(policy: str, coef: float, target: Dict[int, float], lrs: Sequence[float], s: Setting,
+                 task: Optional[PairTask] = None, seeds: int = 8) -> Dict[str, object]:
+    """The rate among ``lrs`` whose identity-arm KL (seed mean; ``coef``: the identity coefficient) is nearest the
+    target KL trajectory {step: nats} (least squares), with every rate's error and trajectory."""
+    steps = max(target)
+    rows = {}
+    for lr in lrs:
+        st = Setting(**{**vars(s), "lr": lr})
+        trajs = run_arm(policy, "identity", coef, steps, seeds, st, task, eval_every=1)
+        kl = {k: float(np.mean([t[k]["kl"] for t in trajs])) for k in target}
+        rows[f"{lr:g}"] = {"rmse": float(np.sqrt(np.mean([(kl[k] - v) ** 2 for k, v in target.items()]))), "kl": kl}
+    best = min(rows, key=lambda k: rows[k]["rmse"])
+    return {"lr": float(best), "target": target, "rates": rows}
 
 def run_arm(policy: str, transform, coef: float, steps: int, seeds: int, s: Setting, task: Optional[PairTask],
             eval_every: int, keep_tables: bool = False) -> List[List[dict]]:
@@ -562,7 +639,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rollout_batch=args.rollout_batch,
         n_samples=args.n_samples_per_prompt,
         train_batch=args.train_batch,
-        lr=args.lr if args.lr is not None else CALIBRATED_LR[args.policy],
+        lr=args.lr if args.lr is not None else DEFAULT_LR[args.policy],
     )
     task = None
     if args.policy != "cells":
