@@ -54,3 +54,140 @@ def test_long_runs_land_on_the_plan_and_ctrl_leads_at_matched_kl(plans):
              (("identity", ident), ("ctrl", ctrl))}  # fmt: skip
     at = {name: np.mean([dynamics.at_kl(t, 0.25, "bon") for t in ts]) for name, ts in short.items()}
     assert at["ctrl"] > at["identity"] + 0.03, at
+
+
+# ── --policy pairs: the word-pair task on tabular policies ──
+
+
+@pytest.fixture(scope="module")
+def task():
+    return dynamics.pair_task(None, train_prompts=192, eval_prompts=64, seed=0)
+
+
+def _brute_win(p_vals, q_vals, values, n):
+    """Brute force over every n-tuple of reward values: P(best / worst of n policy draws beats the base's), ties
+    1/2."""
+    import itertools
+
+    bon = won = 0.0
+    for a in itertools.product(range(len(values)), repeat=n):
+        pa = np.prod([p_vals[i] for i in a])
+        for b in itertools.product(range(len(values)), repeat=n):
+            w = pa * np.prod([q_vals[i] for i in b])
+            hi_a, hi_b = max(values[i] for i in a), max(values[i] for i in b)
+            lo_a, lo_b = min(values[i] for i in a), min(values[i] for i in b)
+            bon += w * (1.0 if hi_a > hi_b else 0.5 if hi_a == hi_b else 0.0)
+            won += w * (1.0 if lo_a > lo_b else 0.5 if lo_a == lo_b else 0.0)
+    return bon, won
+
+
+def test_pair_metrics_against_brute_force_with_ties():
+    rng = np.random.default_rng(3)
+    levels = [np.array([0.0, 1.0, 2.5]), np.array([-1.0, 0.0, 0.5, 3.0])]
+    evals = np.stack([lv[rng.integers(0, lv.size, 256)] for lv in levels])  # heavy ties
+    tiny = dynamics.PairTask(train=np.zeros((1, 16, 16)), eval=evals)
+    x = rng.normal(size=256)
+    logp = x - np.logaddexp.reduce(x)
+    got = dynamics.pair_metrics(logp, tiny, n=2)
+    p = np.exp(logp)
+    assert got["kl"] == pytest.approx(float(np.sum(p * np.log(p * 256))), rel=1e-12)
+    bon, won, std = [], [], []
+    for row, lv in zip(evals, levels):
+        pv = np.array([p[row == v].sum() for v in lv])
+        qv = np.array([(row == v).mean() for v in lv])
+        b, w = _brute_win(pv, qv, lv, 2)
+        bon.append(b), won.append(w), std.append(_brute_win(pv, qv, lv, 1)[0])
+    assert got["bon"] == pytest.approx(np.mean(bon), abs=1e-12)
+    assert got["won"] == pytest.approx(np.mean(won), abs=1e-12)
+    assert got["standard"] == pytest.approx(np.mean(std), abs=1e-12)
+
+
+def test_pair_metrics_agree_with_the_studys_exact_evaluation(task):
+    from openrlhf_infalign.studies import exact
+
+    x = np.random.default_rng(0).normal(size=256)
+    logp = x - np.logaddexp.reduce(x)
+    e = task.eval.shape[0]
+    w = exact.win_rates(np.tile(logp, (e, 1)), np.full((e, 256), -np.log(256)), task.eval, ns=(1, 4))
+    got = dynamics.pair_metrics(logp, task)
+    assert got["standard"] == pytest.approx(w["bon"][0].mean(), abs=1e-12)
+    assert got["bon"] == pytest.approx(w["bon"][1].mean(), abs=1e-12)
+    assert got["won"] == pytest.approx(w["won"][1].mean(), abs=1e-12)
+    base = dynamics.pair_metrics(np.full(256, -np.log(256)), task)
+    assert base["kl"] == pytest.approx(0.0, abs=1e-12) and base["bon"] == pytest.approx(0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", dynamics.PAIR_POLICIES)
+def test_pair_policy_gradients_match_finite_differences(kind):
+    rng = np.random.default_rng(1)
+    pol = dynamics.PairPolicy(kind)
+    pol.params = [rng.normal(size=x.shape) for x in pol.params]
+    y = pol.sample(rng, 40)
+    coef = rng.normal(size=(40, len(pol.token_index(y))))
+    grads = pol.grads(y, coef)
+    f = lambda: float(np.sum(coef * pol.logp_tokens(y)))  # noqa: E731
+    for i, g in enumerate(grads):
+        for j in rng.choice(g.size, 5, replace=False):
+            orig = pol.params[i].flat[j]
+            pol.params[i].flat[j] = orig + 1e-6
+            up = f()
+            pol.params[i].flat[j] = orig - 1e-6
+            down = f()
+            pol.params[i].flat[j] = orig
+            assert g.flat[j] == pytest.approx((up - down) / 2e-6, abs=1e-6)
+    joint = pol.joint()
+    assert np.exp(joint).sum() == pytest.approx(1.0)
+    if kind == "pairs-product":
+        assert dynamics.interaction_share(joint) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pair_runs_are_reproducible_by_seed(task, plans):
+    arm = dynamics.arms_from_plans(plans)["ctrl_exp_bon4"]
+    s = dynamics.Setting(lr=dynamics.CALIBRATED_LR["pairs"])
+    a = dynamics.simulate_pairs(*arm, steps=4, seed=5, s=s, task=task, eval_every=2)
+    b = dynamics.simulate_pairs(*arm, steps=4, seed=5, s=s, task=task, eval_every=2)
+    c = dynamics.simulate_pairs(*arm, steps=4, seed=6, s=s, task=task, eval_every=2)
+    assert a == b
+    assert a[-1]["kl"] != c[-1]["kl"] and a[-1]["kl"] > 0.01
+
+
+def test_pair_identity_run_comes_to_rest_at_the_regularised_optimum(task, plans):
+    spec, coef = dynamics.arms_from_plans(plans)["identity"]
+    s = dynamics.Setting(lr=dynamics.CALIBRATED_LR["pairs"])
+    rest = dynamics.pair_metrics(dynamics.converged_pairs(spec, coef * 8 / 7, task, k=s.k), task)
+    ends = [dynamics.simulate_pairs(spec, coef, 150, k, s, task, eval_every=150)[-1] for k in range(2)]
+    # PPO's own sampling noise keeps a few hundredths of a nat above the rest point
+    assert np.mean([e["kl"] for e in ends]) == pytest.approx(rest["kl"], abs=0.08)
+    assert np.mean([e["bon"] for e in ends]) == pytest.approx(rest["bon"], abs=0.015)
+
+
+def test_rest_points_the_product_policy_keeps_ctrls_gap_small(task):
+    """At rest and matched KL (0.15), CTRL exp's BoN_4 lead over identity is the theory's ~0.05 for the complete
+    (autoregressive) table and ~0.017 for a product policy pi1(w1) pi2(w2), the LM's shape early on."""
+    exp = "exp:t=12.63"
+
+    def lead(policy):
+        out = {}
+        for spec in ("identity", exp):
+            c = dynamics.coef_for_rest_kl(spec, 0.15, task, policy=policy)
+            out[spec] = dynamics.pair_metrics(dynamics.converged_pairs(spec, c * 8 / 7, task, policy=policy), task)
+            assert out[spec]["kl"] == pytest.approx(0.15, abs=1e-6)
+        return out[exp]["bon"] - out["identity"]["bon"]
+
+    assert lead("pairs") > 0.04
+    assert 0.005 < lead("pairs-product") < 0.025
+
+
+def test_cli_pairs_writes_gaps_and_tilts(tmp_path, plans):
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps(plans))
+    out = tmp_path / "out"
+    argv = ["--plans", str(path), "--out", str(out), "--policy", "pairs", "--steps", "4", "--long-steps", "0"]
+    rc = dynamics.main(argv + ["--seeds", "2", "--matched-kl", "0.01,0.02"])
+    assert rc == 0
+    result = json.loads((out / "dynamics.json").read_text())
+    assert result["policy"] == "pairs" and result["setting"]["lr"] == dynamics.CALIBRATED_LR["pairs"]
+    assert set(result["arms"]) == {"identity", "ctrl_exp_bon4", "ctrl_negexp_won4"}
+    tilt = result["arms"]["identity"]["short"]["tilt"]
+    assert len(tilt["profile"]) == 16 and 0 <= tilt["interaction_share"] <= 1
+    assert "ctrl_exp_bon4-identity (bon)" in result["gaps"]["short"]
