@@ -469,6 +469,20 @@ def hook_check(runs: Sequence[Path]) -> Optional[dict]:
     }
 
 
+def dynamics_command(out: Path, args, policy: str) -> List[str]:
+    """``studies/dynamics.py`` replaying this study's optimisation with a tabular policy of class ``policy``."""
+    cmd = [sys.executable, "-m", "openrlhf_infalign.studies.dynamics", "--plans", str(out / "plans.json")]
+    cmd += ["--out", str(out / f"dynamics_{policy}"), "--policy", policy, "--steps", str(run_steps(args))]
+    cmd += ["--prompts", str(args.train_prompts), "--rollout-batch", str(args.rollout_batch)]
+    cmd += ["--rollout.n_samples_per_prompt", str(args.n_samples_per_prompt), "--train-batch", str(args.train_batch)]
+    cmd += ["--matched-kl", "0.05,0.1,0.15,0.2", "--arms", "identity,ctrl_exp_bon4,ctrl_negexp_won4,optimal_bon4,log_bon4"]
+    if policy != "cells":
+        cmd += ["--prompts-dir", str(out / "prompts"), "--eval-every", str(args.eval_every)]
+    if policy == "pairs-product":
+        cmd += ["--long-steps", "0"]
+    return cmd
+
+
 def tilt_figure(tilt: dict, runs: Sequence[tuple], path: Path) -> None:
     """One panel per arm: its log pi / pi_ref by base-quantile bin (seeds' mean, centred) beside the theory's."""
     from openrlhf_infalign.files import pyplot, save_figure
@@ -592,14 +606,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tilt_figure(json.loads((out / "tilt.json").read_text()), finished, out / "tilt.png")
             summary["tilt"] = {"seconds": rep["seconds"], "json": str(out / "tilt.json"), "figure": str(out / "tilt.png")}
         if args.report:
-            # the same optimisation on a tabular policy: what these steps give when the policy class is no limit
-            dyn = [sys.executable, "-m", "openrlhf_infalign.studies.dynamics", "--plans", str(out / "plans.json")]
-            dyn += ["--out", str(out / "dynamics"), "--steps", str(steps), "--prompts", str(args.train_prompts)]
-            dyn += ["--rollout-batch", str(args.rollout_batch)]
-            dyn += ["--rollout.n_samples_per_prompt", str(args.n_samples_per_prompt)]
-            dyn += ["--train-batch", str(args.train_batch)]
-            rep = run_phase("dynamics", dyn, out / "logs", timeout=600.0)
-            summary["dynamics"] = {"seconds": rep["seconds"], "dir": str(out / "dynamics")}
+            # the same optimisation on tabular policies (docs/replay.md): quantile cells (no limit of the policy
+            # class), the pairs as an autoregressive table, and as a product pi1(w1) pi2(w2) (what the LM is early)
+            summary["dynamics"] = {}
+            for policy in ("cells", "pairs", "pairs-product"):
+                rep = run_phase(f"dynamics_{policy}", dynamics_command(out, args, policy), out / "logs", timeout=900.0)
+                summary["dynamics"][policy] = {"seconds": rep["seconds"], "dir": str(out / f"dynamics_{policy}")}
         write_text(out / "study_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     except PhaseError as e:
         print(f"[study] error: {e}", file=sys.stderr, flush=True)
