@@ -62,3 +62,23 @@ def test_fitted_policy_spreads_over_the_pairs(tmp_path):
     first = p[tok.convert_tokens_to_ids(pairs.QUALITIES)]
     assert first.sum() > 0.8 and first.max() < 3 * first.min(), first  # broad over the 16 quality words
     assert json.loads((tmp_path / "policy" / "config.json").read_text())["head_dim"] == 64  # vLLM CPU's minimum
+
+
+def test_coupled_base_makes_the_second_word_depend_on_the_first(tmp_path):
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pairs.build_policy(tmp_path / "init", seed=0)
+    spread = {}
+    for coupling in (0.0, 2.0):
+        out = tmp_path / f"policy{coupling}"
+        pairs.fit_policy(tmp_path / "init", out, pairs.make_prompts(32, seed=1), steps=80, coupling=coupling)
+        tok = AutoTokenizer.from_pretrained(out)
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        ids = tok(pairs.INPUT_TEMPLATE.format("name a pair for the red fox"), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + [q] for q in tok.convert_tokens_to_ids(pairs.QUALITIES)]))
+        p = torch.softmax(logits.logits[:, -1], -1)[:, tok.convert_tokens_to_ids(pairs.THINGS)]
+        spread[coupling] = (p - p.mean(0)).abs().sum(1).mean().item()  # how much p(thing | quality) varies
+    assert spread[2.0] > 5 * spread[0.0], spread

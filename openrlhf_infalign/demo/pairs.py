@@ -195,8 +195,15 @@ def fit_policy(
     batch_size: int = 64,
     lr: float = 3e-3,
     seed: int = 0,
+    coupling: float = 0.0,
 ) -> dict:
-    """Fit the base policy to answer every prompt with a uniformly random (quality, thing) pair, then EOS."""
+    """Fit the base policy to answer every prompt with a random (quality, thing) pair, then EOS.
+
+    coupling = 0: both words uniform, so the policy's state at the second word need not carry the first word (a
+    policy that RL then moves as a product pi1(w1) pi2(w2) at first, docs/replay.md). coupling > 0: the thing is drawn
+    from softmax(coupling * z[w1]) with a fixed random z ~ N(0, 1), so the state must carry the first word, as any
+    real language model's does.
+    """
     import shutil
 
     import torch
@@ -208,13 +215,18 @@ def fit_policy(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     prompt_ids = [tok(INPUT_TEMPLATE.format(p), add_special_tokens=False)["input_ids"] for p in prompts]
     qualities, things = tok.convert_tokens_to_ids(QUALITIES), tok.convert_tokens_to_ids(THINGS)
+    z = np.random.default_rng(seed + 77).normal(size=(len(qualities), len(things)))
+    second = np.exp(coupling * z)
+    second /= second.sum(axis=1, keepdims=True)  # the base's p(thing | quality)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     for _ in range(steps):
         rows = []
         for _ in range(batch_size):
             p = prompt_ids[rng.randrange(len(prompt_ids))]
-            rows.append((p + [rng.choice(qualities), rng.choice(things), tok.eos_token_id], len(p)))
+            i = rng.randrange(len(qualities))
+            j = rng.choices(range(len(things)), weights=second[i])[0]
+            rows.append((p + [qualities[i], things[j], tok.eos_token_id], len(p)))
         width = max(len(r) for r, _ in rows)
         ids = torch.full((batch_size, width), tok.pad_token_id)
         labels = torch.full((batch_size, width), -100)
@@ -236,4 +248,4 @@ def fit_policy(
     tok.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    return {"steps": steps, "loss_first": round(float(np.mean(losses[:10])), 4), "loss_last": round(float(np.mean(losses[-10:])), 4)}
+    return {"steps": steps, "coupling": coupling, "loss_first": round(float(np.mean(losses[:10])), 4), "loss_last": round(float(np.mean(losses[-10:])), 4)}

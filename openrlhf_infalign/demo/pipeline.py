@@ -110,6 +110,11 @@ class DemoSettings:
         help="advantage estimator (gae adds a critic: slower)",
     )
     fit_steps: int = option(300, flags=("--fit-steps",), help="SFT steps of the base policy")
+    base_coupling: float = option(
+        0.0,
+        flags=("--base-coupling",),
+        help="pairs: how much the base's second word depends on its first (0: independent, uniform; demo/pairs.py)",
+    )
     reward: str = option(
         "func", flags=("--reward",), choices=["func", "rm"], help="reward: rule reward_func .py or tiny RM (words)"
     )
@@ -176,16 +181,16 @@ def _build_and_fit(out: Path, args) -> dict:
         code = (
             "import json, sys\n"
             "from openrlhf_infalign.demo import pairs\n"
-            "out, seed, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
+            "out, seed, steps, coupling = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])\n"
             "pairs.build_policy(out + '/policy_init', seed=seed)\n"
             "pairs.write_reward_func(out + '/reward_func.py')\n"
             "fitted = pairs.fit_policy(out + '/policy_init', out + '/policy', pairs.make_prompts(256, seed=seed + 1000),"
-            " steps=steps, seed=seed)\n"
+            " steps=steps, seed=seed, coupling=coupling)\n"
             "print('FIT ' + json.dumps(fitted))\n"
         )
         return run_phase(
             "build_fit",
-            _py("-c", code, str(out), str(args.seed), str(args.fit_steps)),
+            _py("-c", code, str(out), str(args.seed), str(args.fit_steps), str(args.base_coupling)),
             out / "logs",
             echo=re.compile(r"^FIT "),
             env={"OMP_NUM_THREADS": "1"},

@@ -303,6 +303,7 @@ def _shared_setting(args) -> dict:
         "train_k",
         "max_new_tokens",
         "fit_steps",
+        "base_coupling",
         "calibrate_backend",
         "seed",
     )
