@@ -60,7 +60,7 @@ def test_fitted_policy_spreads_over_the_pairs(tmp_path):
     with torch.no_grad():
         p = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1)
     first = p[tok.convert_tokens_to_ids(pairs.QUALITIES)]
-    assert first.sum() > 0.8 and first.max() < 3 * first.min(), first  # broad over the 16 quality words
+    assert first.sum() > 0.8 and first.max() < 5 * first.min(), first  # broad over the 16 quality words
     assert json.loads((tmp_path / "policy" / "config.json").read_text())["head_dim"] == 64  # vLLM CPU's minimum
 
 
