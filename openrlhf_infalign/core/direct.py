@@ -26,8 +26,10 @@ mean_j rho_j = W_hat and mean_j W_hat_{-j} = W_hat, so the rewards r_j = rho_j -
 order the sort puts them in; no tie rule is needed inside the group. What is estimated is E_pi[f(best of N C)] for
 the store's mid-rank C: with K stored rewards and no reward ties against the store C = j/K, and (j/K)^N is the
 probability that the sample beats N draws with replacement from the store, i.e. the win rate against the store's
-empirical base. A reward that ties stored ones gets C's 1/2 per tie and f of that mid-rank, not the mid-rank of the
-Best-of-N comparison itself (they differ in the second order of the tie count over K).
+empirical base. Samples in one bin tie in C although their raw rewards differ: the estimator cannot order them and needs not
+(the finite-K plan, ``direct_coef_k``, optimises exactly this binned objective). A raw reward that ties t stored
+ones gets C = (below + t/2) / K and f of that mid-rank, not the mid-rank of the Best-of-N comparison itself,
+((below/K)^N + ((below + t)/K)^N) / 2: they differ in the second order of t/K.
 
 **The plan.** With reward rho and OpenRLHF's k1 KL at coefficient c, the stationary policy is the RLHF tilt
 pi ~ pi_ref exp(H(u) / c), H(v) = E[f(max(v, M))] over the optimum itself. H(v) = 1 - N int_v^1 u^{N-1} F^{N-1} du
@@ -36,8 +38,14 @@ the optimal transform at win-rate beta beta_w = N c. The planner's beta is for t
 onto [0, 1], phi = (H - H(0)) / (H(1) - H(0)), so  c = beta * (H(1) - H(0)) = beta * scale / N  (scale = N^2 int h,
 ``beta_win_rate_units / beta`` in theory.py). With K stored rewards the optimum sees bins j/K and H is the bins'
 own, policy-dependent; ``direct_coef_k`` puts the EXPECTED KL over stores of that fixed point at the budget, as
-finite_k.py does for a fixed transform. The advantage estimator then rescales the reward (``composition``):
-``--algo.kl.init_coef`` = c * reward_scale.
+finite_k.py does for a fixed transform (``rescaled_coef``, the continuum's rescaling applied to the K-aware optimal
+beta, misses it: 0.41 nats for a 0.5 budget at K = 16, Best-of-4). The advantage estimator then rescales the
+reward (``composition``, ``COMPOSITION_RULES``): ``--algo.kl.init_coef`` = c * reward_scale (``direct_kl_coef``),
+NOT kl_coef.py's conversion for transforms (with the loo baseline reinforce_baseline and dr_grpo keep c).
+
+The adapter's calls: ``group_rewards(u.view(-1, n), inference)`` on each rollout batch's calibrated rewards in
+upstream's group order, ``composition(estimator, n, inference)`` to refuse, ``direct_kl_coef(plan, estimator, n,
+k=K)`` for the coefficient, ``direct_plan(inference, kl, k)`` for the row to log beside the plan.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from scipy.optimize import brentq
 
 from openrlhf_infalign.core import finite_k as fk
 from openrlhf_infalign.core.inference import InferenceProcedure
+from openrlhf_infalign.core.planning import check_k
 from openrlhf_infalign.core.theory import as_grid, check_kl, optimal_transform_for_kl
 
 __all__ = [
@@ -360,13 +369,13 @@ def bin_optimum_direct(p, inference, coef: float, tol: float = 1e-10, start=None
     return (q[..., ::-1] if inf.kind == "won" else q).reshape(shape)
 
 
-def expected_kl_direct_k(inference, coef: float, k: int, stores: int = None) -> float:
+def expected_kl_direct_k(inference, coef: float, k: int, stores: Optional[int] = None) -> float:
     """E over stores (finite_k's stratified stores) of KL(q || p) of the direct arm's bin optimum."""
     p = fk.store_spacings(k, stores or DIRECT_STORES)
     return float(fk.bin_kl(bin_optimum_direct(p, inference, coef), p).mean())
 
 
-def expected_win_rate_direct_k(inference, coef: float, k: int, stores: int = None) -> float:
+def expected_win_rate_direct_k(inference, coef: float, k: int, stores: Optional[int] = None) -> float:
     """E over stores of the direct arm's bin optimum's win rate against the true continuous base."""
     p = fk.store_spacings(k, stores or DIRECT_STORES)
     return float(fk.bin_win_rate(_procedure(inference), bin_optimum_direct(p, inference, coef), p).mean())
@@ -405,7 +414,7 @@ def direct_coef_k(inference, kl: float, k: Optional[int]) -> float:
     c0 = direct_coef(inf, kl)[0]
     if k is None:
         return c0
-    p = fk.store_spacings(fk._check_k(k), DIRECT_STORES)
+    p = fk.store_spacings(check_k(k), DIRECT_STORES)
     solved: dict = {}
     gaps: dict = {}
 
@@ -427,13 +436,16 @@ def direct_coef_k(inference, kl: float, k: Optional[int]) -> float:
 
 def direct_plan(inference, kl: float, k: Optional[int] = None) -> dict:
     """The direct arm's row beside a plan's: its coefficient on rho (reward_scale 1), KL and win rate (with K: the
-    expectations over stores, the win rate against the true base)."""
+    expectations over stores, the win rate against the true base). With K it is not the plan's optimal row: that
+    reads the continuum's optimal shape at the bins, while the direct optimum is each store's own (at K = 16,
+    Best-of-4, 0.5 nats it wins 0.844 against the optimal row's 0.826)."""
     inf = _procedure(inference)
+    k = check_k(k)
     c = direct_coef_k(inf, check_kl(kl), k)
     if k is None:
         _, info = direct_coef(inf, kl)
         return {"coef": c, "kl": info["kl"], "win_rate": info["win_rate"], "k": None}
-    p = fk.store_spacings(int(k), DIRECT_STORES)
+    p = fk.store_spacings(k, DIRECT_STORES)
     q = bin_optimum_direct(p, inf, c)
     return {
         "coef": c,
