@@ -288,6 +288,25 @@ def test_direct_coef_k_puts_the_expected_kl_at_the_budget(spec):
     assert dr.direct_coef_k(spec, 0.5, None) == dr.direct_coef(spec, 0.5)[0]
 
 
+def test_above_the_exact_k_the_continuum_coefficient_is_used_and_is_close():
+    """Above DIRECT_K_EXACT the plan takes the continuum's coefficient (the K-aware solve grows as K^3); already at
+    that K the continuum's coefficient puts the expected KL within 1% of the budget."""
+    big = dr.DIRECT_K_EXACT + 1
+    assert dr.direct_coef_k("won:4", 0.5, big) == dr.direct_coef("won:4", 0.5)[0]
+    row = dr.direct_plan("won:4", 0.5, big)
+    assert row["k"] == big and not row["k_aware"] and row["kl"] == pytest.approx(0.5, rel=1e-6)
+    assert dr.direct_plan("won:4", 0.5, 16)["k_aware"]
+    at_cap = dr.expected_kl_direct_k("bon:4", dr.direct_coef("bon:4", 0.5)[0], dr.DIRECT_K_EXACT)
+    assert at_cap == pytest.approx(0.5, rel=0.01)
+
+
+def test_a_large_budget_solves_past_bins_the_optimum_empties():
+    """Worst-of-4 at 2 nats, K = 32: the warm-started solves see bins whose probability underflowed to 0. (A solve
+    from the base policy lands within 0.5%: near such budgets a few stores' optima fold onto another branch.)"""
+    c = dr.direct_coef_k("won:4", 2.0, 32)
+    assert dr.expected_kl_direct_k("won:4", c, 32) == pytest.approx(2.0, rel=0.005)
+
+
 def test_rescaled_plan_beta_is_exact_in_the_continuum_only():
     """The plan's optimal beta times H(1) - H(0) is the continuum's coefficient; with K = 16 (Best-of-4) the direct
     optimum at that coefficient spends well under the budget, which is why training uses direct_coef_k."""

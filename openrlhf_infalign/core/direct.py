@@ -65,6 +65,7 @@ from openrlhf_infalign.core.theory import as_grid, check_kl, optimal_transform_f
 
 __all__ = [
     "BASELINES",
+    "DIRECT_K_EXACT",
     "group_win_rate",
     "group_rewards",
     "group_rewards_ragged",
@@ -88,6 +89,9 @@ BASELINES = ("loo", "none")
 # Stores in the direct arm's finite-K expectations: each needs a fixed-point solve (a (K+1)^2 system per Newton
 # step); finite_k's stratification keeps 1024 stores' mean KL within 0.2% of 4096's at K = 64.
 DIRECT_STORES = 1024
+# Each store's solve is a (K+1)^2 system: time grows as K^3 (8 s and 0.4 GB at K = 128), so above this K the plan
+# takes the continuum's coefficient, whose gap to the K-aware one shrinks as K grows (tests measure it at this K).
+DIRECT_K_EXACT = 128
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,7 +361,9 @@ def bin_optimum_direct(p, inference, coef: float, tol: float = 1e-10, start=None
     if start is None:
         theta, lam0 = log_p, 1.0
     else:  # a neighbouring optimum: Newton steps at once
-        theta, lam0 = np.log(_best_last(v, np.asarray(start, dtype=np.float64).reshape(p2.shape), inf)[1]), 1e-4
+        # Bins that optimum avoids may have underflowed to 0: the smallest normal keeps their logits finite.
+        q0 = _best_last(v, np.asarray(start, dtype=np.float64).reshape(p2.shape), inf)[1]
+        theta, lam0 = np.log(np.maximum(q0, np.finfo(np.float64).tiny)), 1e-4
     theta, worst = _solve_direct(_DirectObjective(log_p, v, inf, coef), theta, tol, max_iter, lam0)
     if not worst < tol:
         raise RuntimeError(
@@ -407,12 +413,13 @@ def rescaled_coef(plan: dict) -> float:
 @lru_cache(maxsize=64)
 def direct_coef_k(inference, kl: float, k: Optional[int]) -> float:
     """The coefficient on rho whose direct bin optimum has EXPECTED KL ``kl`` over stores of K rewards (finite_k's
-    stratified stores), as finite_k.beta_for_kl_k does for a transform; K None: the continuum's direct_coef.
-    Brent in log c, bracketed from the continuum's c, each solve warm-started from the nearest one."""
+    stratified stores), as finite_k.beta_for_kl_k does for a transform; K None or above DIRECT_K_EXACT: the
+    continuum's direct_coef. Brent in log c, bracketed from the continuum's c, each solve warm-started from the
+    nearest one."""
     inf = _procedure(inference)
     kl = check_kl(kl)
     c0 = direct_coef(inf, kl)[0]
-    if k is None:
+    if k is None or check_k(k) > DIRECT_K_EXACT:
         return c0
     p = fk.store_spacings(check_k(k), DIRECT_STORES)
     solved: dict = {}
@@ -438,13 +445,14 @@ def direct_plan(inference, kl: float, k: Optional[int] = None) -> dict:
     """The direct arm's row beside a plan's: its coefficient on rho (reward_scale 1), KL and win rate (with K: the
     expectations over stores, the win rate against the true base). With K it is not the plan's optimal row: that
     reads the continuum's optimal shape at the bins, while the direct optimum is each store's own (at K = 16,
-    Best-of-4, 0.5 nats it wins 0.844 against the optimal row's 0.826)."""
+    Best-of-4, 0.5 nats it wins 0.844 against the optimal row's 0.826). ``k_aware`` False: K None, or above
+    DIRECT_K_EXACT, where the row is the continuum's."""
     inf = _procedure(inference)
     k = check_k(k)
     c = direct_coef_k(inf, check_kl(kl), k)
-    if k is None:
+    if k is None or k > DIRECT_K_EXACT:
         _, info = direct_coef(inf, kl)
-        return {"coef": c, "kl": info["kl"], "win_rate": info["win_rate"], "k": None}
+        return {"coef": c, "kl": info["kl"], "win_rate": info["win_rate"], "k": k, "k_aware": False}
     p = fk.store_spacings(k, DIRECT_STORES)
     q = bin_optimum_direct(p, inf, c)
     return {
@@ -452,6 +460,7 @@ def direct_plan(inference, kl: float, k: Optional[int] = None) -> dict:
         "kl": float(fk.bin_kl(q, p).mean()),
         "win_rate": float(fk.bin_win_rate(inf, q, p).mean()),
         "k": k,
+        "k_aware": True,
     }
 
 
