@@ -22,7 +22,7 @@ def test_flags_train_the_recommended_transform():
 def test_plan_json_keeps_its_keys_in_order():
     p = plan_with_flags("bon:4", 0.5)
     keys = ["inference", "kl", "k", "estimator", "n_samples_per_prompt", "recommended", "optimal", "gap_to_optimal"]
-    assert list(p) == keys + ["baselines", "openrlhf_args", "notes"]
+    assert list(p) == keys + ["baselines", "openrlhf_args", "direct", "notes"]
     assert (p["k"], p["estimator"], p["n_samples_per_prompt"]) == (None, "gae", 1)
     assert p["openrlhf_args"] == openrlhf_args(plan("bon:4", 0.5))
 
