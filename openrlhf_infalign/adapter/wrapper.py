@@ -301,11 +301,21 @@ class DirectRewardWrapper(CTRLRewardWrapper):
     info_key = INFO_DIRECT
     needs_index = True
 
-    def __init__(self, store, inference, n: int, coef: Optional[float] = None, name: str = "infalign.direct", **kw):
+    def __init__(
+        self,
+        store,
+        inference,
+        n: int,
+        coef: Optional[float] = None,
+        name: str = "infalign.direct",
+        baseline: str = "loo",
+        **kw,
+    ):
         super().__init__(store, transform=None, inference=inference, name=name, **kw)
         self.n = int(n)
         self.coef = coef
-        group_rewards(np.full((1, self.n), 0.5), inference)  # refuses n <= N now rather than at the first batch
+        self.baseline = baseline  # "none" has no flag: core.direct's other form, for the composition tests
+        group_rewards(np.full((1, self.n), 0.5), inference, baseline)  # refuses n <= N now, not at the first batch
 
     def __repr__(self) -> str:
         spec = getattr(self.inference, "spec", self.inference)
@@ -343,11 +353,11 @@ class DirectRewardWrapper(CTRLRewardWrapper):
             )
         u = u.reshape(-1, n)
         if missing is None:
-            r = group_rewards(u, self.inference)
+            r = group_rewards(u, self.inference, self.baseline)
         else:
             ok = ~(missing if perm is None else missing[perm]).reshape(-1, n)[:, 0]  # a prompt's group misses whole
             r = np.full_like(u, np.nan)
-            r[ok] = group_rewards(u[ok], self.inference)
+            r[ok] = group_rewards(u[ok], self.inference, self.baseline)
         r = r.reshape(-1)
         return r if index is None else r[index]
 

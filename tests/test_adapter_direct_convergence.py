@@ -1,53 +1,46 @@
-"""The direct arm through OpenRLHF 0.11.2's own advantage code: how each estimator composes with the group
-estimator's rewards (exactly, by enumeration), and a tabular policy converging onto the direct arm's plan.
+"""The direct objective through OpenRLHF 0.11.2's own advantage code and the REAL ``infalign.direct`` wrapper: how
+each estimator composes with the group estimator's rewards (exactly, by enumeration), and a tabular policy converging
+onto the direct objective's plan.
 
-The rewards reach upstream as the wrapper will hand them over: at the start of
-``RemoteExperienceMaker.compute_advantages_and_returns``, per group of n samples in upstream's own grouping
-(``experience.index`` order, blocks of ``--rollout.n_samples_per_prompt``). The tabular samples' rewards are their
-calibrated rewards u = j/K already (the store lookup is the CTRL wrapper's, tested in test_openrlhf_plan_convergence).
+Each prompt is one reference store of K rewards 1..K; a response in calibrated bin j has raw reward j + 0.5, so the
+real ``DirectRewardWrapper`` in front of upstream's ``RemoteExperienceMaker.compute_advantages_and_returns`` (the
+seam ``install_reward_wrapper`` sets up in training) calibrates it to j/K, groups the batch by ``experience.index`` in
+blocks of ``--rollout.n_samples_per_prompt`` and hands the group estimator's rewards on, as in training.
 
-Convergence, as test_openrlhf_plan_convergence.py does for CTRL: each prompt is a store of K rewards whose K+1
-"responses" are the calibrated-reward bins with base probabilities p (Dirichlet spacings). Each step, for every
-prompt and bin j, M groups whose first member is bin j and whose n-1 mates are drawn from the policy; the mates are
-the same for every j (their baseline cancels) and come from fixed stratified uniforms through the policy's current
-CDF, so the Monte Carlo error of the mates is a smooth, fixed perturbation rather than a random walk. The first
-member's advantage is upstream's (its baseline, the k1 KL with FixedKLController, whitening); the update is the
-natural gradient of a softmax, a fixed fraction of the way to the fixed point (the full step overshoots: the direct
-reward H rises where the policy moves mass).
+Convergence, as test_adapter_plan_convergence.py does for CTRL: each prompt's K+1 "responses" are the bins, with
+base probabilities p (Dirichlet spacings). Each step, for every prompt and bin j, M groups whose first member is bin
+j and whose n-1 mates are drawn from the policy; the mates are the same for every j (their baseline cancels) and come
+from fixed stratified uniforms through the policy's current CDF, so the Monte Carlo error of the mates is a smooth,
+fixed perturbation rather than a random walk. The first member's advantage is upstream's (its baseline, the k1 KL
+with FixedKLController, whitening); the update is the natural gradient of a softmax, a fixed fraction of the way to
+the fixed point (the full step overshoots: the direct reward H rises where the policy moves mass).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import itertools
 
 import numpy as np
 import pytest
 import torch
 
-from openrlhf_infalign.core import direct as dr
-from openrlhf_infalign.core import finite_k as fk
-from openrlhf_infalign.core import planning
+from openrlhf_infalign.adapter.cpu.standins import install_flash_attn
 
-
-def _adapter(module: str):
-    """Our adapter module (its package is being renamed from openrlhf/ to adapter/)."""
-    for package in ("openrlhf_infalign.adapter", "openrlhf_infalign.openrlhf"):
-        try:
-            return importlib.import_module(f"{package}.{module}")
-        except ModuleNotFoundError as e:
-            if e.name not in (package, f"{package}.{module}"):
-                raise
-    raise ModuleNotFoundError(f"no adapter module {module}")
-
-
-_adapter("standins").install_flash_attn()
+install_flash_attn()
 
 from openrlhf.models.utils import compute_approx_kl  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
 from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
+
+from openrlhf_infalign.adapter.console import run_train_ppo  # noqa: E402
+from openrlhf_infalign.adapter.upstream.experience_maker import install_reward_wrapper  # noqa: E402
+from openrlhf_infalign.adapter.wrapper import DirectRewardWrapper  # noqa: E402
+from openrlhf_infalign.core import direct as dr  # noqa: E402
+from openrlhf_infalign.core import finite_k as fk  # noqa: E402
+from openrlhf_infalign.core import planning  # noqa: E402
+from openrlhf_infalign.store import ReferenceStore, prompt_key  # noqa: E402
 
 KL_BUDGET = 0.5
 
@@ -60,7 +53,7 @@ def real_args(estimator: str, n: int):
     flags += ["--algo.advantage.estimator", estimator, "--rollout.n_samples_per_prompt", str(n)]
     if estimator == "gae":
         flags += ["--critic.model_name_or_path", "critic"]
-    rc = _adapter("console").run_train_ppo(flags, train=lambda args: seen.append(args))
+    rc = run_train_ppo(flags, train=lambda args: seen.append(args))
     assert rc == 0 and len(seen) == 1
     return seen[0]
 
@@ -70,41 +63,37 @@ class _Strategy:  # the maker reads strategy.args only
         self.args = args
 
 
-class DirectRewards:
-    """The direct wrapper's step at the seam: each group's calibrated rewards -> the estimator's rewards."""
-
-    def __init__(self, inference: str, n: int, baseline: str):
-        self.inference, self.n, self.baseline = inference, n, baseline
-
-    def wrap_experiences(self, experiences):
-        index = torch.tensor(list(itertools.chain.from_iterable(exp.index for exp in experiences)))
-        u = torch.cat([exp.rewards for exp in experiences]).double()
-        grouped = torch.empty_like(u)
-        grouped[index] = u  # upstream's order: groups are consecutive blocks of n
-        r = dr.group_rewards(grouped.view(-1, self.n), self.inference, self.baseline).reshape(-1)[index]
-        for exp, part in zip(experiences, r.split([len(exp.index) for exp in experiences])):
-            exp.rewards = part
-        return experiences
+@functools.lru_cache(maxsize=None)
+def store(k: int, prompts: int) -> ReferenceStore:
+    """``prompts`` prompts, each with the K stored rewards 1..K (raw reward j + 0.5 calibrates to j/K)."""
+    names = tuple(prompt_name(k, i) for i in range(prompts))
+    return ReferenceStore.from_arrays([prompt_key(x) for x in names], [np.arange(1.0, k + 1)] * prompts)
 
 
-def maker_for(estimator: str, n: int, coef: float, wrapper: DirectRewards):
+def prompt_name(k: int, i: int) -> str:
+    return f"Q : tabular prompt {i} with K={k} A :"
+
+
+def maker_for(estimator: str, n: int, coef: float, inference: str, k: int, prompts: int, baseline: str = "loo"):
+    """Upstream's maker with the real wrapper installed at the training seam (``baseline`` none: core.direct's other
+    form, which has no training flag, through the same wrapper)."""
     maker = RemoteExperienceMaker.__new__(RemoteExperienceMaker)
     maker.strategy = _Strategy(real_args(estimator, n))
     maker.args, maker.advantage_estimator, maker.kl_ctl = maker.strategy.args, estimator, FixedKLController(coef)
-    upstream = RemoteExperienceMaker.compute_advantages_and_returns.__get__(maker)
-    maker.compute_advantages_and_returns = lambda exps: upstream(wrapper.wrap_experiences(exps))
+    install_reward_wrapper(maker, DirectRewardWrapper(store(k, prompts), inference, n, baseline=baseline))
     return maker
 
 
-def experience(u: torch.Tensor, kl: torch.Tensor) -> Experience:
-    batch = len(u)
+def experience(bins: torch.Tensor, prompt_of: list, kl: torch.Tensor) -> Experience:
+    """One experience of samples in calibrated bins ``bins`` (raw reward bin + 0.5) of the prompts ``prompt_of``."""
+    batch = len(bins)
     exp = Experience(
         sequences=torch.zeros(batch, 2, dtype=torch.long),
         attention_mask=torch.ones(batch, 2, dtype=torch.long),
         action_mask=torch.ones(batch, 1, dtype=torch.bool),
-        prompts=[""] * batch,
+        prompts=prompt_of,
         labels=[""] * batch,
-        rewards=u,
+        rewards=bins.to(torch.float64) + 0.5,  # float64: the enumeration compares to 1e-10
         response_length=torch.ones(batch),
         total_length=torch.full((batch,), 2.0),
         truncated=torch.zeros(batch, dtype=torch.bool),
@@ -117,7 +106,8 @@ def experience(u: torch.Tensor, kl: torch.Tensor) -> Experience:
 # ---------------------------------------------------------------------------------------------------------------
 # composition: the exact expected gradient of upstream's shaped rewards, over every n-tuple of a tabular policy
 
-VALUES = np.array([0.0, 0.25, 0.25, 0.5, 1.0])  # calibrated rewards, two of them tied
+BINS = np.array([0, 1, 1, 2, 4])  # calibrated bins of a K = 4 store, two responses tied
+VALUES = BINS / 4
 THETA = np.array([0.3, -0.2, 0.5, 0.1, -0.4])
 PI = np.exp(THETA) / np.exp(THETA).sum()
 
@@ -136,9 +126,10 @@ def expected_shaped_gradient(estimator: str, n: int, spec: str, baseline: str) -
     """sum over all n-tuples t of P(t) sum_j R_j grad log pi(y_j), R = upstream's returns (the KL term is 0 here;
     returns are the shaped reward before whitening, whose shift and scale do not move an expectation's direction)."""
     tuples = np.array(list(itertools.product(range(len(PI)), repeat=n)))
-    maker = maker_for(estimator, n, 0.0, DirectRewards(spec, n, baseline))
-    u = torch.from_numpy(VALUES[tuples].reshape(-1))
-    (exp,) = maker.compute_advantages_and_returns([experience(u, torch.zeros(len(u), 1, dtype=torch.float64))])
+    maker = maker_for(estimator, n, 0.0, spec, 4, 1, baseline)
+    bins = torch.from_numpy(BINS[tuples].reshape(-1))
+    kl = torch.zeros(len(bins), 1, dtype=torch.float64)
+    (exp,) = maker.compute_advantages_and_returns([experience(bins, [prompt_name(4, 0)] * len(bins), kl)])
     returns = exp.returns.view(len(tuples), n).double().numpy()
     prob = np.prod(PI[tuples], axis=1)
     grad = np.zeros(len(PI))
@@ -191,7 +182,7 @@ def converge(estimator: str, n: int, inference: str, k: int, coef: float, baseli
     """Train the tabular policy to its fixed point; returns (bin policy (stores, K+1), spacings p)."""
     p = np.array(fk.store_spacings(k, N_STORES[k], seed=1000 + k))
     stores, bins = p.shape
-    maker = maker_for(estimator, n, coef, DirectRewards(inference, n, baseline))
+    maker = maker_for(estimator, n, coef, inference, k, stores, baseline)
     rng = np.random.default_rng(k)
     # Latin-hypercube uniforms per store and mate slot, fixed for the whole run.
     strata = np.argsort(rng.random((stores, n - 1, MATES)), -1) + rng.random((stores, n - 1, MATES))
@@ -200,6 +191,7 @@ def converge(estimator: str, n: int, inference: str, k: int, coef: float, baseli
     theta = log_ref.clone()
     shape = (stores, bins, MATES, n)
     store_of = torch.arange(stores).view(-1, 1, 1, 1).expand(shape).reshape(-1)
+    prompt_of = [prompt_name(k, i) for i in store_of.tolist()]
     for _ in range(STEPS):
         log_pi = theta - theta.logsumexp(-1, keepdim=True)
         cdf = log_pi.exp().cumsum(-1)
@@ -211,7 +203,7 @@ def converge(estimator: str, n: int, inference: str, k: int, coef: float, baseli
         kl = compute_approx_kl(
             log_pi[store_of, response].view(-1, 1), log_ref[store_of, response].view(-1, 1), kl_estimator="k1"
         )
-        (exp,) = maker.compute_advantages_and_returns([experience(response.double() / k, kl)])
+        (exp,) = maker.compute_advantages_and_returns([experience(response, prompt_of, kl)])
         adv, ret = exp.advantages.view(shape), exp.returns.view(shape)
         # Whitening scales every advantage by one number; dividing it out keeps the step a fixed fraction.
         whitening = float(exp.advantages.std() / ret.std()) if estimator in ("reinforce_baseline",) else 1.0
@@ -260,6 +252,7 @@ def test_reinforce_baseline_lands_on_the_plan():
     _check_landed("bon:4", 16, pi, p, coef)
 
 
+@pytest.mark.slow  # the factor itself is proved exactly, fast, by the enumeration above
 def test_rloo_without_its_factor_overspends():
     """The same run at c itself (CTRL's conversion for rloo, kl_coef.py) trains at c (n-1)/n: more KL than planned."""
     c = dr.direct_coef_k("bon:4", KL_BUDGET, 16)
