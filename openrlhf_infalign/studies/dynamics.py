@@ -10,8 +10,15 @@ in the reward with the arm's coefficient, the group-mean baseline and the batch 
 ``train_batch``-sized updates with Adam. KL(pi || base) and the BoN_N / WoN_N win rates against the base are
 exact sums over the cells, so every difference between arms is optimisation, not evaluation noise.
 
-``python -m openrlhf_infalign.studies.dynamics --plans study_out/plans.json --out study_out/dynamics``: JSON and a
-figure (win rate vs KL per arm, the study's 18 steps and a long run, seed means).
+An arm's reward is a transform of the calibrated rewards (identity, the plans' exp / negexp, ``log``: vBoN's
+log-CDF) or, spelled ``direct:bon:4`` / ``direct:won:4``, the direct objective's group estimator with its
+leave-one-out baseline (``infalign.direct``; its group mean is 0, so reinforce_baseline's own mean does nothing).
+Every arm's coefficient is its plan's (``infalign plan --json``: the rows' ``kl_coef``, the ``direct`` entry's).
+Issue 19's question, which buys more win rate per nat and sooner, is the paired seed differences of the table.
+
+``python -m openrlhf_infalign.studies.dynamics --plans study_out/plans.json --out study_out/dynamics``: JSON, a
+markdown table with the paired differences at matched KL, and a figure (win rate vs KL per arm, the study's 18
+steps and a long run, seed means).
 """
 
 from __future__ import annotations
@@ -26,11 +33,33 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from openrlhf_infalign import options
+from openrlhf_infalign.core.direct import group_rewards
 from openrlhf_infalign.core.transforms import parse_transform
-from openrlhf_infalign.files import save_figure, write_json
+from openrlhf_infalign.files import save_figure, write_json, write_text
 from openrlhf_infalign.options import option, parse_floats
 
-__all__ = ["Setting", "exact_metrics", "simulate", "main"]
+__all__ = [
+    "PAIRS",
+    "Setting",
+    "arms_from_plans",
+    "at_kl",
+    "exact_metrics",
+    "main",
+    "markdown",
+    "paired_difference",
+    "reward_fn",
+    "simulate",
+]
+
+DIRECT = "direct:"  # an arm reward spelled direct:<inference> is the direct objective's, else a transform spec
+# (arm, other, metric): the paired seed differences the table reports at each matched KL
+PAIRS = (
+    ("direct_bon4", "ctrl_exp_bon4", "bon"),
+    ("direct_won4", "ctrl_negexp_won4", "won"),
+    ("direct_bon4", "identity", "bon"),
+    ("log_bon4", "identity", "bon"),
+    ("ctrl_exp_bon4", "identity", "bon"),
+)
 
 
 @dataclass
@@ -76,10 +105,19 @@ def exact_metrics(logits: np.ndarray, n: int = 4) -> Dict[str, float]:
     }
 
 
-def simulate(transform: str, kl_coef: float, steps: int, seed: int, s: Setting, eval_every: int = 3) -> List[dict]:
-    """One run: the trajectory [{step, kl, standard, bon, won}] every ``eval_every`` steps (and step 0)."""
+def reward_fn(reward: str):
+    """Calibrated rewards (prompts, n) -> the arm's rewards: a transform spec, or ``direct:<inference>``."""
+    if reward.startswith(DIRECT):
+        inference = reward[len(DIRECT) :]
+        return lambda u: group_rewards(u, inference, "loo")
+    return parse_transform(reward)
+
+
+def simulate(reward: str, kl_coef: float, steps: int, seed: int, s: Setting, eval_every: int = 3) -> List[dict]:
+    """One run: the trajectory [{step, kl, standard, bon, won}] every ``eval_every`` steps (and step 0). ``reward``:
+    a transform spec or ``direct:<inference>`` (:func:`reward_fn`)."""
     rng = np.random.default_rng(seed)
-    phi = parse_transform(transform)
+    phi = reward_fn(reward)
     stores = np.sort(rng.random((s.prompts, s.k)), axis=1)  # each prompt's K base quantiles
     size = s.cells
     logits = np.zeros(size)
@@ -127,13 +165,21 @@ def _metrics(logits: np.ndarray, s: Setting) -> Dict[str, float]:
 
 
 def arms_from_plans(plans: dict) -> Dict[str, tuple]:
-    """(transform, coefficient) of the study's InfAlign arms, from its plans.json (`infalign plan --json`)."""
+    """(reward, coefficient) of the study's InfAlign arms, from its plans.json (`infalign plan --json` per
+    procedure): identity, CTRL's exp / negexp, vBoN's log-CDF, and the direct arms where the plans carry them."""
     bon, won = plans["bon:4"], plans["won:4"]
-    return {
+    arms = {
         "identity": ("identity", bon["baselines"]["identity"]["kl_coef"]),
         "ctrl_exp_bon4": (bon["recommended"]["transform"], bon["recommended"]["kl_coef"]),
         "ctrl_negexp_won4": (won["recommended"]["transform"], won["recommended"]["kl_coef"]),
     }
+    if "log" in bon["baselines"]:
+        arms["log_bon4"] = ("log", bon["baselines"]["log"]["kl_coef"])
+    for name, plan in (("direct_bon4", bon), ("direct_won4", won)):
+        direct = plan.get("direct") or {}
+        if direct.get("openrlhf_args"):  # refused for this estimator / n: no arm
+            arms[name] = (DIRECT + plan["inference"], direct["kl_coef"])
+    return arms
 
 
 def at_kl(traj: List[dict], kl: float, metric: str) -> Optional[float]:
@@ -164,6 +210,44 @@ class DynamicsSettings:
     matched_kl: str = option("0.1,0.2,0.3,0.4,0.5", flags=("--matched-kl",), help="KLs of the table")
 
 
+def paired_difference(result: dict, arm: str, other: str, metric: str, kl: float) -> Optional[tuple]:
+    """(mean, se) over seeds of arm - other in ``metric`` at matched KL (the short runs; seeds where both reach it,
+    at least two): each seed has the same stores and prompt order in every arm, so the pairing removes them."""
+    a = result["arms"][arm]["short"]["at_kl_per_seed"][f"{kl:g}"][metric]
+    b = result["arms"][other]["short"]["at_kl_per_seed"][f"{kl:g}"][metric]
+    d = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    if len(d) < 2:
+        return None
+    return float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(len(d)))
+
+
+def markdown(result: dict, grid: Sequence[float], steps: int, long_steps: int) -> str:
+    """The arms at matched KL (short runs, seed means) and after the short and long runs, then the paired
+    differences of :data:`PAIRS`."""
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    head = " | ".join(f"BoN_4 / WoN_4 at {x:g} nats" for x in grid)
+    lines = [
+        f"| arm | reward | coef | {head} | after {steps} steps: KL, BoN_4 / WoN_4 | after {long_steps} |",
+        "|---" * (len(grid) + 5) + "|",
+    ]
+    for name, e in result["arms"].items():
+        cells = [
+            f"{fmt(e['short']['at_kl'][f'{x:g}']['bon'])} / {fmt(e['short']['at_kl'][f'{x:g}']['won'])}" for x in grid
+        ]
+        sh, lo = e["short"]["final"], e["long"]["final"]
+        lines.append(
+            f"| {name} | {e['reward']} | {e['kl_coef']:.4g} | " + " | ".join(cells)
+            + f" | {sh['kl']:.2f}, {sh['bon']:.3f} / {sh['won']:.3f} | {lo['kl']:.2f}, {lo['bon']:.3f} / {lo['won']:.3f} |"
+        )  # fmt: skip
+    lines.append("")
+    for arm, other, metric in PAIRS:
+        if arm in result["arms"] and other in result["arms"]:
+            diffs = [(x, paired_difference(result, arm, other, metric, x)) for x in grid]
+            text = ", ".join(f"{d[0]:+.3f} ± {d[1]:.3f} at {x:g}" for x, d in diffs if d is not None)
+            lines.append(f"{arm} - {other}, {metric.upper()}_4 (paired seeds): {text or 'no common KL'}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     options.add_arguments(p, DynamicsSettings)
@@ -180,25 +264,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arms = arms_from_plans(plans)
     grid = parse_floats(args.matched_kl, "--matched-kl")
     result = {"setting": vars(setting), "arms": {}}
-    for arm, (transform, coef) in arms.items():
-        entry = {"transform": transform, "kl_coef": coef}
+    for arm, (reward, coef) in arms.items():
+        entry = {"reward": reward, "kl_coef": coef}
         for label, steps in (("short", args.steps), ("long", args.long_steps)):
-            trajs = [simulate(transform, coef, steps, seed, setting, eval_every=3) for seed in range(args.seeds)]
+            trajs = [simulate(reward, coef, steps, seed, setting, eval_every=3) for seed in range(args.seeds)]
             entry[label] = {
                 "final": {m: float(np.mean([t[-1][m] for t in trajs])) for m in ("kl", "standard", "bon", "won")},
                 "mean_trajectory": [
                     {k: float(np.mean([t[i][k] for t in trajs])) for k in trajs[0][i]} for i in range(len(trajs[0]))
                 ],
-                "at_kl": {
-                    f"{kl:g}": {m: _mean_or_none([at_kl(t, kl, m) for t in trajs]) for m in ("standard", "bon", "won")}
-                    for kl in grid
+                "at_kl_per_seed": {
+                    f"{kl:g}": {m: [at_kl(t, kl, m) for t in trajs] for m in ("standard", "bon", "won")} for kl in grid
                 },
+            }
+            entry[label]["at_kl"] = {
+                x: {m: _mean_or_none(v) for m, v in per.items()} for x, per in entry[label]["at_kl_per_seed"].items()
             }
         result["arms"][arm] = entry
         print(f"{arm}: short final {entry['short']['final']}, long final {entry['long']['final']}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "dynamics.json", result, indent=2)
+    write_text(out / "dynamics.md", markdown(result, grid, args.steps, args.long_steps))
     _figure(result, out / "dynamics.png")
     return 0
 
