@@ -106,9 +106,9 @@ def direct_lines(d: Optional[dict], best: float) -> list[str]:
     """The direct objective's row and flags (``infalign.direct``), or why it is refused for this run."""
     if not d:
         return []
-    head = f"Direct objective ({d['wrapper']}: the unbiased group estimator of the win rate, leave-one-out baseline)"
     if d["refused"]:
-        return [f"{head}: refused: {d['refused']}"]
+        return [f"Direct objective ({d['wrapper']}): refused: {d['refused']}"]
+    head = f"Direct objective ({d['wrapper']}: the unbiased group estimator of the win rate, leave-one-out baseline)"
     where = "expected over stores of K" if d["k_aware"] else "continuum"
     return [
         f"{head}:",
