@@ -263,7 +263,7 @@ class CTRLRewardWrapper:
                     )
             rewards = [r.reshape(-1) for r in rewards]  # mixed (B,) and (B, 1) in one batch: flatten each
         all_rewards = torch.cat(rewards) if len(rewards) > 1 else rewards[0]
-        index = self._batch_index(experiences) if self.needs_index else None
+        index = self._batch_index(experiences, len(prompts)) if self.needs_index else None
         new, info = self(prompts, all_rewards, index)
         new_parts = new.split(sizes)
         info_parts = [(k, v.split(sizes)) for k, v in info.items()]
@@ -274,16 +274,22 @@ class CTRLRewardWrapper:
                 exp.info[k] = parts[i]
         return experiences
 
-    def _batch_index(self, experiences: list) -> np.ndarray:
-        """Every sample's position in upstream's order: ``experience.index``, set by ``split_rollout_samples``."""
+    def _batch_index(self, experiences: list, size: int) -> np.ndarray:
+        """Every sample's position in upstream's order: ``experience.index``, set by ``split_rollout_samples``.
+        One C-level pass over the batch; the experience at fault is looked for only when it fails."""
         parts = [exp.index for exp in experiences]
-        for i, (exp, part) in enumerate(zip(experiences, parts)):
-            if part is None or len(part) != len(exp.prompts):
-                raise ValueError(
-                    f"{self.name}: experience {i} has no sample index for its {len(exp.prompts)} samples "
-                    "(experience.index, which OpenRLHF's split_rollout_samples sets): its prompt groups are unknown"
-                )
-        return np.fromiter(chain.from_iterable(parts), dtype=np.int64, count=sum(map(len, parts)))
+        try:
+            index = np.fromiter(chain.from_iterable(parts), dtype=np.int64)
+        except TypeError:  # an index of None
+            index = None
+        if index is None or index.size != size:
+            for i, (exp, part) in enumerate(zip(experiences, parts)):
+                if part is None or len(part) != len(exp.prompts):
+                    raise ValueError(
+                        f"{self.name}: experience {i} has no sample index for its {len(exp.prompts)} samples "
+                        "(experience.index, which OpenRLHF's split_rollout_samples sets): its prompt groups are unknown"
+                    )
+        return index
 
 
 class DirectRewardWrapper(CTRLRewardWrapper):
