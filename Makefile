@@ -22,7 +22,7 @@ test: setup
 	$(PY) -m pytest tests
 
 test-fast: setup
-	$(PY) -m pytest tests -m "not e2e and not multinode"
+	$(PY) -m pytest tests -m "not e2e and not multinode and not slow"
 
 bench: setup
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

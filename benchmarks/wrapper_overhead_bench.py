@@ -1,4 +1,4 @@
-"""Overhead of the CTRL reward wrapper at OpenRLHF's seam, measured side by side in one run.
+"""Overhead of the CTRL and direct reward wrappers at OpenRLHF's seam, measured side by side in one run.
 
 OpenRLHF 0.11.2's real ``RemoteExperienceMaker.compute_advantages_and_returns`` on 4,096 experiences (1,024 prompts x
 4 samples, one sample per experience as with the default ``--rollout.micro_batch_size 1``), args from upstream's real
@@ -9,7 +9,13 @@ The prompt-key cache is cleared before every wrapped run:
 each rollout batch of a real epoch brings new prompts, so every key is hashed (the worst case). The store holds the
 batch's prompts among 100,000 (a realistic training set), K = 32.
 
-Prints a table and one JSON line per configuration, then a summary JSON line with the worst ratio (target <= 1.05).
+The direct objective's wrapper (``infalign.direct``, Best-of-(n-1) with the leave-one-out baseline: the largest N
+the bench's n = 4 allows) runs as a third side in the same interleaving: ``direct_vs_ctrl`` = median direct call /
+median CTRL call (CPU time; target <= 1.05, issue 19), ``direct_vs_ctrl_paired`` the median of the per-repeat
+ratios, and ``direct_vs_ctrl_own`` = its wrap_experiences CPU time / CTRL's (the group step on top of the shared
+calibration, as a share of the wrapper's own cost).
+
+Prints a table and one JSON line per configuration, then a summary JSON line with the worst ratios (target <= 1.05).
 ``ratio`` = median wrapped / median plain (CPU time); ``ratio_in_call`` = 1 + median CPU time of wrap_experiences
 inside the wrapped calls / median plain: the wrapper's own share, far less sensitive to other jobs on the machine.
 Usage: python benchmarks/wrapper_overhead_bench.py [--repeats 15] [--experiences 4096]
@@ -36,11 +42,12 @@ from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: 
 
 from openrlhf_infalign.adapter.console import run_train_ppo  # noqa: E402
 from openrlhf_infalign.adapter.upstream.experience_maker import install_reward_wrapper  # noqa: E402
-from openrlhf_infalign.adapter.wrapper import CTRLRewardWrapper  # noqa: E402
+from openrlhf_infalign.adapter.wrapper import CTRLRewardWrapper, DirectRewardWrapper  # noqa: E402
 from openrlhf_infalign.core.transforms import parse_transform  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, prompt_digests  # noqa: E402
 
 N_SAMPLES = 4
+DIRECT_INFERENCE = f"bon:{N_SAMPLES - 1}"  # the leave-one-out baseline needs n > N
 STORE_PROMPTS = 100_000
 K = 32
 
@@ -119,34 +126,46 @@ def bench(estimator: str, resp_len: int, micro_batch: int, n_exp: int, repeats: 
     store = make_store(prompts, rng)
     rewards = rng.normal(size=n)
     wrapper = CTRLRewardWrapper(store, parse_transform("exp:t=10"))
+    direct = DirectRewardWrapper(store, DIRECT_INFERENCE, N_SAMPLES)
 
-    plain = RemoteExperienceMaker(None, None, None, None, FixedKLController(0.01), _Strategy(args), _Tokenizer())
-    wrapped = RemoteExperienceMaker(None, None, None, None, FixedKLController(0.01), _Strategy(args), _Tokenizer())
-    timed = _Timed(wrapper)
-    install_reward_wrapper(wrapped, timed)
+    def maker_with(w):
+        maker = RemoteExperienceMaker(None, None, None, None, FixedKLController(0.01), _Strategy(args), _Tokenizer())
+        if w is not None:
+            install_reward_wrapper(maker, w)
+        return maker
 
-    own = []  # CPU time of wrap_experiences inside each wrapped call
-    wall = {"plain": [], "wrapped": []}
-    cpu = {"plain": [], "wrapped": []}
-    for rep in range(repeats + 1):  # the first round warms up both sides and is dropped
-        for side in ("plain", "wrapped") if rep % 2 == 0 else ("wrapped", "plain"):
-            maker = plain if side == "plain" else wrapped
-            exps = make_experiences(maker, prompts, rewards, resp_len, rng)
-            wrapper._digest_cache.clear()
-            wrapper._digest_cache_chars = 0
+    timed = {"wrapped": _Timed(wrapper), "direct": _Timed(direct)}
+    makers = {
+        "plain": maker_with(None),
+        "wrapped": maker_with(timed["wrapped"]),
+        "direct": maker_with(timed["direct"]),
+    }
+    sides = list(makers)
+
+    own = {"wrapped": [], "direct": []}  # CPU time of wrap_experiences inside each wrapped call
+    wall = {side: [] for side in sides}
+    cpu = {side: [] for side in sides}
+    for rep in range(repeats + 1):  # the first round warms up every side and is dropped
+        for side in sides[rep % 3 :] + sides[: rep % 3]:  # rotated: each side runs first, middle and last alike
+            exps = make_experiences(makers[side], prompts, rewards, resp_len, rng)
+            for w in (wrapper, direct):
+                w._digest_cache.clear()
+                w._digest_cache_chars = 0
             t0, c0 = time.perf_counter(), time.process_time()
-            maker.compute_advantages_and_returns(exps)
+            makers[side].compute_advantages_and_returns(exps)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if rep:
                 wall[side].append(dt)
                 cpu[side].append(dc)
-                if side == "wrapped":
-                    own.append(timed.last_cpu)
-    med_p, med_w = statistics.median(cpu["plain"]), statistics.median(cpu["wrapped"])
+                if side in own:
+                    own[side].append(timed[side].last_cpu)
+    med = {side: statistics.median(cpu[side]) for side in sides}
+    med_p, med_w = med["plain"], med["wrapped"]
     wall_p, wall_w = statistics.median(wall["plain"]), statistics.median(wall["wrapped"])
-    med_own = statistics.median(own)
-    # Each repeat measures both sides back to back: the median of those paired ratios cancels slow load drifts.
+    med_own = statistics.median(own["wrapped"])
+    # Each repeat measures every side back to back: the median of those paired ratios cancels slow load drifts.
     pairs = statistics.median(w / p for w, p in zip(cpu["wrapped"], cpu["plain"]))
+    direct_pairs = statistics.median(d / w for d, w in zip(cpu["direct"], cpu["wrapped"]))
     return {
         "bench": "wrapper_overhead",
         "experiences_per_call": n_exp,
@@ -167,6 +186,12 @@ def bench(estimator: str, resp_len: int, micro_batch: int, n_exp: int, repeats: 
         "wrap_experiences_cpu_s": round(med_own, 5),
         # The wrapper's own share measured inside the wrapped calls: robust to load on a shared machine.
         "ratio_in_call": round(1.0 + med_own / med_p, 4),
+        "direct_inference": DIRECT_INFERENCE,
+        "direct_median_cpu_s": round(med["direct"], 5),
+        "direct_vs_ctrl": round(med["direct"] / med_w, 4),
+        "direct_vs_ctrl_paired": round(direct_pairs, 4),
+        "direct_wrap_experiences_cpu_s": round(statistics.median(own["direct"]), 5),
+        "direct_vs_ctrl_own": round(statistics.median(own["direct"]) / med_own, 4),
     }
 
 
@@ -186,7 +211,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # upstream's per-experience ops are tiny; one thread keeps both sides comparable
     print(
         f"{'estimator':<20}{'exps':>6}{'tokens':>8}{'plain cpu s':>12}{'wrapped':>9}{'ratio':>8}{'wall':>8}"
-        f"{'paired':>8}{'wrap s':>9}{'in-call':>9}"
+        f"{'paired':>8}{'wrap s':>9}{'in-call':>9}{'direct':>9}{'d/ctrl':>8}{'d/c own':>9}"
     )
     for est, tokens, mb in configs:
         r = bench(est, tokens, mb, a.experiences, a.repeats, rng)
@@ -194,7 +219,8 @@ def main(argv=None) -> int:
         print(
             f"{est:<20}{r['experiences']:>6}{tokens:>8}{r['plain_median_cpu_s']:>12.4f}"
             f"{r['wrapped_median_cpu_s']:>9.4f}{r['ratio']:>8.3f}{r['ratio_wall']:>8.3f}"
-            f"{r['ratio_paired']:>8.3f}{r['wrap_experiences_cpu_s']:>9.4f}{r['ratio_in_call']:>9.3f}",
+            f"{r['ratio_paired']:>8.3f}{r['wrap_experiences_cpu_s']:>9.4f}{r['ratio_in_call']:>9.3f}"
+            f"{r['direct_median_cpu_s']:>9.4f}{r['direct_vs_ctrl']:>8.3f}{r['direct_vs_ctrl_own']:>9.3f}",
             flush=True,
         )
         print(json.dumps(r), flush=True)
@@ -205,8 +231,11 @@ def main(argv=None) -> int:
         "worst_ratio": worst,
         "worst_ratio_paired": max(r["ratio_paired"] for r in results),
         "worst_ratio_in_call": worst_in_call,
+        "worst_direct_vs_ctrl": max(r["direct_vs_ctrl"] for r in results),
+        "worst_direct_vs_ctrl_paired": max(r["direct_vs_ctrl_paired"] for r in results),
+        "worst_direct_vs_ctrl_own": max(r["direct_vs_ctrl_own"] for r in results),
         "target": 1.05,
-        "ok": worst <= 1.05,
+        "ok": worst <= 1.05 and max(r["direct_vs_ctrl"] for r in results) <= 1.05,
     }
     print(json.dumps(summary))
     return 0

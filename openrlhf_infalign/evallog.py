@@ -18,6 +18,8 @@ update; ``infalign report`` and the demo read it. Schema (one object per line; e
                                        #   (before that step's update); null when not measured (KL as loss)
       "kl_token_mean": 0.0,            # float or null: upstream's logged per-token mean KL of the same step
       "inference": "bon:4",            # the run's inference procedure: standard | bon:N | won:N
+      "objective": "ctrl",             # what trained: "ctrl" (a transform of the calibrated reward), "direct" (the
+                                       #   group estimator of the win rate, infalign.direct), or null (no wrapper)
       "transform": "exp:t=10",         # the RESOLVED transform the run trains with (never "auto"), or null
       "beta": 0.05,                    # float or null: --algo.kl.init_coef in force (kl_ctl.value)
       "kl_budget": 0.5,                # float or null: the KL budget the run was planned for

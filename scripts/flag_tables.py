@@ -1,4 +1,5 @@
-"""Write docs/flags.md, every command's flag table and the estimator table, from the definitions themselves.
+"""Write docs/flags.md, every command's flag table, the estimator table and the direct objective's composition table,
+from the definitions themselves.
 
 python scripts/flag_tables.py           # rewrite docs/flags.md
 python scripts/flag_tables.py --check   # exit 1 when docs/flags.md differs from the definitions (tests run this)
@@ -19,6 +20,7 @@ from openrlhf_infalign.commands.plan import PlanSettings
 from openrlhf_infalign.commands.report import ReportSettings
 from openrlhf_infalign.commands.score import ScoreSettings
 from openrlhf_infalign.commands.store import StoreExportSettings, StoreImportSettings, StoreInfoSettings
+from openrlhf_infalign.core.direct import BASELINES, COMPOSITION_RULES
 from openrlhf_infalign.demo.pipeline import DemoSettings
 from openrlhf_infalign.options import flag_table
 from openrlhf_infalign.studies.dynamics import DynamicsSettings
@@ -56,7 +58,7 @@ def render() -> str:
     ]
     for title, cls in SECTIONS:
         parts += ["", f"## {title}", "", flag_table(cls)]
-    parts += ["", estimator_table()]
+    parts += ["", estimator_table(), "", composition_table()]
     return "\n".join(parts) + "\n"
 
 
@@ -74,6 +76,26 @@ def estimator_table() -> str:
     ]
     for name, e in ESTIMATORS.items():
         rows.append(f"| `{name}` | {e.shaping} | {e.words()} |")
+    return "\n".join(rows)
+
+
+def composition_table() -> str:
+    """``core.direct.COMPOSITION_RULES``: how each estimator composes with the direct objective's rewards."""
+    rows = [
+        "## How `--algo.advantage.estimator` composes with `infalign.direct`",
+        "",
+        "The direct objective's rewards are each prompt group's unbiased estimator of the Best-/Worst-of-N win rate; "
+        "the estimator's own baseline then shapes them before the KL term. The factor is the reward scale "
+        "`--algo.kl.init_coef` carries (init_coef = the coefficient on the direct reward times it); refused "
+        "estimators stop training at start-up with the reason (`openrlhf_infalign/core/direct.py`, why: "
+        "docs/architecture.md section 4). `infalign.direct` trains with the leave-one-out baseline (n > N); the "
+        "baseline `none` (n >= N) is the core estimator's other form.",
+        "",
+        "| `--algo.advantage.estimator` | " + " | ".join(f"baseline `{b}`" for b in BASELINES) + " |",
+        "|---" * (1 + len(BASELINES)) + "|",
+    ]
+    for name, rules in COMPOSITION_RULES.items():
+        rows.append(f"| `{name}` | " + " | ".join(r.replace("|", "\\|") for r in rules) + " |")
     return "\n".join(rows)
 
 

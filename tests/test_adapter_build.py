@@ -16,7 +16,13 @@ import pytest
 from openrlhf_infalign.adapter import build
 from openrlhf_infalign.adapter.args import get
 from openrlhf_infalign.adapter.planning import ACCEPT_FLAG, kl_coef_for_beta
-from openrlhf_infalign.adapter.wrapper import CTRLRewardWrapper, make_calibrate_wrapper, make_ctrl_wrapper
+from openrlhf_infalign.adapter.wrapper import (
+    CTRLRewardWrapper,
+    make_calibrate_wrapper,
+    make_ctrl_wrapper,
+    make_direct_wrapper,
+)
+from openrlhf_infalign.core.direct import direct_coef_k, direct_kl_coef
 from openrlhf_infalign.core.finite_k import expected_kl_k, expected_win_rate_k
 from openrlhf_infalign.core.planning import resolve_transform
 from openrlhf_infalign.store import prompt_digests, prompt_key, write_store
@@ -175,3 +181,54 @@ def test_store_k_is_the_median_k_per_prompt(store_dir):
     assert build.store_k(build.ReferenceStore.open(store_dir)) == 16
     assert build.store_k(NS(manifest={"k_stats": {"median": 31.5}})) == 32
     assert build.store_k(NS(manifest={"k_stats": {"median": 1}})) is None and build.store_k(NS(manifest={})) is None
+
+
+# ── infalign.direct: refusals at start-up and its planned coefficient ──
+
+
+@pytest.mark.parametrize(
+    "inference, estimator, n, flags, match",
+    [
+        ("bon:4", "rloo", 4, {}, r"needs --rollout.n_samples_per_prompt > 4 .* got 4"),
+        ("won:2", "reinforce", 1, {}, r"--infalign.inference won:2 needs --rollout.n_samples_per_prompt > 2"),
+        ("bon:4", "group_norm", 8, {}, r"cannot train with --algo.advantage.estimator group_norm: .*std.*; use "),
+        ("standard", "rloo", 8, {}, r"give --infalign.inference bon:N or won:N"),
+        ("bon:4", "rloo", 8, {"transform": "exp:t=5"}, r"drop --infalign.transform exp:t=5"),
+    ],
+)
+def test_direct_refuses_at_start_up_in_one_line(store_dir, inference, estimator, n, flags, match):
+    args = run_args(store_dir, estimator=estimator, n=n, inference=inference, **flags)
+    with pytest.raises(ValueError, match=match) as e:
+        make_direct_wrapper(args)
+    assert "\n" not in str(e.value) and "--reward_wrapper infalign.direct" in str(e.value)
+
+
+@pytest.mark.parametrize("estimator, scale", [("rloo", 8 / 7), ("reinforce_baseline", 1.0), ("flash_reinforce", 1.0)])
+def test_direct_plan_coefficient_is_applied(store_dir, capsys, estimator, scale):
+    args = run_args(store_dir, estimator=estimator, n=8, inference="won:4", kl_budget=0.5, explicit_dests=[])
+    w = make_direct_wrapper(args)
+    planned = direct_kl_coef({"inference": "won:4", "kl": 0.5}, estimator, 8, k=16)
+    assert args.algo.kl.init_coef == w.kl_coef == pytest.approx(planned)
+    assert w.coef == pytest.approx(direct_coef_k("won:4", 0.5, 16)) == pytest.approx(planned / scale)
+    assert (w.n, w.k, w.kl_budget, w.objective, w.transform, w.beta) == (8, 16, 0.5, "direct", None, None)
+    err = capsys.readouterr().err
+    assert "KL COEFFICIENT SET BY THE PLAN" in err and f"--algo.kl.init_coef {planned:.4g}" in err
+    assert f"estimator {estimator}, n = 8, K = 16" in err and "leave-one-out baseline" in err
+
+
+def test_direct_explicit_coefficient_wins_and_no_budget_plans_nothing(store_dir, capsys):
+    args = run_args(store_dir, estimator="rloo", n=8, kl_init_coef=0.08, explicit_dests=["algo.kl.init_coef"])
+    w = make_direct_wrapper(args)
+    assert args.algo.kl.init_coef == w.kl_coef == 0.08 and w.coef == pytest.approx(0.08 * 7 / 8)
+    assert "using yours: coefficient 0.07 on the direct reward" in capsys.readouterr().err
+    args = run_args(store_dir, estimator="rloo", n=8, kl_budget=None)
+    w = make_direct_wrapper(args)
+    assert w.kl_coef == args.algo.kl.init_coef == 0.01 and "nothing planned" in capsys.readouterr().err
+
+
+def test_direct_unplanned_kl_stops_unless_accepted(store_dir, capsys):
+    with pytest.raises(ValueError, match="--reward_wrapper infalign.direct with --infalign.kl_budget plans a KL"):
+        make_direct_wrapper(run_args(store_dir, estimator="rloo", n=8, kl={"use_loss": True}))
+    args = run_args(store_dir, estimator="rloo", n=8, kl={"use_loss": True}, accept_unplanned_kl=True)
+    w = make_direct_wrapper(args)
+    assert w.coef is None and w.kl_coef == 0.01 and "the KL will NOT follow" in capsys.readouterr().err

@@ -257,3 +257,20 @@ def test_plan_coefficient_reaches_train_and_unplanned_settings_stop(store_dir, c
     assert rc == 2 and "error:" in err and "--algo.kl.use_loss moves the KL" in err and "accept_unplanned_kl" in err
     rc, seen = run(argv + ["--algo.kl.use_loss", "--infalign.accept_unplanned_kl"])
     assert rc == 0 and seen["args"].algo.kl.init_coef == 0.01 and seen["PPOTrainer"].state.beta is None
+
+
+def test_direct_wrapper_through_the_console_plans_and_refuses(store_dir, capsys):
+    argv = BASE + TEMPLATE + ["--reward_wrapper", "infalign.direct", "--infalign.store", store_dir,
+                              "--infalign.inference", "bon:4", "--infalign.kl_budget", "0.5",
+                              "--algo.advantage.estimator", "rloo"]  # fmt: skip
+    rc, seen = run(argv + ["--rollout.n_samples_per_prompt", "8"])
+    state = seen["PPOTrainer"].state
+    assert rc == 0 and state.objective == "direct" and state.wrapper.n == 8 and state.transform is None
+    assert seen["args"].algo.kl.init_coef == state.kl_coef == pytest.approx(state.wrapper.coef * 8 / 7)
+    capsys.readouterr()
+    rc, seen = run(argv + ["--rollout.n_samples_per_prompt", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not seen and len(err) == 1
+    assert "--infalign.inference bon:4 needs --rollout.n_samples_per_prompt > 4" in err[0]
+    rc, _ = run(argv[:-1] + ["group_norm", "--rollout.n_samples_per_prompt", "8"])
+    assert rc == 2 and "cannot train with --algo.advantage.estimator group_norm" in capsys.readouterr().err

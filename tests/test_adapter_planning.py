@@ -4,7 +4,14 @@ import sys
 
 import pytest
 
-from openrlhf_infalign.adapter.planning import beta_for_kl_coef, openrlhf_args, plan_with_flags, unplanned_reason
+from openrlhf_infalign.adapter.planning import (
+    beta_for_kl_coef,
+    direct_entry,
+    openrlhf_args,
+    plan_with_flags,
+    unplanned_reason,
+)
+from openrlhf_infalign.core.direct import direct_kl_coef, direct_plan
 from openrlhf_infalign.core.planning import plan
 from openrlhf_infalign.errors import UserError
 
@@ -22,7 +29,7 @@ def test_flags_train_the_recommended_transform():
 def test_plan_json_keeps_its_keys_in_order():
     p = plan_with_flags("bon:4", 0.5)
     keys = ["inference", "kl", "k", "estimator", "n_samples_per_prompt", "recommended", "optimal", "gap_to_optimal"]
-    assert list(p) == keys + ["baselines", "openrlhf_args", "notes"]
+    assert list(p) == keys + ["baselines", "openrlhf_args", "direct", "notes"]
     assert (p["k"], p["estimator"], p["n_samples_per_prompt"]) == (None, "gae", 1)
     assert p["openrlhf_args"] == openrlhf_args(plan("bon:4", 0.5))
 
@@ -87,3 +94,36 @@ def test_the_estimator_table_is_typed_data():
     assert set(PLANNED) == set(ESTIMATORS) - {"group_norm"}
     assert ESTIMATORS["group_norm"].reason == unplanned_reason("group_norm", 4)
     assert ESTIMATORS["reinforce_baseline"].words() == "beta * (n-1)/n" and ESTIMATORS["rloo"].words() == "beta"
+
+
+@pytest.mark.parametrize("estimator, scale", [("rloo", 8 / 7), ("reinforce_baseline", 1.0)])
+def test_plan_carries_the_direct_entry_with_its_flags(estimator, scale):
+    """The ``direct`` entry the study reads: its coefficient for the estimator and its train flags."""
+    p = plan_with_flags("won:4", 0.5, k=16, estimator=estimator, n_samples_per_prompt=8)
+    d = p["direct"]
+    assert (d["wrapper"], d["baseline"], d["refused"], d["k"], d["k_aware"]) == (
+        "infalign.direct",
+        "loo",
+        None,
+        16,
+        True,
+    )
+    assert d["kl_coef"] == pytest.approx(direct_kl_coef({"inference": "won:4", "kl": 0.5}, estimator, 8, k=16))
+    assert d["kl_coef"] == pytest.approx(d["coef"] * scale) and d["reward_scale"] == pytest.approx(scale)
+    row = direct_plan("won:4", 0.5, 16)
+    assert (d["kl"], d["win_rate"]) == (row["kl"], row["win_rate"])
+    assert d["openrlhf_args"] == ["--reward_wrapper", "infalign.direct", "--infalign.inference", "won:4",
+                                  "--infalign.kl_budget", "0.5", "--algo.kl.init_coef", f"{d['kl_coef']:.4g}"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "inference, estimator, n, words",
+    [("bon:4", "gae", 1, "needs --rollout.n_samples_per_prompt > 4"), ("standard", "rloo", 8, "bon:N or won:N"),
+     ("bon:2", "group_norm", 8, "cannot train with --algo.advantage.estimator group_norm")],
+)  # fmt: skip
+def test_plan_says_why_the_direct_objective_is_refused(inference, estimator, n, words):
+    if estimator == "group_norm":  # the CTRL plan refuses it first; the direct entry on its own
+        d = direct_entry(inference, 0.5, None, estimator, n)
+    else:
+        d = plan_with_flags(inference, 0.5, estimator=estimator, n_samples_per_prompt=n)["direct"]
+    assert set(d) == {"wrapper", "baseline", "refused"} and words in d["refused"]

@@ -6,7 +6,9 @@ setup hook + the CPU module, --infalign.cpu), ``get_strategy(args)``, ``from ope
 PPOTrainer; PPOTrainer.remote(pretrain, strategy, ...)``. The upstream constructor runs for real in the actor
 (tokenizer from disk, prompt dataset, sample generator, experience maker). The store directory is DELETED before the
 actor starts: the store must travel by value. Then, inside the actor, its own experience maker trains on the
-calibrated-and-transformed reward of prompts from its own (real, templated) dataloader.
+calibrated-and-transformed reward of prompts from its own (real, templated) dataloader. The same process then does
+it again with ``--reward_wrapper infalign.direct`` (a second ray.init, a second actor): the direct objective's
+wrapper, built by its factory in the driver, groups the actor's own prompts and trains on the group estimator.
 """
 
 from __future__ import annotations
@@ -37,13 +39,17 @@ SCRIPT = textwrap.dedent(r"""
     def inside_actor(self):
         import torch, sys
         from openrlhf.trainer.ppo_utils.experience import Experience
-        batch = next(iter(self.prompts_dataloader))  # (datasources, prompts, labels, images) from upstream's dataset
-        ps = list(batch[1])[:4]
-        raw = [0.7, -0.2, 1.3, 0.1][: len(ps)]
+        n = self.args.rollout.n_samples_per_prompt
+        batches = iter(self.prompts_dataloader)  # upstream's dataset, one prompt per batch (shuffled, no repeats)
+        prompts = [next(batches)[1][0] for _ in range(min(4, 8 // n))]  # (datasources, prompts, labels, images)
+        ps = [p for p in prompts for _ in range(n)]  # a prompt's n samples consecutive, as the generator emits
+        raw = [0.7, -0.2, 1.3, 0.1, 0.4, -1.1, 0.9, 0.0][: len(ps)]
         exps = [Experience(rewards=torch.tensor([r]), prompts=[p], index=[i],
                            action_mask=torch.ones(1, 3, dtype=torch.bool), kl=torch.zeros(1, 3), info={})
                 for i, (p, r) in enumerate(zip(ps, raw))]
-        out = self.experience_maker.compute_advantages_and_returns(exps)
+        exps = exps[::-1]  # handed over in another order: the index decides the groups
+        out = self.experience_maker.compute_advantages_and_returns(exps)[::-1]
+        key = "infalign/direct" if self.infalign.objective == "direct" else "infalign/transformed"
         fa = sys.modules.get("flash_attn")
         return {
             "cls": type(self).__mro__[1].__qualname__,
@@ -51,7 +57,8 @@ SCRIPT = textwrap.dedent(r"""
             "has_wrapper": getattr(self.experience_maker, "_infalign_reward_wrapper", None) is self.infalign.wrapper,
             "store_path_exists": os.path.exists(str(self.infalign.store.path)),
             "prompts": ps, "raw": raw,
-            "transformed": [float(e.info["infalign/transformed"][0]) for e in out],
+            "transformed": [float(e.info[key][0]) for e in out],
+            "objective": self.infalign.objective,
             "returns": [float(e.returns[0, 0]) for e in out],
             "flash_attn_standin": bool(getattr(fa, "__infalign_standin__", False)),
             "cpu_env": os.environ.get("INFALIGN_CPU"),
@@ -64,6 +71,7 @@ SCRIPT = textwrap.dedent(r"""
         import ray
         from openrlhf.utils import get_strategy
         ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        shutil.copytree(store_dir, store_dir + ".kept")  # for the second run
         shutil.rmtree(store_dir)  # the trainer actor must not need the directory
         strategy = get_strategy(args)
         from openrlhf.trainer.ppo_trainer import PPOTrainer
@@ -78,16 +86,22 @@ SCRIPT = textwrap.dedent(r"""
         result["driver_pid"] = os.getpid()
         ray.shutdown()
 
-    rc = run_train_ppo([
+    common = [
         "--infalign.cpu",
         "--actor.model_name_or_path", os.path.join(tmp, "tok"),
         "--reward.remote_url", "http://127.0.0.1:9/none",
         "--data.prompt_dataset", prompts_file, "--data.input_template", "Q : {} A :",
-        "--reward_wrapper", "infalign.ctrl", "--infalign.store", store_dir, "--infalign.transform", "exp:t=5",
-        "--algo.advantage.estimator", "reinforce", "--rollout.batch_size", "4", "--train.batch_size", "4",
+        "--infalign.store", store_dir, "--algo.advantage.estimator", "reinforce",
+        "--rollout.batch_size", "4", "--train.batch_size", "4",
         "--actor.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1", "--vllm.num_engines", "0",
-    ], train=train)
+    ]
+    rc = run_train_ppo(common + ["--reward_wrapper", "infalign.ctrl", "--infalign.transform", "exp:t=5"], train=train)
     print("RESULT" + json.dumps({"rc": rc, **result}))
+    shutil.move(store_dir + ".kept", store_dir)
+    result.clear()
+    rc = run_train_ppo(common + ["--reward_wrapper", "infalign.direct", "--infalign.inference", "bon:2",
+                                 "--rollout.n_samples_per_prompt", "4", "--train.batch_size", "16"], train=train)
+    print("DIRECT" + json.dumps({"rc": rc, **result}))
     """)
 
 
@@ -98,7 +112,8 @@ def test_trainer_actor_in_ray_gets_wrapper_and_store_by_value(tmp_path):
         [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=tmp_path
     )
     lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT")]
-    assert res.returncode == 0 and lines, res.stdout[-3000:] + res.stderr[-5000:]
+    direct = [x for x in res.stdout.splitlines() if x.startswith("DIRECT")]
+    assert res.returncode == 0 and lines and direct, res.stdout[-3000:] + res.stderr[-5000:]
     r = json.loads(lines[-1][len("RESULT") :])
     assert r["rc"] == 0
     assert r["pid"] != r["driver_pid"]  # really another process
@@ -112,3 +127,13 @@ def test_trainer_actor_in_ray_gets_wrapper_and_store_by_value(tmp_path):
     assert r["transformed"] == r["expected"] or max(abs(a - b) for a, b in zip(r["transformed"], r["expected"])) < 1e-6
     assert max(abs(a - b) for a, b in zip(r["returns"], r["expected"])) < 1e-6  # reinforce, no KL: return = reward
     assert all(0.0 <= x <= 1.0 for x in r["transformed"]) and r["transformed"] != r["raw"]
+    assert r["objective"] == "ctrl"
+    # infalign.direct: built in the driver, shipped by value, grouped by index in the actor (Best-of-2, two groups
+    # of 4 handed over in reverse): the driver's copy on the same samples, and each group's rewards sum to 0
+    d = json.loads(direct[-1][len("DIRECT") :])
+    assert d["rc"] == 0 and d["objective"] == "direct" and d["has_wrapper"] is True and d["store_path_exists"] is False
+    assert len(set(d["prompts"][:4])) == len(set(d["prompts"][4:])) == 1 and d["prompts"][0] != d["prompts"][4]
+    assert max(abs(a - b) for a, b in zip(d["transformed"], d["expected"])) < 1e-6
+    assert max(abs(a - b) for a, b in zip(d["returns"], d["expected"])) < 1e-6
+    assert abs(sum(d["transformed"][:4])) < 1e-6 and abs(sum(d["transformed"][4:])) < 1e-6
+    assert any(abs(x) > 1e-3 for x in d["transformed"])

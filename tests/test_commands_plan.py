@@ -152,3 +152,14 @@ def test_k_aware_frontier_matches_the_plan(capsys):
     )
     rec = plan_with_flags("bon:4", 0.5, k=16)["recommended"]
     assert f["points"][0]["beta"] == pytest.approx(rec["beta"]) and f["points"][0]["transform"] == rec["transform"]
+
+
+def test_plan_table_shows_the_direct_row_and_its_flags(capsys):
+    argv = ["plan", "--inference", "bon:4", "--kl-budget", "0.5", "--algo.advantage.estimator", "rloo"]
+    assert main(argv + ["--rollout.n_samples_per_prompt", "8"]) == 0
+    out = capsys.readouterr().out
+    d = plan_with_flags("bon:4", 0.5, estimator="rloo", n_samples_per_prompt=8)["direct"]
+    assert f"coefficient {d['coef']:.4g} on its reward, --algo.kl.init_coef {d['kl_coef']:.4g}" in out
+    assert f"win rate {d['win_rate']:.4f}" in out and " ".join(d["openrlhf_args"]) in out
+    assert main(argv + ["--rollout.n_samples_per_prompt", "4"]) == 0
+    assert "Direct objective (infalign.direct): refused: " in capsys.readouterr().out

@@ -191,3 +191,32 @@ def test_cli_pairs_writes_gaps_and_tilts(tmp_path, plans):
     tilt = result["arms"]["identity"]["short"]["tilt"]
     assert len(tilt["profile"]) == 16 and 0 <= tilt["interaction_share"] <= 1
     assert "ctrl_exp_bon4-identity (bon)" in result["gaps"]["short"]
+
+
+def test_the_direct_reward_is_the_group_estimator_and_trains():
+    """``direct:won:4`` is core.direct's estimator with its leave-one-out baseline (group mean 0, so
+    reinforce_baseline's own mean does nothing); a short run spends KL and raises its own metric."""
+    from openrlhf_infalign.core.direct import group_rewards
+    from openrlhf_infalign.core.transforms import parse_transform
+
+    u = np.random.default_rng(0).random((32, 8))
+    np.testing.assert_array_equal(dynamics.reward_fn("direct:won:4")(u), group_rewards(u, "won:4", "loo"))
+    np.testing.assert_array_equal(dynamics.reward_fn("exp:t=3")(u), parse_transform("exp:t=3")(u))
+    traj = dynamics.simulate("direct:bon:4", 0.05, 9, 0, dynamics.Setting())
+    assert traj[0]["kl"] == pytest.approx(0.0, abs=1e-12) and traj[-1]["kl"] > 0.1
+    assert traj[-1]["bon"] > traj[0]["bon"] + 0.05
+
+
+def test_arms_from_plans_carry_the_direct_and_log_arms_coefficients(plans):
+    from openrlhf_infalign.core.direct import direct_coef_k
+
+    arms = dynamics.arms_from_plans(plans, extra=True)
+    assert arms["direct_bon4"] == ("direct:bon:4", plans["bon:4"]["direct"]["kl_coef"])
+    assert arms["direct_won4"] == ("direct:won:4", plans["won:4"]["direct"]["kl_coef"])
+    assert arms["log_bon4"] == ("log", plans["bon:4"]["baselines"]["log"]["kl_coef"])
+    # reinforce_baseline with the leave-one-out baseline: the direct coefficient itself (core.direct)
+    assert arms["direct_won4"][1] == pytest.approx(direct_coef_k("won:4", 0.5, 32))
+    refused = {
+        inf: {**p, "direct": {"wrapper": "infalign.direct", "refused": "n too small"}} for inf, p in plans.items()
+    }
+    assert "direct_bon4" not in dynamics.arms_from_plans(refused, extra=True)

@@ -1,5 +1,9 @@
 """Building the ``infalign.*`` reward wrappers from OpenRLHF's parsed arguments, in the driver.
 
+:func:`direct_settings` does the same for ``infalign.direct`` (store, run record, K), refuses the group sizes and
+advantage estimators the direct estimator cannot train with, and applies its own planned coefficient
+(:func:`.planning.apply_direct_kl_coef`).
+
 :func:`ctrl_settings` opens the reference store (``--infalign.store``), checks its run record against this
 run's (:mod:`.run_record`: template, sampling, policy, reward source, normalisation), plans the transform for
 ``--infalign.inference`` at ``--infalign.kl_budget`` with K = the store's median reference samples per prompt, and
@@ -24,13 +28,19 @@ from typing import Optional
 
 from openrlhf_infalign.adapter.args import get
 from openrlhf_infalign.adapter.flags import TRAIN_DEFAULTS
-from openrlhf_infalign.adapter.planning import apply_kl_coef, check_planned_kl
+from openrlhf_infalign.adapter.planning import (
+    apply_direct_kl_coef,
+    apply_kl_coef,
+    check_direct,
+    check_planned_kl,
+    kl_settings,
+)
 from openrlhf_infalign.adapter.run_record import check_run
 from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.core.planning import check_k, resolve_transform
 from openrlhf_infalign.store import ReferenceStore
 
-__all__ = ["ctrl_settings", "say", "store_k"]
+__all__ = ["ctrl_settings", "direct_settings", "say", "store_k"]
 
 
 def say(msg: str) -> None:
@@ -43,15 +53,7 @@ def ctrl_settings(args, name: str, transform_spec: Optional[str] = None) -> dict
 
     ``transform_spec`` overrides ``--infalign.transform`` (``infalign.calibrate`` is the identity transform).
     """
-    store_dir = get(args, "infalign.store")
-    if not store_dir:
-        raise ValueError(
-            f"--reward_wrapper {name} needs --infalign.store DIR: the reference rewards of the training prompts "
-            "(build them with `infalign calibrate`)"
-        )
-    store = ReferenceStore.open(store_dir)
-    check_run(args, store)
-
+    store_dir, store = _open_store(args, name)
     inference = InferenceProcedure.parse(get(args, "infalign.inference", TRAIN_DEFAULTS.inference))
     spec = transform_spec or get(args, "infalign.transform", TRAIN_DEFAULTS.transform)
     kl_budget = get(args, "infalign.kl_budget")
@@ -61,7 +63,7 @@ def ctrl_settings(args, name: str, transform_spec: Optional[str] = None) -> dict
             f"(see `infalign plan --inference {inference.spec} --kl-budget 0.5`), or give a fixed transform such as exp:t=10"
         )
     k = store_k(store)
-    unplanned = check_planned_kl(args, spec) if kl_budget is not None else None
+    unplanned = check_planned_kl(args, f"--infalign.transform {spec}") if kl_budget is not None else None
     transform, beta = resolve_transform(spec, inference, kl_budget, k=k)
 
     _check_reward_flags(args)
@@ -86,14 +88,64 @@ def ctrl_settings(args, name: str, transform_spec: Optional[str] = None) -> dict
     )
 
 
-def _check_reward_flags(args) -> None:
+def direct_settings(args, name: str) -> dict:
+    """Keyword arguments of ``DirectRewardWrapper`` for wrapper ``name``: store, procedure, group size and the
+    planned coefficient. Every refusal is one line naming the flags to change, before any Ray actor starts."""
+    store_dir, store = _open_store(args, name)
+    inference = InferenceProcedure.parse(get(args, "infalign.inference", TRAIN_DEFAULTS.inference))
+    spec = get(args, "infalign.transform", TRAIN_DEFAULTS.transform)
+    if spec != TRAIN_DEFAULTS.transform:
+        raise ValueError(
+            f"--reward_wrapper {name} trains on the group estimator of the win rate, not on a transform: drop "
+            f"--infalign.transform {spec} (or use --reward_wrapper infalign.ctrl)"
+        )
+    ks = kl_settings(args)
+    check_direct(inference, ks["estimator"], ks["n"], name)
+    kl_budget = get(args, "infalign.kl_budget")
+    unplanned = check_planned_kl(args, f"--reward_wrapper {name}") if kl_budget is not None else None
+    k = store_k(store)
+    _check_reward_flags(args, low=-1.0, what="the direct rewards (group estimator minus its baseline)")
+    say(
+        f"{name}: reference store {store_dir} ({len(store)} prompts, median K = {k}), inference {inference.spec}, "
+        f"the unbiased group estimator of its win rate over groups of n = {ks['n']} with the leave-one-out baseline"
+    )
+    coef, kl_coef, line = apply_direct_kl_coef(args, inference, kl_budget, k, unplanned)
+    say(line)
+    return dict(
+        store=store,
+        inference=inference,
+        n=ks["n"],
+        coef=coef,
+        kl_coef=kl_coef,
+        k=k,
+        kl_budget=kl_budget,
+        on_missing=get(args, "infalign.on_missing", TRAIN_DEFAULTS.on_missing),
+        name=name,
+    )
+
+
+def _open_store(args, name: str) -> tuple:
+    """(directory, opened store) of ``--infalign.store``, its run record checked against this run's."""
+    store_dir = get(args, "infalign.store")
+    if not store_dir:
+        raise ValueError(
+            f"--reward_wrapper {name} needs --infalign.store DIR: the reference rewards of the training prompts "
+            "(build them with `infalign calibrate`)"
+        )
+    store = ReferenceStore.open(store_dir)
+    check_run(args, store)
+    return store_dir, store
+
+
+def _check_reward_flags(args, low: float = 0.0, what: str = "transformed rewards") -> None:
+    """Warn where --reward.clip_range would clip the wrapper's rewards, which lie in [low, 1]."""
     clip = get(args, "reward.clip_range")
     if clip is not None and len(clip) == 2:
         lo, hi = float(clip[0]), float(clip[1])
-        if lo > 0.0 or hi < 1.0:
+        if lo > low or hi < 1.0:
             say(
-                f"warning: --reward.clip_range {lo:g} {hi:g} clips transformed rewards, which lie in [0, 1] "
-                "(before baselines and KL). Use a range containing [0, 1], e.g. the default -10 10."
+                f"warning: --reward.clip_range {lo:g} {hi:g} clips {what}, which lie in [{low:g}, 1] "
+                f"(before baselines and KL). Use a range containing [{low:g}, 1], e.g. the default -10 10."
             )
 
 

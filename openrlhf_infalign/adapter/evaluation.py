@@ -359,6 +359,7 @@ class InfAlignEvalMixin:
             "kl_rollout": self._infalign_kl,
             "kl_token_mean": self._infalign_kl_token_mean,
             "inference": _spec(getattr(inf, "inference", None) or get(args, "infalign.inference")),
+            "objective": getattr(inf, "objective", None),
             # An eval-only state (plain reward) has no transform: null, not the unused flag default "auto".
             "transform": _spec(
                 getattr(inf, "transform", None) if inf is not None else get(args, "infalign.transform")

@@ -41,7 +41,9 @@ class TrainSettings:
         metavar="NAME",
         help="reward wrapper applied to every sample's reward before baselines, normalisation, clipping and KL "
         f"shaping, resolved through the entry-point group `{WRAPPER_GROUP}`: infalign.ctrl = calibrate + transform, "
-        "infalign.calibrate = calibrate only (identity transform); none: plain OpenRLHF rewards",
+        "infalign.calibrate = calibrate only (identity transform), infalign.direct = calibrate, then each prompt "
+        "group's unbiased estimator of the Best-/Worst-of-N win rate (leave-one-out baseline; needs "
+        "--rollout.n_samples_per_prompt > N); none: plain OpenRLHF rewards",
     )
     store: Optional[str] = option(
         None,
@@ -64,15 +66,16 @@ class TrainSettings:
         metavar="SPEC",
         help="transform Phi of the calibrated reward: auto | identity | exp:t=T | negexp:t=T | log | power:k=K | "
         "optimal; auto = the plan for --infalign.inference at --infalign.kl_budget (exp:t for bon, negexp:t for won, "
-        "identity for standard), optimal = the exact fixed-point optimum at that budget; all normalised to [0, 1]",
+        "identity for standard), optimal = the exact fixed-point optimum at that budget; all normalised to [0, 1]; "
+        "infalign.direct has none (leave it at auto)",
     )
     kl_budget: Optional[float] = option(
         None,
         flags=("--infalign.kl_budget",),
         metavar="NATS",
-        help="KL(pi || pi_ref) budget in nats the transform is planned for (needed by auto and optimal); the plan's "
-        "KL coefficient for the run's estimator, samples per prompt and the store's median K becomes "
-        "--algo.kl.init_coef unless that is given",
+        help="KL(pi || pi_ref) budget in nats the transform (or infalign.direct) is planned for (needed by auto and "
+        "optimal); the plan's KL coefficient for the run's estimator, samples per prompt and the store's median K "
+        "becomes --algo.kl.init_coef unless that is given",
     )
     accept_unplanned_kl: bool = option(
         False,

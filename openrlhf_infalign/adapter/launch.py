@@ -52,6 +52,8 @@ class InfAlignState:
     ``inference``, ``beta`` (effective KL coefficient in force), ``kl_coef`` (``--algo.kl.init_coef``, set by the
     plan in the driver before ``train()`` unless given), ``k`` (the store's median K), ``kl_budget``: the plan.
     ``args``: the ``args.infalign`` namespace. ``eval_at_start``: run the step-0 evaluation before the first update.
+    ``objective``: what the wrapper trains (``ctrl`` for a transform, ``direct`` for the group estimator; None
+    without a wrapper or for a third party's that does not say), recorded in the eval log.
     """
 
     wrapper: Any = None
@@ -65,6 +67,7 @@ class InfAlignState:
     kl_budget: Optional[float] = None
     args: Any = None
     eval_at_start: bool = False
+    objective: Optional[str] = None
 
 
 def prepare(args) -> Optional[InfAlignState]:
@@ -103,6 +106,7 @@ def prepare(args) -> Optional[InfAlignState]:
         kl_budget=getattr(wrapper, "kl_budget", None),
         args=getattr(args, "infalign", None),
         eval_at_start=eval_at_start,
+        objective=getattr(wrapper, "objective", None),
     )
 
 

@@ -8,7 +8,11 @@ whitening afterwards rescales reward and KL alike: it changes the step size, not
 
 This module is the one home of that mapping, of a plan's train flags (:func:`openrlhf_args`), of the plan with
 flags that `infalign plan` prints (:func:`plan_with_flags`) and of the coefficient training applies
-(:func:`apply_kl_coef`). It imports no openrlhf package: `infalign plan` uses it and must start fast.
+(:func:`apply_kl_coef`). The direct objective (``infalign.direct``, ``core.direct``) has its own mapping, because
+its group estimator's rewards compose with the estimators differently (``core.direct.COMPOSITION_RULES``): its
+plan row and flags (:func:`direct_entry`, the ``direct`` entry of the plan), its refusals (:func:`check_direct`) and
+its applied coefficient (:func:`apply_direct_kl_coef`) live here too. It imports no openrlhf package: `infalign
+plan` uses it and must start fast.
 """
 
 from __future__ import annotations
@@ -17,20 +21,25 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from openrlhf_infalign.adapter.args import get
-from openrlhf_infalign.core import planning
+from openrlhf_infalign.core import direct, planning
 from openrlhf_infalign.core.finite_k import expected_kl_k, expected_win_rate_k
+from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.errors import UserError
 
 __all__ = [
     "ACCEPT_FLAG",
+    "DIRECT_WRAPPER",
     "ESTIMATORS",
     "NotPlanned",
     "PlanNotApplicable",
     "Planned",
     "UPSTREAM_KL_INIT_COEF",
+    "apply_direct_kl_coef",
     "apply_kl_coef",
     "beta_for_kl_coef",
+    "check_direct",
     "check_planned_kl",
+    "direct_entry",
     "kl_coef_for_beta",
     "kl_settings",
     "openrlhf_args",
@@ -40,6 +49,7 @@ __all__ = [
 
 UPSTREAM_KL_INIT_COEF = 0.01  # train_ppo_ray's default for --algo.kl.init_coef
 ACCEPT_FLAG = "--infalign.accept_unplanned_kl"
+DIRECT_WRAPPER = "infalign.direct"
 
 
 @dataclass(frozen=True)
@@ -185,7 +195,158 @@ def plan_with_flags(inference, kl: float, k=None, estimator: str = "gae", n_samp
     head["n_samples_per_prompt"] = n_samples_per_prompt
     out = {**head, **p}
     # The flags sit before the notes, where the plan has always printed them.
-    return {**out, "openrlhf_args": openrlhf_args(out), "notes": notes}
+    out = {**out, "openrlhf_args": openrlhf_args(out)}
+    return {
+        **out,
+        "direct": direct_entry(out["inference"], out["kl"], k, estimator, n_samples_per_prompt),
+        "notes": notes,
+    }
+
+
+# ── the direct objective (infalign.direct) ──
+
+
+def direct_refusal(inference, estimator: str, n: int, name: str = DIRECT_WRAPPER) -> Optional[str]:
+    """Why ``name`` cannot train ``inference`` with this estimator and group size (one line naming the flags), or
+    None. The leave-one-out baseline needs N of the other n-1 samples; ``core.direct.composition`` says which
+    estimators keep the estimator unbiased."""
+    inf = InferenceProcedure.coerce(inference)
+    if inf.kind == "standard":
+        return (
+            f"--reward_wrapper {name} optimises a Best-/Worst-of-N win rate: give --infalign.inference bon:N or won:N "
+            "(the standard win rate is --reward_wrapper infalign.calibrate)"
+        )
+    if n <= inf.n:
+        return (
+            f"--reward_wrapper {name} with --infalign.inference {inf.spec} needs --rollout.n_samples_per_prompt > "
+            f"{inf.n} (its leave-one-out baseline takes {inf.n} of the other n-1 samples of a prompt), got {n}"
+        )
+    comp = direct.composition(estimator, n, inf)
+    if comp.refused:
+        return (
+            f"--reward_wrapper {name} cannot train with --algo.advantage.estimator {estimator}: {comp.reason}; use "
+            + " | ".join(e for e in direct.COMPOSITION_RULES if not direct.composition(e, n, inf).refused)
+        )
+    return None
+
+
+def check_direct(inference, estimator: str, n: int, name: str = DIRECT_WRAPPER) -> None:
+    """Raise ValueError with :func:`direct_refusal`'s line (training start-up)."""
+    _estimator(estimator, n)  # an unknown estimator or n < 1 says so first
+    reason = direct_refusal(inference, estimator, n, name)
+    if reason:
+        raise ValueError(reason)
+
+
+def direct_args(inference: str, kl: float, kl_coef: float) -> list[str]:
+    """``train_ppo_ray`` flags of the direct objective, in the order :func:`openrlhf_args` writes CTRL's."""
+    return [
+        "--reward_wrapper",
+        DIRECT_WRAPPER,
+        "--infalign.inference",
+        inference,
+        "--infalign.kl_budget",
+        f"{kl:g}",
+        "--algo.kl.init_coef",
+        f"{kl_coef:.4g}",
+    ]
+
+
+def direct_entry(inference, kl: float, k: Optional[int], estimator: str, n: int) -> dict:
+    """The ``direct`` entry of a plan: the direct objective's row and its train flags, or why it is refused.
+
+    ``{"wrapper", "baseline", "refused": None, "coef" (on the direct reward), "reward_scale", "kl_coef"
+    (--algo.kl.init_coef), "kl", "win_rate" (expected over stores of K), "k", "k_aware", "composition",
+    "openrlhf_args"}``; refused: ``{"wrapper", "baseline", "refused": reason}``."""
+    inf = InferenceProcedure.coerce(inference)
+    head = {"wrapper": DIRECT_WRAPPER, "baseline": "loo"}
+    reason = direct_refusal(inf, estimator, n)
+    if reason:
+        return {**head, "refused": reason}
+    comp = direct.composition(estimator, n, inf)
+    row = direct.direct_plan(inf, kl, k)
+    kl_coef = row["coef"] * comp.reward_scale
+    return {
+        **head,
+        "refused": None,
+        "coef": row["coef"],
+        "reward_scale": comp.reward_scale,
+        "kl_coef": kl_coef,
+        "kl": row["kl"],
+        "win_rate": row["win_rate"],
+        "k": row["k"],
+        "k_aware": row["k_aware"],
+        "composition": comp.reason,
+        "openrlhf_args": direct_args(inf.spec, kl, kl_coef),
+    }
+
+
+def apply_direct_kl_coef(
+    args, inference, kl_budget: Optional[float], k: Optional[int], unplanned: Optional[str] = None
+) -> tuple[Optional[float], Optional[float], str]:
+    """``apply_kl_coef`` for the direct objective: set ``args.algo.kl.init_coef`` to ``core.direct.direct_kl_coef``
+    (the coefficient whose direct optimum has the budget's expected KL at K, times the estimator's reward scale)
+    unless given. Returns (the coefficient on the direct reward in force, init_coef in force, the line to say)."""
+    ks = kl_settings(args)
+    est, n = ks["estimator"], ks["n"]
+    scale = direct.composition(est, n, inference).reward_scale
+    coef = get(args, "algo.kl.init_coef")
+    where = f"estimator {est}, n = {n}, K = {k if k is not None else 'infinity'}"
+    effective = coef / scale if coef is not None and coef > 0 else None
+    if kl_budget is None:
+        return (
+            effective,
+            coef,
+            (
+                f"{DIRECT_WRAPPER} without --infalign.kl_budget: nothing planned, training at --algo.kl.init_coef "
+                f"{coef} ({where})"
+            ),
+        )
+    if unplanned is not None:
+        return (
+            None,
+            coef,
+            (
+                f"{ACCEPT_FLAG}: training {DIRECT_WRAPPER} at --algo.kl.init_coef {coef:g}; the KL will NOT follow the "
+                f"plan for KL {kl_budget:g} nats: {unplanned}"
+            ),
+        )
+    plan = {"inference": inference, "kl": kl_budget}
+    planned_coef = direct.direct_kl_coef(plan, est, n, k=k)
+    row = direct.direct_plan(inference, kl_budget, k)
+    expected = (
+        f"expected KL {row['kl']:.3g} nats, {InferenceProcedure.coerce(inference).spec} win rate {row['win_rate']:.3f}"
+    )
+    if not _is_explicit(args):
+        args.algo.kl.init_coef = planned_coef
+        return (
+            planned_coef / scale,
+            planned_coef,
+            (
+                f"KL COEFFICIENT SET BY THE PLAN: --algo.kl.init_coef was not given, training {DIRECT_WRAPPER} at "
+                f"--algo.kl.init_coef {planned_coef:.4g} (coefficient {row['coef']:.4g} on the direct reward times "
+                f"{est}'s reward scale {scale:.4g}, for KL {kl_budget:g} nats; {where}): {expected}"
+            ),
+        )
+    if effective is None:
+        return (
+            None,
+            coef,
+            (
+                f"--algo.kl.init_coef {coef} (given): no KL penalty, so nothing holds the policy near the reference; "
+                f"the plan's is {planned_coef:.4g} ({where})"
+            ),
+        )
+    same = abs(coef - planned_coef) <= 1e-3 * planned_coef
+    head = "is the plan's" if same else f"differs from the plan's {planned_coef:.4g} ({expected} there)"
+    return (
+        effective,
+        coef,
+        (
+            f"--algo.kl.init_coef {coef:g} (given) {head}; using yours: coefficient {effective:.4g} on the direct "
+            f"reward ({where})"
+        ),
+    )
 
 
 # ── the coefficient training applies (build.ctrl_settings, in the driver, before upstream's train()) ──
@@ -202,14 +363,15 @@ def kl_settings(args) -> dict:
     )
 
 
-def check_planned_kl(args, spec: str) -> Optional[str]:
-    """Stop when no fixed coefficient gives the plan, unless the user accepts an unplanned KL (returns the reason)."""
+def check_planned_kl(args, what: str) -> Optional[str]:
+    """Stop when no fixed coefficient gives the plan, unless the user accepts an unplanned KL (returns the reason).
+    ``what``: the flag that is planned (``--infalign.transform auto``, ``--reward_wrapper infalign.direct``)."""
     reason = unplanned_reason(**kl_settings(args))
     if reason is None:
         return None
     if not get(args, "infalign.accept_unplanned_kl", False):
         raise ValueError(
-            f"--infalign.transform {spec} with --infalign.kl_budget plans a KL coefficient, but {reason}. "
+            f"{what} with --infalign.kl_budget plans a KL coefficient, but {reason}. "
             f"Supported: --algo.advantage.estimator {' | '.join(PLANNED)} with the k1 KL in the reward and a fixed "
             f"coefficient; or pass {ACCEPT_FLAG} to train with the transform at an unplanned KL."
         )

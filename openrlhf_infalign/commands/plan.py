@@ -3,7 +3,8 @@
 For the inference procedure (standard, bon:N = Best-of-N, won:N = Worst-of-N) and the KL budget, searches the
 exp:t (Best-of-N) or negexp:t (Worst-of-N) transform family in the calibrated-space theory, and prints the best t,
 its beta (= --algo.kl.init_coef for the normalised transform), its win rate, the exact optimum beside it, the
-identity / log baselines, and the OpenRLHF flags to train with.
+identity / log baselines, and the OpenRLHF flags to train with; then the direct objective's row and flags
+(``infalign.direct``), or why it is refused for the run's estimator and samples per prompt.
 """
 
 from __future__ import annotations
@@ -95,9 +96,27 @@ def format_table(p: dict) -> str:
             f"  {name:<{w}}{r['beta']:>10.4g}{extra}  {r['win_rate']:>9.4f}  {r['win_rate'] - best:>+10.4f}  {what}"
         )
     lines += ["", "Train with (add to your OpenRLHF command):", "  " + " ".join(p["openrlhf_args"])]
+    lines += ["", *direct_lines(p.get("direct"), best)]
     for note in p.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def direct_lines(d: Optional[dict], best: float) -> list[str]:
+    """The direct objective's row and flags (``infalign.direct``), or why it is refused for this run."""
+    if not d:
+        return []
+    if d["refused"]:
+        return [f"Direct objective ({d['wrapper']}): refused: {d['refused']}"]
+    head = f"Direct objective ({d['wrapper']}: the unbiased group estimator of the win rate, leave-one-out baseline)"
+    where = "expected over stores of K" if d["k_aware"] else "continuum"
+    return [
+        f"{head}:",
+        f"  coefficient {d['coef']:.4g} on its reward, --algo.kl.init_coef {d['kl_coef']:.4g} ({d['composition']})",
+        f"  KL {d['kl']:.4g} nats, win rate {d['win_rate']:.4f} ({d['win_rate'] - best:+.4f} vs optimal; {where})",
+        "Train the direct objective with:",
+        "  " + " ".join(d["openrlhf_args"]),
+    ]
 
 
 def plot_plan(p: dict, path: str) -> None:

@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from openrlhf_infalign import options
+from openrlhf_infalign.core.direct import group_rewards
 from openrlhf_infalign.core.transforms import parse_transform
 from openrlhf_infalign.files import save_figure, write_json
 from openrlhf_infalign.options import option, parse_floats
@@ -95,7 +96,7 @@ def simulate(transform, kl_coef: float, steps: int, seed: int, s: Setting, eval_
     """One run: the trajectory [{step, kl, standard, bon, won}] every ``eval_every`` steps (and step 0); with
     ``keep_tables`` each record also holds ``logits``. ``transform``: a spec or a callable on u."""
     rng = np.random.default_rng(seed)
-    phi = parse_transform(transform) if isinstance(transform, str) else transform
+    phi = reward_fn(transform) if isinstance(transform, str) else transform
     stores = np.sort(rng.random((s.prompts, s.k)), axis=1)  # each prompt's K base quantiles
     size = s.cells
     logits = np.zeros(size)
@@ -334,8 +335,22 @@ class PairPolicy:
         return out
 
 
+DIRECT = "direct:"  # an arm reward spelled direct:<inference> is the direct objective's, else a transform spec
+
+
+def reward_fn(reward: str):
+    """Calibrated rewards (prompts, n) -> the arm's rewards: a transform spec, or ``direct:<inference>`` (core.direct's
+    group estimator with its leave-one-out baseline; its group mean is 0, so reinforce_baseline's own does nothing)."""
+    if reward.startswith(DIRECT):
+        inference = reward[len(DIRECT) :]
+        return lambda u: group_rewards(u, inference, "loo")
+    return parse_transform(reward)
+
+
 def _transform(transform: str, plans: Optional[dict] = None, inference: str = "bon:4"):
-    """A transform callable; ``optimal`` resolved at the plan's KL budget (as the study's wrapper does)."""
+    """The arm's reward callable; ``optimal`` resolved at the plan's KL budget (as the study's wrapper does)."""
+    if transform.startswith(DIRECT):
+        return reward_fn(transform)
     if transform == "optimal":
         from openrlhf_infalign.core.planning import resolve_transform
 
@@ -407,7 +422,7 @@ def simulate_pairs(transform, kl_coef: float, steps: int, seed: int, s: "Setting
     ``transform``: a spec or a callable on u; the stores (K uniform base pairs per train prompt) come from
     ``store_seed``, shared by every arm and seed as the study's train store is; everything else from ``seed``.
     """
-    phi = parse_transform(transform) if isinstance(transform, str) else transform
+    phi = reward_fn(transform) if isinstance(transform, str) else transform
     rng = np.random.default_rng(seed)
     n_prompts = task.train.shape[0]
     store = pair_stores(task, s.k, store_seed)
@@ -438,7 +453,7 @@ def simulate_pairs(transform, kl_coef: float, steps: int, seed: int, s: "Setting
         st = store[batch]
         less = (st < r[:, None]).sum(1)
         ties = (st == r[:, None]).sum(1)
-        reward = phi((less + 0.5 * ties) / s.k).reshape(s.rollout_batch, s.n_samples)
+        reward = phi(((less + 0.5 * ties) / s.k).reshape(s.rollout_batch, s.n_samples))  # per prompt group
         reward = (reward - reward.mean(-1, keepdims=True)).ravel()  # reinforce_baseline: the group mean
         old = pol.logp_tokens(y)
         kl_tok = old + log_base  # k1 per token
@@ -467,8 +482,9 @@ def simulate_pairs(transform, kl_coef: float, steps: int, seed: int, s: "Setting
 
 
 def arms_from_plans(plans: dict, extra: bool = False) -> Dict[str, tuple]:
-    """(transform, coefficient) of the study's InfAlign arms, from its plans.json (`infalign plan --json`); with
-    ``extra`` also ``optimal_bon4`` (the transform spec ``optimal``: resolve it with the plan) and ``log_bon4``."""
+    """(reward, coefficient) of the study's InfAlign arms, from its plans.json (`infalign plan --json`); with
+    ``extra`` also ``optimal_bon4`` (the transform spec ``optimal``: resolve it with the plan), ``log_bon4`` and the
+    direct arms ``direct:<inference>`` where the plans carry them (their ``direct`` entry's coefficient)."""
     bon, won = plans["bon:4"], plans["won:4"]
     arms = {
         "identity": ("identity", bon["baselines"]["identity"]["kl_coef"]),
@@ -478,6 +494,10 @@ def arms_from_plans(plans: dict, extra: bool = False) -> Dict[str, tuple]:
     if extra:
         arms["optimal_bon4"] = ("optimal", bon["optimal"]["kl_coef"])
         arms["log_bon4"] = ("log", bon["baselines"]["log"]["kl_coef"])
+        for name, plan in (("direct_bon4", bon), ("direct_won4", won)):
+            direct = plan.get("direct") or {}
+            if direct.get("openrlhf_args"):  # refused for this estimator / n: no arm
+                arms[name] = (DIRECT + plan["inference"], direct["kl_coef"])
     return arms
 
 

@@ -107,6 +107,15 @@ UPSTREAM_HOOKS: tuple[Hook, ...] = (
         "edee114b74af1e79",
     ),
     Hook(
+        f"{_EM}.split_rollout_samples",
+        PRIVATE,
+        "openrlhf_infalign.adapter.wrapper:DirectRewardWrapper",
+        "infalign.direct groups the batch by experience.index, which this sets to each sample's position in the "
+        "rollout batch (the generator's order, a prompt's n samples consecutive), as compute_advantages_and_returns "
+        "groups by it next",
+        "aa2097043ae753b5",
+    ),
+    Hook(
         f"{_EM}.make_experience_batch",
         WRAPPED,
         f"{_UP}.experience_maker:record_rollout_kl",
