@@ -13,6 +13,8 @@ PLANS = {
         "recommended": {"transform": "exp:t=17.32", "kl_coef": 0.2443},
         "optimal": {"kl_coef": 0.2405},
         "baselines": {"identity": {"kl_coef": 0.1226}, "log": {"kl_coef": 0.0212}},
+        "direct": {"openrlhf_args": ["--reward_wrapper", "infalign.direct", "--infalign.inference", "bon:4",
+                                     "--infalign.kl_budget", "1", "--algo.kl.init_coef", "0.0544"]},
         "openrlhf_args": [
             "--reward_wrapper",
             "infalign.ctrl",
@@ -31,6 +33,7 @@ PLANS = {
         "recommended": {"transform": "negexp:t=15.96"},
         "optimal": {"kl_coef": 0.0069},
         "baselines": {"identity": {"kl_coef": 0.1226}},
+        "direct": {"wrapper": "infalign.direct", "refused": "n must exceed N"},
         "openrlhf_args": [
             "--reward_wrapper",
             "infalign.ctrl",
@@ -63,6 +66,9 @@ def test_arm_flags():
     assert flag(opt, "--infalign.transform") == "optimal" and flag(opt, "--infalign.inference") == "bon:4"
     assert float(flag(opt, "--algo.kl.init_coef")) == pytest.approx(0.2405)
     assert study.arm_flags("ctrl_negexp_won4", PLANS, 2.0) == PLANS["won:4"]["openrlhf_args"]
+    assert study.arm_flags("direct_bon4", PLANS, 2.0) == PLANS["bon:4"]["direct"]["openrlhf_args"]
+    with pytest.raises(ValueError, match="refuses the direct objective here: n must exceed N"):
+        study.arm_flags("direct_won4", PLANS, 2.0)
     log = study.arm_flags("log_bon4", PLANS, 2.0)
     assert flag(log, "--infalign.transform") == "log" and float(flag(log, "--algo.kl.init_coef")) == 0.0212
     noise = study.arm_flags("noise", PLANS, 2.0)
@@ -74,7 +80,7 @@ def test_arm_flags():
 
 def test_run_command_same_setting_per_arm(tmp_path):
     args = study.parse(["--out", str(tmp_path)])
-    cmds = {arm: study.run_command(tmp_path, args, arm, 1, PLANS, 2.0) for arm in study.ARMS}
+    cmds = {arm: study.run_command(tmp_path, args, arm, 1, PLANS, 2.0) for arm in study.ARMS if arm != "direct_won4"}
     for arm, cmd in cmds.items():
         run_dir = study.run_path(tmp_path, arm, 1)
         assert flag(cmd, "--ckpt.output_dir") == str(run_dir)

@@ -144,6 +144,8 @@ def run_phase(
     log_path = log_dir / f"{name}.log"
     full_env = dict(os.environ, **(env or {}))
     full_env.setdefault("PYTHONUNBUFFERED", "1")
+    # every model and tokenizer of a demo or study phase is local: never wait on a hub lookup (no network here)
+    full_env.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.time()
     lines: List[tuple] = []
     with open(log_path, "w") as log:

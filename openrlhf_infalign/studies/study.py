@@ -14,7 +14,8 @@ and peak memory of each run; the hook check; the noise floor.
 Arms (ARMS): ``raw`` plain OpenRLHF on the raw reward (no wrapper; the eval hook still logs the win rates),
 ``identity`` (``infalign.calibrate``), ``ctrl_exp_bon4`` (the planned exp transform for bon:4), ``optimal_bon4``,
 ``ctrl_negexp_won4`` (the planned negexp transform for won:4), ``log_bon4`` (vBoN's log-CDF transform, the plan's
-log coefficient) and the control ``noise`` (rewards independent of the response: the KL the optimiser spends with
+log coefficient), ``direct_bon4`` / ``direct_won4`` (``infalign.direct``: the win rate's unbiased group estimator
+on calibrated rewards, the plan's direct coefficient) and the control ``noise`` (rewards independent of the response: the KL the optimiser spends with
 no signal). The KL coefficients of the InfAlign arms are the plan's for the same budget, K of the train store and the
 run's estimator; the raw arm's is the identity arm's scaled by the raw reward's within-prompt spread over the
 calibrated reward's (both measured on the train store), so that the same beta means the same pull in its units.
@@ -58,7 +59,16 @@ __all__ = [
     "raw_coef_scale",
 ]
 
-ARMS = ("raw", "identity", "ctrl_exp_bon4", "optimal_bon4", "ctrl_negexp_won4", "log_bon4")
+ARMS = (
+    "raw",
+    "identity",
+    "ctrl_exp_bon4",
+    "optimal_bon4",
+    "ctrl_negexp_won4",
+    "log_bon4",
+    "direct_bon4",
+    "direct_won4",
+)
 #: ``noise``: rewards drawn at random, independent of the response, with the identity arm's coefficient: the KL the
 #: optimiser spends with no reward signal at all, the floor below which arms are not compared (its win rates are
 #: scored by that noise too, so only its KL means anything). Run by default, in every study.
@@ -174,6 +184,11 @@ def arm_flags(arm: str, plans: Dict[str, dict], raw_scale: float) -> List[str]:
         return list(won["openrlhf_args"])
     if arm == "log_bon4":
         return _wrapper_flags("infalign.ctrl", "bon:4", bon["kl"], bon["baselines"]["log"]["kl_coef"], transform="log")
+    if arm in ("direct_bon4", "direct_won4"):
+        direct = (bon if arm == "direct_bon4" else won).get("direct") or {}
+        if not direct.get("openrlhf_args"):
+            raise ValueError(f"arm {arm}: the plan refuses the direct objective here: {direct.get('refused')}")
+        return list(direct["openrlhf_args"])
     raise ValueError(f"unknown arm {arm!r}; the arms are: {', '.join(ARMS + CONTROLS)}")
 
 
@@ -476,7 +491,8 @@ def dynamics_command(out: Path, args, policy: str) -> List[str]:
     cmd += ["--out", str(out / f"dynamics_{policy}"), "--policy", policy, "--steps", str(run_steps(args))]
     cmd += ["--prompts", str(args.train_prompts), "--rollout-batch", str(args.rollout_batch)]
     cmd += ["--rollout.n_samples_per_prompt", str(args.n_samples_per_prompt), "--train-batch", str(args.train_batch)]
-    cmd += ["--matched-kl", "0.05,0.1,0.15,0.2", "--arms", "identity,ctrl_exp_bon4,ctrl_negexp_won4,optimal_bon4,log_bon4"]
+    arms = "identity,ctrl_exp_bon4,ctrl_negexp_won4,optimal_bon4,log_bon4,direct_bon4,direct_won4"
+    cmd += ["--matched-kl", "0.05,0.1,0.15,0.2", "--arms", arms]
     if policy != "cells":
         cmd += ["--prompts-dir", str(out / "prompts"), "--eval-every", str(args.eval_every)]
     if policy == "pairs-product":
