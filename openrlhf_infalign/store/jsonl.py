@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_open
+from .commit import check_target
 from .format import DIGEST_BYTES, PARQUET, StoreError, key_digest, prompt_digest
 from .reader import read_manifest
 from .rows import check_rewards, iter_reward_lists
@@ -169,10 +170,22 @@ def read_reference_jsonl(src, *, progress: bool = True, k_min: int = 1, fast: bo
 
 
 def import_jsonl(
-    src, out_dir, *, manifest: dict | None = None, k_min: int = 1, overwrite: bool = False, progress: bool = True
+    src,
+    out_dir,
+    *,
+    manifest: dict | None = None,
+    k_min: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    inputs=(),
 ) -> Path:
-    """`infalign store import`: JSONL -> store (validated, atomic). Errors name the file and line."""
+    """`infalign store import`: JSONL -> store (validated, atomic). Errors name the file and line.
+
+    The output may replace only an earlier store (with overwrite), never src itself, a folder holding it, or any
+    of ``inputs`` (other files the caller read, e.g. a --manifest): checked before the JSONL is read."""
     src = Path(src)
+    inputs = [src, *inputs]
+    check_target(out_dir, overwrite=overwrite, inputs=inputs)
     dig, rag, prompts, lines = read_reference_jsonl(src, progress=progress, k_min=k_min)
     man = dict(manifest or {})
     man.setdefault("source", {"imported_from": str(src)})
@@ -186,6 +199,7 @@ def import_jsonl(
         row_name=lambda i: f"{src}:{int(lines[i])}",
         k_min=k_min,
         verify_prompts=False,  # each row's prompt/key pair was checked while reading
+        inputs=inputs,
     )
 
 
