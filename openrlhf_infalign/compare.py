@@ -9,6 +9,10 @@ at a lower KL are left out rather than averaged with earlier steps, which sortin
 its within-run evaluation standard error are interpolated linearly in KL, only inside [first KL, largest KL] of that
 run: outside it the value is NaN (no extrapolation). Records without a measured KL are left out.
 
+Runs are refused when the same run is given twice (the same evaluation log by path, or logs with identical records:
+a copy), and an arm is refused when its runs were trained for different inference procedures, store K or
+transforms (they are not seeds of one arm).
+
 Arm (runs sharing a label, its seeds): at a grid KL every one of its S seeds must cover it, else NaN. With
 x_s the seeds' interpolated win rates and e_s their interpolated within-run standard errors:
 
@@ -21,11 +25,19 @@ d = mean_a - mean_b with se_d = sqrt(se_a^2 + se_b^2) (arms are independent runs
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 
+from openrlhf_infalign.evallog import eval_log_path, load_eval_log
+
 __all__ = [
+    "load_run",
+    "records_digest",
     "metric_name",
     "metric_stat",
     "run_kl_range",
@@ -39,6 +51,72 @@ __all__ = [
     "compared_metrics",
     "compare_runs",
 ]
+
+
+def records_digest(records: list[dict]) -> str:
+    """sha256 of a run's records in a canonical JSON form: equal for two copies of one log, however written."""
+    text = json.dumps(records, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def load_run(path, label: str | None = None) -> dict:
+    """One run for compare_runs from its save path (or its log file): {"run", "label" (default: the run
+    directory's name), "records", "path" (the log's resolved path), "digest" (records_digest)}."""
+    log = eval_log_path(path)
+    records = load_eval_log(log)
+    return {
+        "run": str(path),
+        "label": label if label is not None else log.parent.name,
+        "records": records,
+        "path": str(Path(os.path.realpath(log))),
+        "digest": records_digest(records),
+    }
+
+
+def _check_distinct(runs: list[dict]) -> None:
+    """The same run given twice would count as two seeds (and shrink the standard error): refused."""
+    by_path: dict[str, str] = {}
+    by_content: dict[str, str] = {}
+    for run in runs:
+        if run.get("path"):
+            key = os.path.realpath(run["path"])
+            if key in by_path:
+                raise ValueError(
+                    f"run {run['run']} is the same run as {by_path[key]} (both read {key}): give each run once; "
+                    "seeds are separate training runs"
+                )
+            by_path[key] = run["run"]
+        digest = records_digest(run["records"])
+        if digest in by_content:
+            raise ValueError(
+                f"runs {by_content[digest]} and {run['run']} have identical evaluation logs: the same run given twice "
+                "(a copy?); give each run once"
+            )
+        by_content[digest] = run["run"]
+
+
+# What runs under one label must share to be seeds of one arm, and its words in the error.
+_ARM_FIELDS = (
+    ("inference", "inference procedures"),
+    ("k", "store K (reference samples per prompt)"),
+    ("transform", "transforms"),
+)
+
+
+def _field(records: list[dict], key: str):
+    v = records[-1].get(key)
+    return v.strip().lower() if isinstance(v, str) else v
+
+
+def _check_arm(label: str, members: list[dict]) -> None:
+    for key, words in _ARM_FIELDS:
+        values = {run["run"]: _field(run["records"], key) for run in members}
+        if len(set(map(repr, values.values()))) > 1:
+            listed = ", ".join(f"{r}: {v if v is not None else 'not recorded'}" for r, v in values.items())
+            raise ValueError(
+                f"arm {label!r} mixes runs trained for different {words} ({listed}): runs under one label are seeds "
+                "of one arm; give each its own --label"
+            )
 
 
 def metric_name(inference: str) -> str:
@@ -165,14 +243,18 @@ def _json_list(a) -> list:
 def compare_runs(runs: list[dict], baseline: str | None = None, kl_grid=None, default_n: int = 4) -> dict:
     """Arms side by side at matched KL, JSON-ready (NaN written as null).
 
-    runs: [{"run": name, "label": arm label, "records": evaluation log records}], in the user's order; runs
-    sharing a label are seeds of one arm. baseline: the arm differences are taken to (default: the arm whose
+    runs: [{"run": name, "label": arm label, "records": evaluation log records, optional "path": the log's path}]
+    (load_run builds one), in the user's order; runs sharing a label are seeds of one arm. A run given twice, or an
+    arm whose runs differ in inference procedure, K or transform, is a ValueError. baseline: the arm differences are taken to (default: the arm whose
     transform is identity, else the first arm). kl_grid: matched KLs (default: default_kl_grid of the range
     every arm covers; empty, with a note, when there is none).
     """
+    _check_distinct(runs)
     arms: dict[str, list[dict]] = {}
     for run in runs:
         arms.setdefault(run["label"], []).append(run)
+    for label, members in arms.items():
+        _check_arm(label, members)
     notes = []
     arm_info = []
     for label, members in arms.items():
@@ -189,9 +271,6 @@ def compare_runs(runs: list[dict], baseline: str | None = None, kl_grid=None, de
             seeds.append(
                 {"run": run["run"], "final_step": last["step"], "final_kl": last.get("kl"), "kl_range": list(rng)}
             )
-        transforms = sorted({str(run["records"][-1].get("transform")) for run in members})
-        if len(transforms) > 1:
-            notes.append(f"arm {label!r}: its seeds trained with different transforms ({', '.join(transforms)})")
         arm_range = common_kl_range(ranges) if len(ranges) > 1 else ranges[0]
         if arm_range is None:
             notes.append(f"arm {label!r}: its seeds' KL ranges do not overlap, so it has no value at any matched KL")

@@ -73,8 +73,27 @@ def append_record(path, record: dict) -> None:
 
 
 def _check_stat(d, where: str, what: str) -> None:
-    if not isinstance(d, dict) or not all(isinstance(d.get(k), (int, float)) for k in ("win_rate", "stderr")):
-        raise ValueError(f"{where}: {what} must be {{'win_rate': float, 'stderr': float}}, got {d!r}")
+    # Finite numbers (JSON's NaN and Infinity, and true/false, are not), a standard error never negative.
+    ok = isinstance(d, dict) and all(_is_number(d.get(k)) for k in ("win_rate", "stderr"))
+    if not ok or d["stderr"] < 0:
+        raise ValueError(f"{where}: {what} must be {{'win_rate': number, 'stderr': number >= 0}}, got {str(d)[:120]}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_fields(rec: dict, where: str) -> None:
+    """The plan fields reports and comparisons read: each null or of its type (a K below 2 has no theory)."""
+    k = rec.get("k")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 2):
+        raise ValueError(f"{where}: 'k' must be an integer >= 2 or null, got {k!r}")
+    for key in ("inference", "transform"):
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string or null, got {rec[key]!r}")
+    for key in ("beta", "kl_budget", "planned_beta"):
+        if rec.get(key) is not None and not _is_number(rec[key]):
+            raise ValueError(f"{where}: {key!r} must be a finite number or null, got {rec[key]!r}")
 
 
 def load_eval_log(path) -> list[dict]:
@@ -105,6 +124,7 @@ def load_eval_log(path) -> list[dict]:
                 raise ValueError(f"{where}: 'kl' must be a finite number or null, got {kl!r}")
             if kl is None and step == 0:
                 rec["kl"] = 0.0  # before any update the policy is the reference
+            _check_fields(rec, where)
             _check_stat(rec.get("standard"), where, "'standard'")
             for key in ("bon", "won"):
                 table = rec.get(key)

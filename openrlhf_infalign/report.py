@@ -142,6 +142,8 @@ def _frontier_to(inference: str, spec: str, kl_top: float, k: int | None = None)
     K-aware one (expected KL and win rate over stores with K reference samples per prompt; core/finite_k.py)."""
     from openrlhf_infalign.core import planning, theory
 
+    k = planning.check_k(k)
+
     if k is not None:
         kls = np.linspace(kl_top * 1.05 / 12, kl_top * 1.05, 12)
         pts = []
@@ -166,12 +168,13 @@ def _frontier_to(inference: str, spec: str, kl_top: float, k: int | None = None)
 
 
 def end_point(records: list[dict], kind: str, n: int) -> dict | None:
-    """The run's last evaluation with a measured KL: {step, kl, win_rate, stderr} of this metric."""
-    for r in reversed(records):
-        st = _stat(r, kind, n)
-        if r.get("kl") is not None and st is not None:
-            return {"step": r["step"], "kl": float(r["kl"]), "win_rate": st["win_rate"], "stderr": st["stderr"]}
-    return None
+    """Where the run ended: its last evaluation's {step, kl, win_rate, stderr} of this metric; None when that
+    evaluation has no measured KL (or no such metric). An earlier evaluation is never passed off as the end."""
+    r = max(records, key=lambda rec: rec["step"])
+    st = _stat(r, kind, n)
+    if r.get("kl") is None or st is None:
+        return None
+    return {"step": r["step"], "kl": float(r["kl"]), "win_rate": st["win_rate"], "stderr": st["stderr"]}
 
 
 def planned_point(records: list[dict], kind: str, n: int) -> dict | None:
@@ -311,6 +314,9 @@ def plot_arms_vs_kl(
     """One metric against KL for several arms: per arm a colour, its seeds as thin lines (first-crossing
     trajectories), the seed mean with a +-1 se band (compare.arm_at_kl), and beneath, the frontier of each arm's
     transform and of identity (K-aware with ``k``). arms: label -> the seeds' records; matched KLs drawn faint."""
+    from openrlhf_infalign.core.planning import check_k
+
+    k = check_k(k)  # before anything is drawn: a theory curve for K < 2 does not exist
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.6, 4.6))
     label = compare.metric_name(inference)

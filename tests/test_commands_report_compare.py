@@ -90,11 +90,16 @@ def test_no_common_kl_range_is_said_plainly(tmp_path, capsys):
 
 def test_same_directory_names_elsewhere_are_merged_and_said(tmp_path, capsys):
     a = write_run(tmp_path / "ctrl" / "seed0", [(0, 0.0, 0.5, 0.02), (10, 1.0, 0.7, 0.02)])
-    b = write_run(tmp_path / "raw" / "seed0", [(0, 0.0, 0.5, 0.02), (10, 1.0, 0.6, 0.02)], transform=None)
+    b = write_run(tmp_path / "ctrl2" / "seed0", [(0, 0.0, 0.5, 0.02), (10, 1.0, 0.6, 0.02)])
     assert main(["report", str(a), str(b), "--out", str(tmp_path / "o"), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert [(x["label"], x["seeds"]) for x in got["arms"]] == [("seed0", 2)]
     assert any("share the directory name 'seed0'" in n and "--label" in n for n in got["notes"])
+    # Runs trained with different transforms are never seeds of one arm, whatever their names.
+    c = write_run(tmp_path / "raw" / "seed0", [(0, 0.0, 0.5, 0.02), (10, 1.0, 0.6, 0.02)], transform=None)
+    assert main(["report", str(a), str(c), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "arm 'seed0' mixes runs trained for different transforms" in err and "own --label" in err
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
 """compare.py on synthetic trajectories with known answers: matched-KL interpolation, seed aggregation, differences
 to a baseline arm and their standard errors, KL ranges that miss the grid."""
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -118,3 +120,49 @@ def test_metrics_follow_the_trained_n_and_bad_inputs():
         compare.compare_runs(runs, baseline="zz")
     with pytest.raises(ValueError, match="run y has no evaluation with a measured KL"):
         compare.compare_runs(runs + [{"run": "y", "label": "b", "records": [rec(4, None, 0.5)]}])
+
+
+def test_the_same_run_twice_is_refused_by_path_and_by_content(tmp_path):
+    # Given twice, one run would count as two seeds and shrink the standard error.
+    a = [rec(0, 0.0, 0.5), rec(10, 1.0, 0.7)]
+    b = [rec(0, 0.0, 0.5), rec(10, 1.0, 0.6)]
+    copy = json.loads(json.dumps(a))
+    with pytest.raises(ValueError, match="runs x and z have identical evaluation logs: the same run given twice"):
+        compare.compare_runs(
+            [
+                {"run": "x", "label": "s", "records": a},
+                {"run": "y", "label": "s", "records": b},
+                {"run": "z", "label": "s", "records": copy},
+            ]
+        )
+    log = tmp_path / "run" / "infalign_eval.jsonl"
+    log.parent.mkdir()
+    log.write_text("\n".join(json.dumps(r) for r in a) + "\n")
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    one, two = compare.load_run(tmp_path / "run"), compare.load_run(tmp_path / "link", label="run")
+    assert one["digest"] == two["digest"] and one["label"] == "run"
+    with pytest.raises(ValueError, match=r"run .*link is the same run as .*run \(both read .*infalign_eval.jsonl\)"):
+        compare.compare_runs([one, two])
+
+
+@pytest.mark.parametrize(
+    "field, other, words",
+    [
+        ("inference", "bon:8", "different inference procedures (a: bon:4, b: bon:8)"),
+        ("k", 64, "different store K (reference samples per prompt) (a: 16, b: 64)"),
+        ("transform", "identity", "different transforms (a: exp:t=10, b: identity)"),
+        ("k", None, "different store K (reference samples per prompt) (a: 16, b: not recorded)"),
+    ],
+)
+def test_an_arm_of_runs_trained_differently_is_refused(field, other, words):
+    a = [dict(rec(0, 0.0, 0.5), k=16), dict(rec(10, 1.0, 0.7), k=16)]
+    b = [dict(rec(0, 0.0, 0.5), k=16), dict(rec(10, 1.5, 0.6), k=16)]
+    for r in b:
+        r[field] = other
+    with pytest.raises(ValueError, match=re.escape(f"arm 'ctrl' mixes runs trained for {words}") + ".*own --label"):
+        compare.compare_runs(
+            [{"run": "a", "label": "ctrl", "records": a}, {"run": "b", "label": "ctrl", "records": b}]
+        )
+    # Under two labels they are two arms, compared as such.
+    out = compare.compare_runs([{"run": "a", "label": "x", "records": a}, {"run": "b", "label": "y", "records": b}])
+    assert [arm["label"] for arm in out["arms"]] == ["x", "y"]

@@ -1,6 +1,7 @@
 """evallog.py: the evaluation log's writer (whole lines, even from concurrent writers) and reader (validated)."""
 
 import json
+import re
 import threading
 
 import pytest
@@ -44,3 +45,24 @@ def test_load_eval_log_validates_and_keeps_the_last_record_of_a_step(tmp_path):
         evallog.load_eval_log(path)
     with pytest.raises(FileNotFoundError, match="written by the training hook"):
         evallog.load_eval_log(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"k": 1}, "'k' must be an integer >= 2 or null, got 1"),
+        ({"k": True}, "'k' must be an integer >= 2 or null"),
+        ({"transform": 3}, "'transform' must be a string or null"),
+        ({"planned_beta": "0.1"}, "'planned_beta' must be a finite number or null"),
+        ({"standard": {"win_rate": float("nan"), "stderr": 0.1}}, "'standard' must be"),
+        ({"standard": {"win_rate": 0.5, "stderr": -0.1}}, "'standard' must be"),
+        ({"standard": {"win_rate": True, "stderr": 0.1}}, "'standard' must be"),
+    ],
+)
+def test_plan_fields_and_stats_are_checked_by_line(tmp_path, change, words):
+    stat = {"win_rate": 0.5, "stderr": 0.01}
+    good = {"step": 0, "kl": 0.0, "standard": stat, "bon": {"1": stat}, "won": {"1": stat}}
+    path = tmp_path / "infalign_eval.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "step": 1, **change}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: {words}")):
+        evallog.load_eval_log(path)
