@@ -105,20 +105,22 @@ def load_eval_log(path) -> list[dict]:
             f"(train with --reward_wrapper infalign.ctrl and --eval.steps), or pass the run's save path"
         )
     by_step: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # line by line in binary: a byte that is not UTF-8 is named by its line too
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                rec = json.loads(line)
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); delete or fix the line")
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON ({e.msg}); a crashed run may leave a cut line: delete it")
             if not isinstance(rec, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             step = rec.get("step")
-            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-                raise ValueError(f"{where}: 'step' must be a non-negative integer, got {step!r}")
+            if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**63:
+                raise ValueError(f"{where}: 'step' must be a non-negative integer, got {str(step)[:30]}")
             kl = rec.get("kl")
             if kl is not None and (not isinstance(kl, (int, float)) or not math.isfinite(kl)):
                 raise ValueError(f"{where}: 'kl' must be a finite number or null, got {kl!r}")

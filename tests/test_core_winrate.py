@@ -243,3 +243,29 @@ def test_win_rates_tie_at_the_store_precision():
         results.append(ragged)
     assert results[0] == results[1] == results[2]
     assert results[0]["standard"]["win_rate"] == pytest.approx(0.5)  # (0.25 + 0.75) / 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# property: any small input, every N, against the brute force (hypothesis)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+values = st.sampled_from([-np.inf, -1.0, 0.0, 0.0, 0.5, 1.0, 1.0, 2.0, np.inf])
+prompt_rows = st.tuples(st.lists(values, min_size=1, max_size=6), st.lists(values, min_size=1, max_size=6))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(st.lists(prompt_rows, min_size=1, max_size=4))
+def test_any_small_input_matches_the_brute_force(prompts):
+    pol = [np.array(a) for a, _ in prompts]
+    ref = [np.array(b) for _, b in prompts]
+    top = max(min(len(a), len(b)) for a, b in zip(pol, ref))
+    ns = list(range(1, top + 1))
+    out = win_rates(pol, ref, ns)
+    for n in ns:
+        fit = [(a, b) for a, b in zip(pol, ref) if n <= min(len(a), len(b))]
+        for key, worst in (("bon", False), ("won", True)):
+            exact = [brute_force(a, b, n, worst) for a, b in fit]
+            assert out[key][str(n)]["win_rate"] == pytest.approx(np.mean(exact), abs=1e-12)
+            assert out[key][str(n)]["num_prompts"] == len(fit)

@@ -133,7 +133,7 @@ def read_reference_jsonl(src, *, progress: bool = True, k_min: int = 1, fast: bo
     if fast:
         try:
             return _read_fast(src, progress, k_min)
-        except (_Fallback, UnicodeDecodeError) as e:  # pyarrow keeps invalid UTF-8 in strings until they are read
+        except (_Fallback, UnicodeError) as e:  # pyarrow keeps bad UTF-8 / lone surrogates until strings are used
             logger.info("%s: checked line-by-line read (%s)", src, e)
     digests = bytearray()
     prompts: list[str | None] = []

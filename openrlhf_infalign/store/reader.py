@@ -183,8 +183,9 @@ def _npy_at(d: _Dir, rel: str):
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read(f)
-        except (ValueError, OSError) as e:
-            raise StoreError(f"{d.path / rel}: not a readable .npy file ({e}); {_fix_for(d.path, rel)}") from None
+        except Exception as e:  # numpy parses the header with ast: a damaged one raises SyntaxError and the like
+            why = (str(e).splitlines() or [type(e).__name__])[0][:100]
+            raise StoreError(f"{d.path / rel}: not a readable .npy file ({why}); {_fix_for(d.path, rel)}") from None
         if dtype.hasobject:
             raise StoreError(f"{d.path / rel}: holds Python objects, never loaded; {_fix_for(d.path, rel)}")
         offset = f.tell()
