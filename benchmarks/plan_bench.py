@@ -6,7 +6,7 @@ and one JSON line: {"bench": "plan", "seconds": ..., "subprocess_seconds": ..., 
 The issue's target is < 2 s for one case on a 2-core machine, process start included.
 
 Scale (issue 20): `plan` at K = 16, 1,000 and 100,000 reference samples per prompt and at N = 1,000,000 (with and
-without K), each in a fresh process: its time and its peak resident memory (ru_maxrss), beside the peak of a
+without K), each in a fresh process: its time and its peak resident memory (VmHWM), beside the peak of a
 process that only imports the planner (the floor), and its CPU time (what a busy shared machine does not inflate).
 Targets: <= 10 s and <= 1 GB per case.
 """
@@ -38,13 +38,14 @@ def run_cli(argv: list[str]) -> None:
 
 
 SCALE_SNIPPET = r"""
-import json, resource, sys, time
+import json, sys, time
 from openrlhf_infalign.core import planning
 inference, kl, k = sys.argv[1], float(sys.argv[2]), None if sys.argv[3] == "none" else int(sys.argv[3])
 start, cpu = time.perf_counter(), time.process_time()
 p = planning.plan(inference, kl, k=k) if inference != "-" else None
 seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this process image's peak resident memory (ru_maxrss would carry a big parent's over exec).
+peak = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")).split()[1]) * 1024
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_bytes": peak,
                   "win_rate": p and p["recommended"]["win_rate"],
                   "transform": p and p["recommended"]["transform"], "optimal": bool(p and "optimal" in p)}))

@@ -194,12 +194,13 @@ def test_store_count_bounds_the_monte_carlo():
 
 
 PLAN_SCALE = r"""
-import json, resource, sys, time
+import json, sys, time
 from openrlhf_infalign.core import planning
 cpu = time.process_time()
 p = planning.plan(sys.argv[1], 0.5, k=int(sys.argv[2]))
-print(json.dumps({"cpu": time.process_time() - cpu, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "win": p["recommended"]["win_rate"]}))
+# VmHWM, this process image's peak (ru_maxrss would carry the forking parent's over exec).
+peak = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")).split()[1])
+print(json.dumps({"cpu": time.process_time() - cpu, "peak": peak, "win": p["recommended"]["win_rate"]}))
 """
 
 
