@@ -218,3 +218,10 @@ def test_plan_at_k_100000_in_bounded_time_and_memory():
     assert got["win"] == pytest.approx(
         th.win_rate("bon:4", BON4_PLAN, fk.beta_for_kl_k(BON4_PLAN, 0.5, 100_000)), abs=1e-3
     )
+
+
+def test_k_beyond_the_stated_range_is_refused_before_any_array_is_made():
+    with pytest.raises(ValueError, match="leave K out"):
+        fk.expected_kl_k("identity", 0.3, 10**9)
+    with pytest.raises(ValueError, match="leave K out"):
+        fk.expected_win_rate_k("bon:4", "identity", 0.3, fk.K_MAX + 1)

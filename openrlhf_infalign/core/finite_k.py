@@ -59,6 +59,8 @@ __all__ = [
 
 STORES = 4096
 STORE_SEED = 20250611
+# Beyond a million reference samples per prompt a store is the continuum to within the Monte Carlo's error.
+K_MAX = 1_000_000
 # At most this many bin probabilities (stores x (K+1)) in the Monte Carlo: 16 MB per array at any K. A store's
 # win rate varies less at larger K, so fewer stores keep the error (~1e-4 at K = 1000 and 100,000) where it was.
 STORE_ELEMENTS = 1 << 21
@@ -82,6 +84,11 @@ def _check_k(k) -> int:
         raise ValueError(f"K (reference samples per prompt) must be an integer >= 2, got {k!r}")
     if k < 2:
         raise ValueError(f"K (reference samples per prompt) must be >= 2, got {k}")
+    if k > K_MAX:
+        raise ValueError(
+            f"K = {int(k)} is beyond {K_MAX:,}, where a store is the continuum to within the planner's error: "
+            "leave K out (--k) to plan for the continuum"
+        )
     return int(k)
 
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from openrlhf_infalign.core import finite_k
-from openrlhf_infalign.core.finite_k import beta_for_kl_k, expected_win_rate_k
+from openrlhf_infalign.core.finite_k import K_MAX, beta_for_kl_k, expected_win_rate_k
 from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.core.theory import (
     as_grid,
@@ -37,8 +37,6 @@ T_MIN, T_MAX = 0.01, 1e4
 # The exact optimum's shape lives within ~1/N of the top of the calibrated scale: on the 4001-point grid it is
 # good to ~2e-4 in win rate up to N = 10,000 and not beyond, so plans for larger N leave it out (with a note).
 N_OPTIMAL_MAX = 10_000
-# Beyond a million reference samples per prompt a store is the continuum to within the Monte Carlo's error.
-K_MAX = 1_000_000
 
 
 def _family(inf: InferenceProcedure) -> str | None:
@@ -96,12 +94,7 @@ def check_k(k) -> int | None:
         whole = False
     if not whole or int(k) < 2:
         raise ValueError(f"K (reference samples per prompt) must be an integer >= 2, got {k!r}")
-    if int(k) > K_MAX:
-        raise ValueError(
-            f"K = {int(k)} is beyond {K_MAX:,}, where a store is the continuum to within the planner's error: "
-            "leave K out (--k) to plan for the continuum"
-        )
-    return int(k)
+    return finite_k._check_k(int(k))
 
 
 def check_optimal_n(inf: InferenceProcedure) -> None:
