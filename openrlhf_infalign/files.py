@@ -29,19 +29,56 @@ class OutputPathError(ValueError):
     be, or an existing file without overwrite. The consoles print it as one line."""
 
 
-def check_output_file(path, *, overwrite: bool = True) -> Path:
+def _same_or_inside(path: Path, other: Path) -> bool:
+    a, b = Path(os.path.realpath(path)), Path(os.path.realpath(other))
+    return a == b or b in a.parents
+
+
+def check_output_file(path, *, overwrite: bool = True, flag: str | None = None, inputs=()) -> Path:
     """The checks every file output gets before anything is computed or written: not a directory, no file in
-    place of a parent directory, and with overwrite=False not already there. Returns path as a Path."""
+    place of a parent directory, with overwrite=False not already there, and never one of ``inputs`` (the
+    command's own input files and folders) or inside one, even with overwrite. Returns path as a Path."""
     p = Path(path)
+    name = f"{flag} {p}" if flag else str(p)
     if p.is_dir():
-        raise OutputPathError(f"{p} is a directory; give a file path for this output (e.g. {p / p.name}.out)")
+        raise OutputPathError(f"{name} is a directory; give a file path for this output (e.g. {p / 'out'}{p.suffix})")
+    for inp in inputs:
+        if inp is not None and str(inp) != "" and os.path.exists(inp) and _same_or_inside(p, Path(inp)):
+            where = "is" if os.path.realpath(p) == os.path.realpath(inp) else "is inside"
+            raise OutputPathError(
+                f"{name} {where} the input {inp}: writing it would destroy the input; choose another path"
+            )
     if not overwrite and (p.exists() or p.is_symlink()):
-        raise OutputPathError(f"{p} exists; pass --overwrite to replace it, or choose another path")
+        raise OutputPathError(f"{name} exists; pass --overwrite to replace it, or choose another path")
     anc = p.parent
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
     if not anc.is_dir():
-        raise OutputPathError(f"{p}: {anc} is a file, not a directory; choose a path inside a directory")
+        raise OutputPathError(f"{name}: {anc} is a file, not a directory; choose a path inside a directory")
+    return p
+
+
+def check_input_file(path, what: str = "input") -> Path:
+    """A file the command reads: there, and a file (a folder given for it is named as such, not 'no such file')."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {p} is a directory; give the file itself")
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file")
+    return p
+
+
+def check_output_dir(path, *, flag: str | None = None) -> Path:
+    """An output folder (the files in it are checked one by one): not a file, and no file in place of a parent."""
+    p = Path(path)
+    name = f"{flag} {p}" if flag else str(p)
+    if p.exists() and not p.is_dir():
+        raise OutputPathError(f"{name} is a file; this output is a directory (its files are written into it)")
+    anc = p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputPathError(f"{name}: {anc} is a file, not a directory; choose a path inside a directory")
     return p
 
 

@@ -92,3 +92,23 @@ def test_overwrite_false_does_not_replace_a_file_that_appears_while_writing(tmp_
             p.write_text("someone else's")
     assert p.read_text() == "someone else's"
     assert [x.name for x in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_an_input_is_never_an_output_and_folders_are_told_apart(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("data")
+    store = tmp_path / "store"
+    store.mkdir()
+    for out, words in ((src, "is the input"), (store / "x.json", "is inside the input")):
+        with pytest.raises(files.OutputPathError, match=f"--out .*{words} .*would destroy the input"):
+            files.check_output_file(out, overwrite=True, flag="--out", inputs=[None, "", src, store, "hub/model"])
+    assert files.check_output_file(tmp_path / "new.json", inputs=[src, store]) == tmp_path / "new.json"
+    assert files.check_output_dir(tmp_path / "a" / "b", flag="--out") == tmp_path / "a" / "b"
+    with pytest.raises(files.OutputPathError, match="--out .*in.jsonl is a file; this output is a directory"):
+        files.check_output_dir(src, flag="--out")
+    with pytest.raises(files.OutputPathError, match="in.jsonl is a file, not a directory"):
+        files.check_output_dir(src / "sub")
+    with pytest.raises(ValueError, match="--jsonl .*store is a directory; give the file itself"):
+        files.check_input_file(store, "--jsonl")
+    with pytest.raises(FileNotFoundError, match="nope: no such file"):
+        files.check_input_file(tmp_path / "nope")
