@@ -94,12 +94,19 @@ def _check_fields(rec: dict, where: str) -> None:
     for key in ("beta", "kl_budget", "planned_beta"):
         if rec.get(key) is not None and not _is_number(rec[key]):
             raise ValueError(f"{where}: {key!r} must be a finite number or null, got {rec[key]!r}")
+    se = rec.get("kl_stderr")
+    if se is not None and not (_is_number(se) and se >= 0):
+        raise ValueError(f"{where}: 'kl_stderr' must be a finite number >= 0 or null, got {se!r}")
 
 
 def load_eval_log(path) -> list[dict]:
     """Records of an infalign_eval.jsonl, validated, one per step (the last line for a step wins), by step."""
     path = Path(path)
     if not path.is_file():
+        if path.name == EVAL_LOG and (path.parent / EXACT_LOG).is_file():
+            raise FileNotFoundError(
+                f"{path} not found; the folder has an exact evaluation: pass {path.parent / EXACT_LOG}"
+            )
         raise FileNotFoundError(
             f"{path} not found: it is written by the training hook at each evaluation "
             f"(train with --reward_wrapper infalign.ctrl and --eval.steps), or pass the run's save path"

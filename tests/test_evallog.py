@@ -45,6 +45,11 @@ def test_load_eval_log_validates_and_keeps_the_last_record_of_a_step(tmp_path):
         evallog.load_eval_log(path)
     with pytest.raises(FileNotFoundError, match="written by the training hook"):
         evallog.load_eval_log(tmp_path / "nope.jsonl")
+    # A run folder with only its exact evaluation: the error points at that log.
+    (tmp_path / "exact").mkdir()
+    (tmp_path / "exact" / evallog.EXACT_LOG).write_text(path.read_text())
+    with pytest.raises(FileNotFoundError, match=f"has an exact evaluation: pass .*exact/{evallog.EXACT_LOG}"):
+        evallog.load_eval_log(evallog.eval_log_path(tmp_path / "exact"))
 
 
 @pytest.mark.parametrize(
@@ -57,6 +62,8 @@ def test_load_eval_log_validates_and_keeps_the_last_record_of_a_step(tmp_path):
         ({"standard": {"win_rate": float("nan"), "stderr": 0.1}}, "'standard' must be"),
         ({"standard": {"win_rate": 0.5, "stderr": -0.1}}, "'standard' must be"),
         ({"standard": {"win_rate": True, "stderr": 0.1}}, "'standard' must be"),
+        ({"kl_stderr": -0.01}, "'kl_stderr' must be a finite number >= 0 or null, got -0.01"),
+        ({"kl_stderr": "0.1"}, "'kl_stderr' must be a finite number >= 0 or null"),
     ],
 )
 def test_plan_fields_and_stats_are_checked_by_line(tmp_path, change, words):
