@@ -38,6 +38,8 @@ def check_output_file(path, *, overwrite: bool = True, flag: str | None = None, 
     """The checks every file output gets before anything is computed or written: not a directory, no file in
     place of a parent directory, with overwrite=False not already there, and never one of ``inputs`` (the
     command's own input files and folders) or inside one, even with overwrite. Returns path as a Path."""
+    if str(path) == "":
+        raise OutputPathError(f"{flag or 'output'}: an empty path; give a file path")
     p = Path(path)
     name = f"{flag} {p}" if flag else str(p)
     if p.is_dir():

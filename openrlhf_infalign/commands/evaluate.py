@@ -149,7 +149,7 @@ def load_pairs(policy_path, reference_path, skip_missing: bool):
 def run(args) -> int:
     from openrlhf_infalign.core.winrate import default_ns, win_rates
 
-    if args.plot:  # before the work: a bad path fails in a moment, and never over an input
+    if args.plot is not None:  # before the work: a bad path fails in a moment, and never over an input
         check_output_file(args.plot, overwrite=args.overwrite, flag="--plot", inputs=[args.policy, args.reference])
     keys, policy, reference, info = load_pairs(args.policy, args.reference, args.skip_missing)
     m = np.array([len(x) for x in policy])

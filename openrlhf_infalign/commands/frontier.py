@@ -85,7 +85,7 @@ def plot_frontier(f: dict, path: str, overwrite: bool = True) -> None:
 
 def run(args) -> int:
     args = options.settings_from_args(FrontierSettings, args)
-    if args.plot:  # before the work: a bad path fails in a moment
+    if args.plot is not None:  # before the work: a bad path fails in a moment
         check_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
     f = frontier(args.inference, args.transform, parse_floats(args.kl_budget, "--kl-budget"), k=args.k)
     if args.plot:

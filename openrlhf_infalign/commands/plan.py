@@ -132,7 +132,7 @@ def plot_plan(p: dict, path: str, overwrite: bool = True) -> None:
 
 def run(args) -> int:
     args = options.settings_from_args(PlanSettings, args)
-    if args.plot:  # before the work: a bad path fails in a moment
+    if args.plot is not None:  # before the work: a bad path fails in a moment
         check_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
     p = plan_with_flags(args.inference, args.kl_budget, args.k, args.estimator, args.n_samples_per_prompt)
     if args.plot:

@@ -69,6 +69,8 @@ def read_samples(src: Path):
             rewards.append(r)
             lines.append(lineno)
             prompts.append(prompt)
+    if not rewards:
+        raise ValueError(f'{src}: no rows; give one row per sample, {{"prompt": ..., "reward": ...}}')
     dig = np.frombuffer(bytes(digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
     return dig, np.asarray(rewards, dtype=np.float64), lines, prompts
 
@@ -137,7 +139,7 @@ def score(args) -> dict:
 
 
 def run(args) -> int:
-    if args.out:  # before the work: a bad path fails in a moment, and never over an input
+    if args.out is not None:  # before the work: a bad path fails in a moment, and never over an input
         check_output_file(args.out, overwrite=args.overwrite, flag="--out", inputs=[args.jsonl, args.store])
     res = score(args)
     if args.out:

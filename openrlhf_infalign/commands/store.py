@@ -23,6 +23,8 @@ def _kv(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     k, v = text.split("=", 1)
+    if not k.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r} (no key)")
     try:
         val = json.loads(v)  # numbers, true/false, null, quoted strings
     except json.JSONDecodeError:
@@ -137,6 +139,9 @@ def _read_manifest_arg(path: str) -> dict:
 def _import(args) -> int:
     from openrlhf_infalign.store.jsonl import import_jsonl
 
+    if args.k_min < 1:
+        raise UserError(f"--k-min {args.k_min}: the fewest reference rewards a prompt may have, an integer >= 1")
+
     man: dict = _read_manifest_arg(args.manifest) if args.manifest else {}
     if args.policy_model is not None:
         man["policy_model"] = args.policy_model
@@ -166,6 +171,7 @@ def _import(args) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         inputs=[args.manifest],
+        allow_empty=False,
     )
     from openrlhf_infalign.store import read_manifest
 

@@ -176,15 +176,19 @@ def import_jsonl(
     overwrite: bool = False,
     progress: bool = True,
     inputs=(),
+    allow_empty: bool = True,
 ) -> Path:
     """`infalign store import`: JSONL -> store (validated, atomic). Errors name the file and line.
 
     The output may replace only an earlier store (with overwrite), never src itself, a folder holding it, or any
-    of ``inputs`` (other files the caller read, e.g. a --manifest): checked before the JSONL is read."""
+    of ``inputs`` (other files the caller read, e.g. a --manifest): checked before the JSONL is read.
+    allow_empty=False refuses a file without rows (the command: an empty store is a mistake, found at training)."""
     src = Path(src)
     inputs = [src, *inputs]
     check_target(out_dir, overwrite=overwrite, inputs=inputs)
     dig, rag, prompts, lines = read_reference_jsonl(src, progress=progress, k_min=k_min)
+    if not allow_empty and dig.shape[0] == 0:
+        raise StoreError(f"{src}: no rows; a store needs the reference rewards of at least one prompt")
     man = dict(manifest or {})
     man.setdefault("source", {"imported_from": str(src)})
     return write_store(

@@ -56,10 +56,10 @@ def _not_a_store(path: Path) -> FileNotFoundError:
         hint = f"; a previous version was left aside at {olds[0]} by an interrupted write"
     elif path.is_dir() and (path / PARQUET).exists():
         hint = "; the directory has data but no manifest (an interrupted or foreign copy?)"
-    return FileNotFoundError(
-        f"{path} is not a reference store (no {MANIFEST}){hint}; build one with `infalign calibrate` or "
-        "`infalign store import`"
+    what = (
+        "a file, not a reference store (a directory)" if path.is_file() else f"not a reference store (no {MANIFEST})"
     )
+    return FileNotFoundError(f"{path} is {what}{hint}; build one with `infalign calibrate` or `infalign store import`")
 
 
 def _parse_manifest(raw: bytes, mf) -> dict:
@@ -357,7 +357,9 @@ class ReferenceStore:
         for _ in range(_OPEN_ATTEMPTS):
             try:
                 d = _Dir(path)
-            except (FileNotFoundError, NotADirectoryError):
+            except NotADirectoryError:
+                raise _not_a_store(path) from None  # a file (or a path through one): nothing to wait for
+            except FileNotFoundError:
                 if wait_for_writer(path):
                     continue
                 raise _not_a_store(path) from None
