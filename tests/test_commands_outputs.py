@@ -209,3 +209,39 @@ def test_a_path_the_system_refuses_is_one_line_not_a_traceback(refs, capsys, mon
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err
     assert not (tmp / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, command, words",
+    [
+        (["store", "info", "{src}"], "store", "refs.jsonl is a file, not a reference store (a directory)"),
+        (["score", "--store", "{src}", "--jsonl", "{samples}"], "score", "is a file, not a reference store"),
+        (
+            ["store", "import", "--jsonl", "{empty}", "--out", "{tmp}/e"],
+            "store",
+            "empty.jsonl: no rows; a store needs",
+        ),
+        (["score", "--store", "{store}", "--jsonl", "{empty}"], "score", "empty.jsonl: no rows"),
+        (
+            ["store", "import", "--jsonl", "{src}", "--out", "{tmp}/e", "--k-min", "0"],
+            "store",
+            "--k-min 0: the fewest",
+        ),
+        (["store", "import", "--jsonl", "{src}", "--out", "{tmp}/e", "--template", "=1"], "store import", "(no key)"),
+        (["plan", "--plot", ""], "plan", "--plot: an empty path; give a file path"),
+        (["score", "--store", "{store}", "--jsonl", "{samples}", "--out", ""], "score", "--out: an empty path"),
+    ],
+)
+def test_what_the_commands_fuzz_found(refs, capsys, argv, command, words):
+    tmp, src, store, samples = refs
+    (tmp / "empty.jsonl").write_text("")
+    names = dict(tmp=tmp, src=src, store=store, samples=samples, empty=tmp / "empty.jsonl")
+    capsys.readouterr()
+    try:
+        rc = main([a.format(**names) for a in argv])
+    except SystemExit as e:  # argparse's own refusal
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"infalign {command}: error: ") and words in err, err
+    assert not (tmp / "e").exists()
