@@ -79,7 +79,7 @@ def test_a_byte_that_is_not_utf8_names_its_line(tmp_path):
     stat = {"win_rate": 0.5, "stderr": 0.01}
     good = json.dumps({"step": 0, "kl": 0.0, "standard": stat, "bon": {"1": stat}, "won": {"1": stat}})
     path = tmp_path / "infalign_eval.jsonl"
-    path.write_bytes(good.encode() + b"\n" + good.encode()[:-1] + b'\xff}\n')
+    path.write_bytes(good.encode() + b"\n" + good.encode()[:-1] + b"\xff}\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: not UTF-8 text")):
         evallog.load_eval_log(path)
     path.write_text(good.replace('"step": 0', '"step": 1180591620717411303424') + "\n")

@@ -265,7 +265,7 @@ def run_single(args, run_dir) -> int:
                     "end": end,
                     "noise_floor": floor,
                     "evaluations_inside_noise_floor": inside if floor else None,
-                    "evaluations_below_twice_noise_floor": (inside + near) if floor else None,
+                    "evaluations_below_twice_noise_floor": sorted(inside + near) if floor else None,
                     "files": {"winrate_vs_n": str(vs_n), "bon_vs_kl": str(vs_kl), "summary": str(md)},
                 }
             )
