@@ -72,6 +72,8 @@ def check_input_file(path, what: str = "input") -> Path:
 
 def check_output_dir(path, *, flag: str | None = None) -> Path:
     """An output folder (the files in it are checked one by one): not a file, and no file in place of a parent."""
+    if str(path) == "":
+        raise OutputPathError(f"{flag or 'output'}: an empty path; give a directory")
     p = Path(path)
     name = f"{flag} {p}" if flag else str(p)
     if p.exists() and not p.is_dir():

@@ -230,6 +230,7 @@ def test_a_path_the_system_refuses_is_one_line_not_a_traceback(refs, capsys, mon
         (["store", "import", "--jsonl", "{src}", "--out", "{tmp}/e", "--template", "=1"], "store import", "(no key)"),
         (["plan", "--plot", ""], "plan", "--plot: an empty path; give a file path"),
         (["score", "--store", "{store}", "--jsonl", "{samples}", "--out", ""], "score", "--out: an empty path"),
+        (["report", "{tmp}/nope", "--out", ""], "report", "--out: an empty path; give a directory"),
     ],
 )
 def test_what_the_commands_fuzz_found(refs, capsys, argv, command, words):

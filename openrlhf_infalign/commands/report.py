@@ -131,7 +131,7 @@ def run(args) -> int:
             if not args.noise
             else "give the noise floor one way: --noise RUN (measured here) or --noise-floor NATS, not both"
         )
-    if args.out:
+    if args.out is not None:
         check_output_dir(args.out, flag="--out")
     if len(args.run_dir) > 1:
         return run_compare(args)
@@ -175,7 +175,7 @@ def run_single(args, run_dir) -> int:
     run = _load(run_dir)
     log, records = Path(run["path"]), run["records"]
     default = "infalign_report" if log.name == EVAL_LOG else f"{log.stem}_report"
-    out = Path(args.out) if args.out else Path(eval_log_path(run_dir)).parent / default
+    out = Path(args.out) if args.out is not None else Path(eval_log_path(run_dir)).parent / default
     inputs = [run["path"]] + [r["path"] for r in (floor or {}).get("runs", [])]
     files = _outputs(out, ["winrate_vs_n.png", "bon_vs_kl.png", "summary.md"], args, inputs)
     kind, n, transform = report.run_metric(records)
@@ -322,7 +322,7 @@ def run_compare(args) -> int:
         if k is None
         else f"K-aware frontiers: expected over stores of K = {k} reference samples per prompt"
     )
-    out = Path(args.out) if args.out else Path("infalign_compare")
+    out = Path(args.out) if args.out is not None else Path("infalign_compare")
     figure_names = {name: f"{name.lower()}_vs_kl.png" for name in result["metrics"]}
     inputs = [r["path"] for r in runs] + [r["path"] for r in (floor or {}).get("runs", [])]
     files = _outputs(out, [*figure_names.values(), "summary.md", "compare.json"], args, inputs)
