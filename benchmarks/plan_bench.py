@@ -4,6 +4,11 @@ Baselines in the same run: one frontier point (beta_for_kl + win rate for exp:t=
 the t search repeats) and the bare start of a Python process that imports numpy (what any CLI pays). Prints a table
 and one JSON line: {"bench": "plan", "seconds": ..., "subprocess_seconds": ..., "baseline_seconds": ..., "ratio": ...}.
 The issue's target is < 2 s for one case on a 2-core machine, process start included.
+
+Scale (issue 20): `plan` at K = 16, 1,000 and 100,000 reference samples per prompt and at N = 1,000,000 (with and
+without K), each in a fresh process: its time and its peak resident memory (VmHWM), beside the peak of a
+process that only imports the planner (the floor), and its CPU time (what a busy shared machine does not inflate).
+Targets: <= 10 s and <= 1 GB per case.
 """
 
 from __future__ import annotations
@@ -32,6 +37,47 @@ def run_cli(argv: list[str]) -> None:
         raise SystemExit(f"infalign {' '.join(argv)} failed: {r.stderr.strip()}")
 
 
+SCALE_SNIPPET = r"""
+import json, sys, time
+from openrlhf_infalign.core import planning
+inference, kl, k = sys.argv[1], float(sys.argv[2]), None if sys.argv[3] == "none" else int(sys.argv[3])
+start, cpu = time.perf_counter(), time.process_time()
+p = planning.plan(inference, kl, k=k) if inference != "-" else None
+seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+# VmHWM: this process image's peak resident memory (ru_maxrss would carry a big parent's over exec).
+peak = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")).split()[1]) * 1024
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_bytes": peak,
+                  "win_rate": p and p["recommended"]["win_rate"],
+                  "transform": p and p["recommended"]["transform"], "optimal": bool(p and "optimal" in p)}))
+"""
+
+
+def scale_cases(spec: str) -> dict:
+    """Each inference@kl@k case in a fresh process: plan time, peak RSS, the recommended win rate."""
+
+    def one(inference, kl, k):
+        r = subprocess.run([sys.executable, "-c", SCALE_SNIPPET, inference, kl, k], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"plan {inference} kl={kl} k={k} failed: {r.stderr.strip()[-500:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    floor = one("-", "1", "none")["peak_bytes"]
+    print(f"scale (each case in its own process; import-only process peak {floor / 2**20:.0f} MiB):")
+    print(f"{'case':>26}  {'seconds':>8}  {'cpu s':>6}  {'peak MiB':>9}  {'win rate':>9}  transform")
+    rows = {}
+    for case in spec.split(","):
+        inference, kl, k = case.split("@")
+        got = one(inference, kl, k)
+        rows[case] = got
+        print(
+            f"{case:>26}  {got['seconds']:8.2f}  {got['cpu_seconds']:6.2f}  {got['peak_bytes'] / 2**20:9.0f}  "
+            f"{got['win_rate']:9.6f}  "
+            f"{got['transform']}{'' if got['optimal'] else ' (optimum left out)'}"
+        )
+    within = all(min(r["seconds"], r["cpu_seconds"]) <= 10 and r["peak_bytes"] <= 2**30 for r in rows.values())
+    return {"floor_peak_bytes": floor, "cases": rows, "within_target": within}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument(
@@ -40,7 +86,18 @@ def main() -> None:
         help="comma-separated inference@kl cases timed in-process; the first is also timed as a subprocess",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (the best is reported)")
+    parser.add_argument(
+        "--scale",
+        default="bon:4@0.5@16,bon:4@0.5@1000,bon:4@0.5@100000,bon:32@0.5@100000,won:32@0.5@100000,"
+        "bon:1000000@0.5@none,bon:1000000@0.5@100000,bon:10000000@0.5@none",
+        help="inference@kl@k cases timed for scale, each in its own process (k 'none': the continuum)",
+    )
+    parser.add_argument("--scale-only", action="store_true", help="only the scale cases")
     args = parser.parse_args()
+    scale = scale_cases(args.scale)
+    if args.scale_only:
+        print(json.dumps({"bench": "plan_scale", **scale}))
+        return
     cases = [(c.split("@")[0], float(c.split("@")[1])) for c in args.cases.split(",")]
 
     planning.plan(*cases[0])  # first call builds the grid; not what a user waits for twice, but counted below too
@@ -87,6 +144,7 @@ def main() -> None:
                 "all_cases_seconds": {f"{i}@{k:g}": round(f, 4) for i, k, f, _, _ in rows},
                 "target_seconds": 2.0,
                 "within_target": max(sub, *sub_k.values()) < 2.0 and max(r[2] for r in rows) < 2.0,
+                "scale": scale,
             }
         )
     )

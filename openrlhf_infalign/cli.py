@@ -66,13 +66,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (UserError, ValueError, FileNotFoundError) as e:
-        print(f"infalign {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:
         # `infalign ... | head` closed the pipe: not an error worth a traceback.
         sys.stderr.close()
         return 0
+    except (UserError, ValueError, OSError) as e:
+        # A user's mistake, or a path the system refuses (a folder where a file is read, no permission, a full
+        # disk): the path and the reason on one line, not a traceback; the user can act on it.
+        what = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else e
+        print(f"infalign {args.command}: error: {_one_line(what)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"infalign {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e) -> str:
+    """Messages are one line by rule; a multi-line one (from a library) is folded rather than cut."""
+    return " ".join(str(e).split("\n")).strip()
 
 
 if __name__ == "__main__":

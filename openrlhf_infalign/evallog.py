@@ -75,38 +75,67 @@ def append_record(path, record: dict) -> None:
 
 
 def _check_stat(d, where: str, what: str) -> None:
-    if not isinstance(d, dict) or not all(isinstance(d.get(k), (int, float)) for k in ("win_rate", "stderr")):
-        raise ValueError(f"{where}: {what} must be {{'win_rate': float, 'stderr': float}}, got {d!r}")
+    # Finite numbers (JSON's NaN and Infinity, and true/false, are not), a standard error never negative.
+    ok = isinstance(d, dict) and all(_is_number(d.get(k)) for k in ("win_rate", "stderr"))
+    if not ok or d["stderr"] < 0:
+        raise ValueError(f"{where}: {what} must be {{'win_rate': number, 'stderr': number >= 0}}, got {str(d)[:120]}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_fields(rec: dict, where: str) -> None:
+    """The plan fields reports and comparisons read: each null or of its type (a K below 2 has no theory)."""
+    k = rec.get("k")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 2):
+        raise ValueError(f"{where}: 'k' must be an integer >= 2 or null, got {k!r}")
+    for key in ("inference", "transform"):
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string or null, got {rec[key]!r}")
+    for key in ("beta", "kl_budget", "planned_beta"):
+        if rec.get(key) is not None and not _is_number(rec[key]):
+            raise ValueError(f"{where}: {key!r} must be a finite number or null, got {rec[key]!r}")
+    se = rec.get("kl_stderr")
+    if se is not None and not (_is_number(se) and se >= 0):
+        raise ValueError(f"{where}: 'kl_stderr' must be a finite number >= 0 or null, got {se!r}")
 
 
 def load_eval_log(path) -> list[dict]:
     """Records of an infalign_eval.jsonl, validated, one per step (the last line for a step wins), by step."""
     path = Path(path)
     if not path.is_file():
+        if path.name == EVAL_LOG and (path.parent / EXACT_LOG).is_file():
+            raise FileNotFoundError(
+                f"{path} not found; the folder has an exact evaluation: pass {path.parent / EXACT_LOG}"
+            )
         raise FileNotFoundError(
             f"{path} not found: it is written by the training hook at each evaluation "
             f"(train with --reward_wrapper infalign.ctrl and --eval.steps), or pass the run's save path"
         )
     by_step: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # line by line in binary: a byte that is not UTF-8 is named by its line too
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                rec = json.loads(line)
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); delete or fix the line")
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON ({e.msg}); a crashed run may leave a cut line: delete it")
             if not isinstance(rec, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             step = rec.get("step")
-            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-                raise ValueError(f"{where}: 'step' must be a non-negative integer, got {step!r}")
+            if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**63:
+                raise ValueError(f"{where}: 'step' must be a non-negative integer, got {str(step)[:30]}")
             kl = rec.get("kl")
             if kl is not None and (not isinstance(kl, (int, float)) or not math.isfinite(kl)):
                 raise ValueError(f"{where}: 'kl' must be a finite number or null, got {kl!r}")
             if kl is None and step == 0:
                 rec["kl"] = 0.0  # before any update the policy is the reference
+            _check_fields(rec, where)
             _check_stat(rec.get("standard"), where, "'standard'")
             for key in ("bon", "won"):
                 table = rec.get(key)

@@ -28,6 +28,8 @@ __all__ = [
     "winrate_table",
     "plot_arms_vs_kl",
     "compare_markdown",
+    "noise_floor_words",
+    "shade_noise_floor",
     "save_figure",
 ]
 
@@ -82,6 +84,7 @@ def plot_winrate_vs_n(
     result_label: str | None = None,
     transform: str | None = None,
     kl: float | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Best-of-N and Worst-of-N win rate vs N with +-1.96 stderr error bars (95%), log2 N axis.
 
@@ -131,7 +134,7 @@ def plot_winrate_vs_n(
     ax.set_title(title or f"Win rate vs N ({result.get('num_prompts', '?')} prompts; bars: 95% CI)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never hides a point
-    return save_figure(fig, path)
+    return save_figure(fig, path, overwrite=overwrite)
 
 
 _BASELINE_NAMES = {"optimal": "theory: optimal transform (ceiling)", "identity": "theory: identity (calibration only)"}
@@ -141,6 +144,8 @@ def _frontier_to(inference: str, spec: str, kl_top: float, k: int | None = None)
     """The frontier of a transform from KL 0 to a little past kl_top, sorted by KL, for plots. With ``k``, the
     K-aware one (expected KL and win rate over stores with K reference samples per prompt; core/finite_k.py)."""
     from openrlhf_infalign.core import planning, theory
+
+    k = planning.check_k(k)
 
     if k is not None:
         kls = np.linspace(kl_top * 1.05 / 12, kl_top * 1.05, 12)
@@ -165,13 +170,25 @@ def _frontier_to(inference: str, spec: str, kl_top: float, k: int | None = None)
     return ck[order], cw[order]
 
 
+def shade_noise_floor(ax, floor: float | None) -> None:
+    """KL in [0, floor] shaded and twice the floor marked: below it a run's KL is what the optimiser spends with no
+    signal at all, so gaps there say nothing about a method."""
+    if not floor:
+        return
+    ax.axvspan(0, floor, color="0.55", alpha=0.18, linewidth=0, zorder=0, label=f"noise floor (KL <= {floor:.3g})")
+    ax.axvline(
+        2 * floor, color="0.35", linestyle="--", linewidth=0.9, zorder=0, label=f"2x noise floor ({2 * floor:.3g})"
+    )
+
+
 def end_point(records: list[dict], kind: str, n: int) -> dict | None:
-    """The run's last evaluation with a measured KL: {step, kl, win_rate, stderr} of this metric."""
-    for r in reversed(records):
-        st = _stat(r, kind, n)
-        if r.get("kl") is not None and st is not None:
-            return {"step": r["step"], "kl": float(r["kl"]), "win_rate": st["win_rate"], "stderr": st["stderr"]}
-    return None
+    """Where the run ended: its last evaluation's {step, kl, win_rate, stderr} of this metric; None when that
+    evaluation has no measured KL (or no such metric). An earlier evaluation is never passed off as the end."""
+    r = max(records, key=lambda rec: rec["step"])
+    st = _stat(r, kind, n)
+    if r.get("kl") is None or st is None:
+        return None
+    return {"step": r["step"], "kl": float(r["kl"]), "win_rate": st["win_rate"], "stderr": st["stderr"]}
 
 
 def planned_point(records: list[dict], kind: str, n: int) -> dict | None:
@@ -189,10 +206,18 @@ def planned_point(records: list[dict], kind: str, n: int) -> dict | None:
 
 
 def plot_winrate_vs_kl(
-    records: list[dict], path, kind: str, n: int, transform: str | None, with_optimal: bool = True
+    records: list[dict],
+    path,
+    kind: str,
+    n: int,
+    transform: str | None,
+    with_optimal: bool = True,
+    noise_floor: float | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """The run's inference-time win rate vs training KL across evaluations, over the calibrated-space frontier of
-    its transform (and of the optimal transform, the ceiling for this inference procedure)."""
+    its transform (and of the optimal transform, the ceiling for this inference procedure); with a noise floor
+    (nats), KL inside it shaded and twice it marked."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     label = {"bon": f"BoN_{n}", "won": f"WoN_{n}", "standard": "standard"}[kind]
@@ -202,6 +227,7 @@ def plot_winrate_vs_kl(
     kls = np.array([k for _, k, _ in pts], dtype=float)
     plan = planned_point(records, kind, n)
     kl_top = max(float(kls.max()) if kls.size else 0.0, plan["kl"] if plan else 0.0, 1e-3) * 1.3
+    kl_top = max(kl_top, 2.1 * (noise_floor or 0.0))
     k_store = plan["k"] if plan else None
     notes = []
     if transform:
@@ -241,6 +267,7 @@ def plot_winrate_vs_kl(
             ms=13,
             label=f"plan: KL {plan['kl']:g}, {label} {plan['win_rate']:.3f}",
         )
+    shade_noise_floor(ax, noise_floor)
     ax.axhline(0.5, color="gray", linewidth=0.8, linestyle="--")
     ax.set_xlim(0, kl_top)
     ax.set_xlabel("KL(policy || reference) [nats per sequence]")
@@ -250,7 +277,7 @@ def plot_winrate_vs_kl(
         ax.text(0.01, 0.01, "\n".join(notes)[:200], transform=ax.transAxes, fontsize=6, va="bottom")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return save_figure(fig, path)
+    return save_figure(fig, path, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,16 +334,22 @@ def plot_arms_vs_kl(
     kl_grid=(),
     with_optimal: bool = True,
     k: int | None = None,
+    noise_floor: float | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """One metric against KL for several arms: per arm a colour, its seeds as thin lines (first-crossing
     trajectories), the seed mean with a +-1 se band (compare.arm_at_kl), and beneath, the frontier of each arm's
-    transform and of identity (K-aware with ``k``). arms: label -> the seeds' records; matched KLs drawn faint."""
+    transform and of identity (K-aware with ``k``). arms: label -> the seeds' records; matched KLs drawn faint;
+    with a noise floor (nats), KL inside it shaded and twice it marked."""
+    from openrlhf_infalign.core.planning import check_k
+
+    k = check_k(k)  # before anything is drawn: a theory curve for K < 2 does not exist
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.6, 4.6))
     label = compare.metric_name(inference)
     colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arms)}
     seed_kls = [compare.trajectory(records, inference)[1] for seeds in arms.values() for records in seeds]
-    kl_top = max([float(k.max()) for k in seed_kls if k.size] + [1e-3]) * 1.1
+    kl_top = max([float(k.max()) for k in seed_kls if k.size] + [1e-3, 2.1 * (noise_floor or 0.0)]) * 1.1
     specs: dict[str, tuple] = {}
     for arm, spec in transforms.items():
         if spec and spec not in specs:
@@ -349,6 +382,7 @@ def plot_arms_vs_kl(
         ax.plot(grid, mean, color=color, linewidth=2, zorder=4, label=name)
     for k in kl_grid:
         ax.axvline(k, color="gray", linewidth=0.6, alpha=0.4, zorder=0)
+    shade_noise_floor(ax, noise_floor)
     ax.axhline(0.5, color="gray", linewidth=0.8, linestyle="--")
     ax.set_xlim(0, kl_top)
     ax.set_xlabel("KL(policy || reference) [nats per sequence]")
@@ -358,7 +392,7 @@ def plot_arms_vs_kl(
         ax.text(0.01, 0.01, "\n".join(notes)[:200], transform=ax.transAxes, fontsize=6, va="bottom")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return save_figure(fig, path)
+    return save_figure(fig, path, overwrite=overwrite)
 
 
 def _pm(value, se, signed: bool = False) -> str:
@@ -367,24 +401,48 @@ def _pm(value, se, signed: bool = False) -> str:
     return f"{value:+.4f} ± {se:.4f}" if signed else f"{value:.4f} ± {se:.4f}"
 
 
+def noise_floor_words(floor: dict) -> str:
+    """One sentence: the floor, how it was found, and each noise run's largest KL."""
+    runs = "; ".join(f"{r['run']}: {r['max_kl']:.3g} at step {r['step_of_max']}" for r in floor["runs"])
+    return f"Noise floor {floor['nats']:.3g} nats: {floor['source']}" + (f"; per run: {runs}." if runs else ".")
+
+
+def _floor_cell(kl: float, floor: dict | None) -> str:
+    if floor is None:
+        return ""
+    return "inside" if kl <= floor["nats"] else "< 2x" if kl < 2 * floor["nats"] else "≥ 2x"
+
+
 def compare_markdown(result: dict) -> str:
-    """Markdown of compare.compare_runs' result: the arms (seeds, final KL per seed), then each arm's win rates at
-    every matched KL ± se and their difference to the baseline arm ± the se of the difference, then the notes."""
+    """Markdown of compare.compare_runs' result: the arms (seeds, final KL per seed), the noise floor when known,
+    then each arm's win rates at every matched KL ± se and their difference to the baseline arm ± the se of that
+    difference (with where each KL lies against the floor), then the notes."""
     base = result["baseline"]
+    floor = result.get("noise_floor")
     lines = ["| arm | transform | seeds | final KL per seed | KL covered by every seed |", "|---|---|---:|---|---|"]
     for arm in result["arms"]:
         finals = ", ".join("-" if r["final_kl"] is None else f"{r['final_kl']:.3f}" for r in arm["runs"])
         span = "none" if arm["kl_range"] is None else "{:.3f} to {:.3f}".format(*arm["kl_range"])
         lines.append(f"| {arm['label']} | {arm['transform'] or '-'} | {arm['seeds']} | {finals} | {span} |")
+    if floor is not None:
+        lines += [
+            "",
+            noise_floor_words(floor)
+            + " KL inside the floor is shaded in the figures and twice the floor is marked; a difference at a KL "
+            "below twice the floor is optimiser noise, not the method.",
+        ]
     metrics = list(result["metrics"])
     if result["kl_grid"]:
         intro = f"Win rate at matched KL ± se; Δ: minus the baseline arm `{base}`, ± se of that difference."
+        if floor is not None:
+            intro += " floor: where the KL lies against the noise floor (inside, < 2x, ≥ 2x)."
         lines += ["", intro, ""]
         head = "".join(f" {m} | Δ {m} |" for m in metrics)
-        lines += [f"| arm | seeds | KL |{head}", "|---|---:|---:|" + "---:|---:|" * len(metrics)]
+        fcol, fsep = (" floor |", "---|") if floor is not None else ("", "")
+        lines += [f"| arm | seeds | KL |{fcol}{head}", "|---|---:|---:|" + fsep + "---:|---:|" * len(metrics)]
         for arm in result["arms"]:
             for i, k in enumerate(result["kl_grid"]):
-                cells = ""
+                cells = f" {_floor_cell(k, floor)} |" if floor is not None else ""
                 for m in metrics:
                     e = result["metrics"][m]["arms"][arm["label"]]
                     diff = "(baseline)" if arm["label"] == base else _pm(e["diff"][i], e["diff_stderr"][i], True)

@@ -76,3 +76,36 @@ def test_validate_names_the_flag(tmp_path):
         s.validate()
     assert s.input_template is None and s.reward_kind == "reward_func"
     assert CalibrateSettings(**dict(base, reward_url="http://a, http://b")).reward_urls == ["http://a", "http://b"]
+
+
+def test_out_is_checked_before_any_model_or_dataset_is_loaded(tmp_path, capsys):
+    # The policy does not exist: each error below must come from the --out check, before anything is loaded.
+    from openrlhf_infalign.cli import main
+
+    rf = tmp_path / "rf.py"
+    rf.write_text("def reward_func(queries, prompts, labels):\n    return {'rewards': [0.0] * len(queries)}\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "p.jsonl").write_text('{"input": "x"}\n')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (tmp_path / "a_file").write_text("mine")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "no_policy").mkdir()  # exists, yet holds no model: loading it would fail differently
+    (tmp_path / "work.partial").mkdir()
+    (tmp_path / "work.partial" / "thesis.tex").write_text("mine")
+    base = ["calibrate", "--pretrain", str(tmp_path / "no_policy"), "--reward.remote_url", str(rf), "--overwrite"]
+    base += ["--data.prompt_dataset", str(data / "p.jsonl"), "--backend", "hf", "--out"]
+    for out, words in [
+        (mine, "mine is not a reference store (it has no manifest.json)"),
+        (data, "p.jsonl is inside the output"),
+        (tmp_path / "a_file", "a_file is a file, not a store directory"),
+        (tmp_path / "no_policy" / "refs", "is inside the input folder"),
+        (tmp_path / "work", "work.partial is where `infalign calibrate --out"),
+    ]:
+        assert main(base + [str(out)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1 and "Repo id" not in err, err
+    assert (mine / "notes.txt").read_text() == "mine" and (tmp_path / "a_file").read_text() == "mine"
+    assert (data / "p.jsonl").is_file() and (tmp_path / "work.partial" / "thesis.tex").is_file()

@@ -364,6 +364,27 @@ def test_eval_sampling_mismatch_is_refused_before_training(parser, tmp_path):
             assert launch.prepare(args).eval_store is not None
 
 
+def test_training_the_eval_store_and_the_hook_refuse_a_cut_short_store(parser, tmp_path):
+    # The cheap check (every file's recorded size) runs wherever the adapter opens a store: training's store
+    # (build.ctrl_settings), the eval store in the driver (launch.prepare) and a store path the eval hook opens.
+    from openrlhf_infalign.adapter import build, launch
+    from openrlhf_infalign.store import StoreError, write_store
+
+    d = write_store(tmp_path / "refs", [prompt_key(f"p{i}") for i in range(4)], [[0.0] * 16] * 4)
+    values = d / "index" / "values.npy"
+    values.write_bytes(values.read_bytes()[:-8])
+    words = rf"{values} has \d+ bytes, \d+ were written \(truncated or changed\); delete .*index and open the store"
+    args = make_args(parser, tmp_path, "--infalign.eval_store", str(d))
+    with pytest.raises(StoreError, match=words):
+        launch.prepare(args)
+    args = make_args(parser, tmp_path, "--reward_wrapper", "infalign.ctrl", "--infalign.store", str(d))
+    with pytest.raises(StoreError, match=words):
+        build.ctrl_settings(args, "infalign.ctrl")
+    hook = SimpleNamespace(infalign=SimpleNamespace(eval_store=str(d), store=None))
+    with pytest.raises(StoreError, match=words):
+        ev.InfAlignEvalMixin._infalign_eval_store(hook)
+
+
 def test_no_store_is_plain_upstream(parser, tmp_path):
     rng = np.random.default_rng(5)
     prompts = ["a", "b"]

@@ -156,3 +156,30 @@ def test_report_marks_the_plan_beside_where_the_run_ended(tmp_path, capsys):
     assert out["end"] == {"step": 8, "kl": 0.35, "win_rate": 0.7, "stderr": 0.01}
     md = (run / "infalign_report" / "summary.md").read_text()
     assert f"plan: KL 0.5 nats, BoN_4 {out['plan']['win_rate']:.4f}" in md and "ended at KL 0.35, BoN_4 0.7000" in md
+
+
+def test_a_null_kl_after_step_0_never_makes_an_earlier_step_the_end():
+    from openrlhf_infalign import report
+
+    stat = {"win_rate": 0.6, "stderr": 0.01}
+    base = {"standard": stat, "bon": {"4": stat}, "won": {"4": stat}}
+    records = [dict(base, step=0, kl=0.0), dict(base, step=10, kl=0.8), dict(base, step=20, kl=None)]
+    assert report.end_point(records, "bon", 4) is None  # the run ended at step 20, at an unmeasured KL
+    records[2]["kl"] = 1.1
+    assert report.end_point(records, "bon", 4) == {"step": 20, "kl": 1.1, "win_rate": 0.6, "stderr": 0.01}
+
+
+@pytest.mark.parametrize("k", [1, 0])
+def test_no_theory_curve_for_k_below_two(tmp_path, k):
+    from openrlhf_infalign import report
+
+    stat = {"win_rate": 0.6, "stderr": 0.01}
+    records = [
+        {"step": s, "kl": kl, "standard": stat, "bon": {"4": stat}, "won": {"4": stat}}
+        for s, kl in ((0, 0.0), (5, 1.0))
+    ]
+    with pytest.raises(ValueError, match="K .* must be an integer >= 2"):
+        report.plot_arms_vs_kl({"a": [records]}, {"a": "exp:t=10"}, "bon:4", tmp_path / "x.png", k=k)
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(ValueError, match="K .* must be an integer >= 2"):
+        report._frontier_to("bon:4", "identity", 1.0, k=k)

@@ -1,7 +1,9 @@
 """compare.py on synthetic trajectories with known answers: matched-KL interpolation, seed aggregation, differences
 to a baseline arm and their standard errors, KL ranges that miss the grid."""
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -118,3 +120,146 @@ def test_metrics_follow_the_trained_n_and_bad_inputs():
         compare.compare_runs(runs, baseline="zz")
     with pytest.raises(ValueError, match="run y has no evaluation with a measured KL"):
         compare.compare_runs(runs + [{"run": "y", "label": "b", "records": [rec(4, None, 0.5)]}])
+
+
+def test_the_same_run_twice_is_refused_by_path_and_by_content(tmp_path):
+    # Given twice, one run would count as two seeds and shrink the standard error.
+    a = [rec(0, 0.0, 0.5), rec(10, 1.0, 0.7)]
+    b = [rec(0, 0.0, 0.5), rec(10, 1.0, 0.6)]
+    copy = json.loads(json.dumps(a))
+    with pytest.raises(ValueError, match="runs x and z have identical evaluation logs: the same run given twice"):
+        compare.compare_runs(
+            [
+                {"run": "x", "label": "s", "records": a},
+                {"run": "y", "label": "s", "records": b},
+                {"run": "z", "label": "s", "records": copy},
+            ]
+        )
+    log = tmp_path / "run" / "infalign_eval.jsonl"
+    log.parent.mkdir()
+    log.write_text("\n".join(json.dumps(r) for r in a) + "\n")
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    one, two = compare.load_run(tmp_path / "run"), compare.load_run(tmp_path / "link", label="run")
+    assert one["digest"] == two["digest"] and one["label"] == "run"
+    with pytest.raises(ValueError, match=r"run .*link is the same run as .*run \(both read .*infalign_eval.jsonl\)"):
+        compare.compare_runs([one, two])
+
+
+@pytest.mark.parametrize(
+    "field, other, words",
+    [
+        ("inference", "bon:8", "different inference procedures (a: bon:4, b: bon:8)"),
+        ("k", 64, "different store K (reference samples per prompt) (a: 16, b: 64)"),
+        ("transform", "identity", "different transforms (a: exp:t=10, b: identity)"),
+        ("k", None, "different store K (reference samples per prompt) (a: 16, b: not recorded)"),
+    ],
+)
+def test_an_arm_of_runs_trained_differently_is_refused(field, other, words):
+    a = [dict(rec(0, 0.0, 0.5), k=16), dict(rec(10, 1.0, 0.7), k=16)]
+    b = [dict(rec(0, 0.0, 0.5), k=16), dict(rec(10, 1.5, 0.6), k=16)]
+    for r in b:
+        r[field] = other
+    with pytest.raises(ValueError, match=re.escape(f"arm 'ctrl' mixes runs trained for {words}") + ".*own --label"):
+        compare.compare_runs(
+            [{"run": "a", "label": "ctrl", "records": a}, {"run": "b", "label": "ctrl", "records": b}]
+        )
+    # Under two labels they are two arms, compared as such.
+    out = compare.compare_runs([{"run": "a", "label": "x", "records": a}, {"run": "b", "label": "y", "records": b}])
+    assert [arm["label"] for arm in out["arms"]] == ["x", "y"]
+
+
+def run(name, records, label="a", path=None):
+    return {"run": name, "label": label, "records": records, **({"path": path} if path else {})}
+
+
+def test_noise_floor_is_the_largest_kl_any_noise_run_reached_with_each_trajectory():
+    # KL goes up and back down: the floor is the largest KL at ANY evaluation, not the last one.
+    a = [rec(0, 0.0, 0.5), rec(5, 0.2, 0.5), rec(10, 0.35, 0.5), rec(15, 0.3, 0.5)]
+    b = [rec(0, 0.0, 0.5), rec(5, 0.25, 0.52), rec(10, None, 0.5)]
+    floor = compare.noise_floor([run("na", a), run("nb", b)])
+    assert (
+        floor["nats"] == 0.35
+        and "largest KL any of the 2 noise runs (rewards independent of the response) reached at any evaluation"
+        in floor["source"]
+    )
+    assert [(r["run"], r["max_kl"], r["step_of_max"]) for r in floor["runs"]] == [("na", 0.35, 10), ("nb", 0.25, 5)]
+    assert floor["runs"][1]["trajectory"] == [{"step": 0, "kl": 0.0}, {"step": 5, "kl": 0.25}]  # null KL left out
+    assert compare.noise_floor(nats=0.3) == {"nats": 0.3, "source": "given (--noise-floor)", "runs": []}
+    assert compare.noise_floor() is None
+    with pytest.raises(ValueError, match="not both"):
+        compare.noise_floor([run("na", a)], nats=0.3)
+    for bad in (0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="positive KL in nats"):
+            compare.noise_floor(nats=bad)
+    with pytest.raises(ValueError, match="noise run nc has no evaluation with a KL above 0"):
+        compare.noise_floor([run("nc", [rec(0, None, 0.5), rec(5, None, 0.5)])])
+    with pytest.raises(ValueError, match="identical evaluation logs"):
+        compare.noise_floor([run("na", a), run("copy", json.loads(json.dumps(a)))])
+
+
+def test_default_grid_starts_at_twice_the_floor():
+    assert compare.default_kl_grid((0.0, 2.0), start=0.5) == [0.5, 0.875, 1.25, 1.62]
+    assert compare.default_kl_grid((0.0, 2.0), start=2.0) == [] and compare.default_kl_grid((0.0, 1.0), start=3) == []
+    assert (
+        compare.default_kl_grid((1.0, 2.0), start=0.5) == compare.default_kl_grid((1.0, 2.0)) == [1.2, 1.4, 1.6, 1.8]
+    )
+
+
+def test_compare_runs_with_a_noise_floor_flags_each_grid_kl_and_says_so():
+    ctrl = [rec(0, 0.0, 0.5), rec(10, 2.0, 0.9)]
+    calib = [rec(0, 0.0, 0.5), rec(10, 3.0, 0.8)]
+    stuck = [rec(0, 0.0, 0.5), rec(10, 0.25, 0.52)]
+    runs = [run("x", ctrl, "ctrl"), run("y", calib, "calib")]
+    floor = compare.noise_floor(nats=0.3)
+    out = compare.compare_runs(runs, noise=floor)
+    assert out["noise_floor"] == floor and out["kl_grid"] == [0.6, 0.95, 1.3, 1.65]  # from 2 x 0.3 up
+    assert out["inside_noise_floor"] == [False] * 4 and out["below_twice_noise_floor"] == [False] * 4
+    assert not any("optimiser noise" in n for n in out["notes"])
+    given = compare.compare_runs(runs, kl_grid=[0.3, 0.5, 0.6, 1.0], noise=floor)
+    assert given["inside_noise_floor"] == [True, False, False, False]
+    assert given["below_twice_noise_floor"] == [True, True, False, False]
+    assert (
+        "matched KL 0.3 inside the noise floor (0.3 nats) and KL 0.5 below twice it (0.6): differences there are "
+        "optimiser noise" in given["notes"]
+    )
+    # Without a floor the keys are there, null; an arm that never left the floor is named; a common range all below
+    # twice the floor compares nothing by default.
+    plain = compare.compare_runs(runs)
+    assert plain["noise_floor"] is None and plain["inside_noise_floor"] is None and plain["kl_grid"][0] < 0.6
+    low = compare.compare_runs(runs + [run("z", stuck, "stuck")], noise=floor)
+    assert low["kl_grid"] == []
+    assert any("arm 'stuck' never got past the noise floor" in n for n in low["notes"])
+    assert any(
+        "lies below twice the noise floor (0.6 nats): nothing is compared by default" in n for n in low["notes"]
+    )
+
+
+def test_exact_logs_give_the_standard_error_of_the_seeds_alone():
+    # stderr 0 everywhere (exact evaluation): two seeds 0.7 and 0.9 at KL 1 -> se = sqrt(var / 2) = 0.1.
+    s0 = [rec(0, 0.0, 0.5, se=0.0), rec(10, 1.0, 0.7, se=0.0)]
+    s1 = [rec(0, 0.0, 0.5, se=0.0), rec(10, 1.0, 0.9, se=0.0)]
+    one = [rec(0, 0.0, 0.5, se=0.0), rec(10, 2.0, 0.6, se=0.0)]
+    out = compare.compare_runs([run("s0", s0, "c"), run("s1", s1, "c"), run("o", one, "b")], kl_grid=[1.0])
+    arm = out["metrics"]["BoN_4"]["arms"]["c"]
+    assert arm["win_rate"] == [pytest.approx(0.8)] and arm["stderr"] == [pytest.approx(0.1)]
+    assert any("arm 'b': one seed, evaluated exactly (stderr 0)" in n for n in out["notes"])
+    assert not any("arm 'c': one seed" in n for n in out["notes"])
+
+
+def test_log_files_label_by_run_directory_and_two_logs_of_one_run_are_refused(tmp_path):
+    lines = "\n".join(json.dumps(r) for r in [rec(0, 0.0, 0.5), rec(10, 1.0, 0.7)]) + "\n"
+    exact = "\n".join(json.dumps(r) for r in [rec(0, 0.0, 0.5, se=0.0), rec(10, 1.1, 0.71, se=0.0)]) + "\n"
+    (tmp_path / "ctrl_s0").mkdir()
+    (tmp_path / "ctrl_s0" / "infalign_eval.jsonl").write_text(lines)
+    (tmp_path / "ctrl_s0" / "infalign_eval_exact.jsonl").write_text(exact)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "calib_seed1.jsonl").write_text(exact.replace("0.71", "0.6"))
+    sampled = compare.load_run(tmp_path / "ctrl_s0")
+    exact_run = compare.load_run(tmp_path / "ctrl_s0" / "infalign_eval_exact.jsonl")
+    other = compare.load_run(tmp_path / "logs" / "calib_seed1.jsonl")
+    assert (sampled["label"], exact_run["label"], other["label"]) == ("ctrl_s0", "ctrl_s0", "calib_seed1")
+    with pytest.raises(ValueError, match=r"are two evaluation logs of one training run \(.*ctrl_s0\): give one log"):
+        compare.compare_runs([sampled, exact_run])
+    with pytest.raises(ValueError, match="is the same run as"):  # a directory and its own log file
+        compare.compare_runs([sampled, compare.load_run(tmp_path / "ctrl_s0" / "infalign_eval.jsonl")])
+    assert [a["label"] for a in compare.compare_runs([exact_run, other])["arms"]] == ["ctrl_s0", "calib_seed1"]

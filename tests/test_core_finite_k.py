@@ -143,3 +143,85 @@ def test_bad_beta_and_budget_are_errors():
         fk.beta_for_kl_k("identity", -1.0, 16)
     with pytest.raises(ValueError, match="out of reach"):
         fk.beta_for_kl_k("identity", 4.0, 16)  # at most H_16 = 3.38 nats: everything on the top bin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# any K and N: bounded work, same answers
+
+
+@pytest.mark.parametrize("spec,beta", [("exp:t=12.63", 0.31), ("identity", 0.05), ("log", 0.1), ("negexp:t=5", 2.0)])
+def test_large_k_sums_by_quadrature_match_the_exact_sums(monkeypatch, spec, beta):
+    lw = fk._log_weights(spec, beta, 3000)
+    compressed = fk._expected_kl_from_log_weights(lw)
+    monkeypatch.setattr(fk, "K_EXACT_SUMS", 10**9)
+    assert compressed == pytest.approx(fk._expected_kl_from_log_weights(lw), rel=1e-8, abs=1e-10)
+    assert fk._compressed(*fk._levels(lw))[0].size <= 4 * 201  # at most 4 nodes per half-unit panel of log weight
+
+
+def test_quadrature_of_a_transform_with_flat_stretches(monkeypatch):
+    # The optimal Worst-of-N transform is flat (Phi = 1) over a range: many equal log weights in one panel.
+    opt, _ = th.optimal_transform_for_kl("won:32", 0.3)
+    lw = fk._log_weights(opt, 0.01, 5000)
+    compressed = fk._expected_kl_from_log_weights(lw)
+    monkeypatch.setattr(fk, "K_EXACT_SUMS", 10**9)
+    assert np.isfinite(compressed) and compressed == pytest.approx(fk._expected_kl_from_log_weights(lw), rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [2, 5, 16])
+@pytest.mark.parametrize("kind", ["bon", "won"])
+def test_bin_integrals_in_z_match_the_exact_gauss_legendre(monkeypatch, n, kind):
+    p = fk.store_spacings(16, 128)
+    for spec, beta in (("exp:t=12.63", 0.31), ("identity", 0.02), ("negexp:t=5", 0.2)):
+        q = fk.bin_optimum(p, spec, beta)
+        exact = fk.bin_win_rate(f"{kind}:{n}", q, p)
+        monkeypatch.setattr(fk, "_GL_EXACT_N", 0)
+        np.testing.assert_allclose(fk.bin_win_rate(f"{kind}:{n}", q, p), exact, atol=1e-8)
+        monkeypatch.setattr(fk, "_GL_EXACT_N", 16)
+
+
+def test_huge_n_on_k_bins_is_the_top_bins_closed_form():
+    # N >> K: the best of N policy samples falls in the top bin, where its density ratio is g_K: win rate g/(1+g).
+    p = fk.store_spacings(16, 64)
+    q = fk.bin_optimum(p, "exp:t=12.63", 0.31)
+    g = q[:, -1] / p[:, -1]
+    np.testing.assert_allclose(fk.bin_win_rate("bon:100000000", q, p), g / (1 + g), atol=1e-6)
+    assert ((fk.bin_win_rate("won:1000000", q, p) >= 0.5 - 1e-9)).all()
+
+
+def test_store_count_bounds_the_monte_carlo():
+    assert fk.stores_for_k(16) == fk.stores_for_k(511) == fk.STORES  # small K: unchanged
+    assert fk.stores_for_k(100_000) * 100_001 <= fk.STORE_ELEMENTS and fk.stores_for_k(10**6) == fk.MIN_STORES
+
+
+PLAN_SCALE = r"""
+import json, sys, time
+from openrlhf_infalign.core import planning
+cpu = time.process_time()
+p = planning.plan(sys.argv[1], 0.5, k=int(sys.argv[2]))
+# VmHWM, this process image's peak (ru_maxrss would carry the forking parent's over exec).
+peak = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")).split()[1])
+print(json.dumps({"cpu": time.process_time() - cpu, "peak": peak, "win": p["recommended"]["win_rate"]}))
+"""
+
+
+def test_plan_at_k_100000_in_bounded_time_and_memory():
+    # The issue's `infalign plan --k 100000` grew to ~23 GB until killed. CPU time, not wall time: CI is shared.
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", PLAN_SCALE, "bon:4", "100000"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["peak"] < 1024 * 1024  # KiB: under 1 GiB
+    assert got["cpu"] < 10
+    assert got["win"] == pytest.approx(
+        th.win_rate("bon:4", BON4_PLAN, fk.beta_for_kl_k(BON4_PLAN, 0.5, 100_000)), abs=1e-3
+    )
+
+
+def test_k_beyond_the_stated_range_is_refused_before_any_array_is_made():
+    with pytest.raises(ValueError, match="leave K out"):
+        fk.expected_kl_k("identity", 0.3, 10**9)
+    with pytest.raises(ValueError, match="leave K out"):
+        fk.expected_win_rate_k("bon:4", "identity", 0.3, fk.K_MAX + 1)

@@ -100,3 +100,37 @@ def test_resolve_fixed_auto_and_optimal():
         resolve_transform("auto")
     with pytest.raises(ValueError, match="unknown transform"):
         resolve_transform("nope", "bon:4", 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# any N and K: answered, or refused in words
+
+
+def test_plan_for_huge_n_leaves_out_the_optimum_and_says_so():
+    from openrlhf_infalign.core.planning import N_OPTIMAL_MAX
+
+    p = plan(f"bon:{10**7}", 0.5)
+    assert "optimal" not in p and "gap_to_optimal" not in p
+    assert any("exact optimum is left out" in n for n in p["notes"])
+    for w in [p["recommended"]["win_rate"]] + [b["win_rate"] for b in p["baselines"].values()]:
+        assert 0.5 <= w <= 1.0
+    with pytest.raises(ValueError, match=f"N <= {N_OPTIMAL_MAX:,} only"):
+        frontier(f"bon:{N_OPTIMAL_MAX + 1}", "optimal", [0.5])
+    with pytest.raises(ValueError, match="optimal transform is computed for N"):
+        resolve_transform("optimal", f"won:{N_OPTIMAL_MAX + 1}", 0.5)
+    assert "optimal" in plan(f"bon:{N_OPTIMAL_MAX}", 0.5)
+
+
+@pytest.mark.parametrize("k", [10**6 + 1, 10**12])
+def test_k_beyond_the_stated_range_is_refused(k):
+    with pytest.raises(ValueError, match="leave K out"):
+        plan("bon:4", 0.5, k=k)
+    with pytest.raises(ValueError, match="leave K out"):
+        resolve_transform("exp:t=10", "bon:4", 0.5, k=k)
+
+
+def test_a_saturating_optimum_on_k_bins_is_reported_not_an_error():
+    # The Worst-of-N optimum is flat at the top: on K bins it cannot spend the budget; the plan says it saturates.
+    p = plan("won:32", 0.5, k=16)
+    assert p["optimal"]["saturated"] and p["optimal"]["kl"] < 0.5
+    assert any("saturates" in n for n in p["notes"])

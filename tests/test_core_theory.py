@@ -162,3 +162,42 @@ def test_optimal_saturates_instead_of_failing():
         warnings.simplefilter("error")
         _, info = th.optimal_transform_for_kl("won:32", 2.0)
     assert info["saturated"] and info["kl"] < 2.0 and info["win_rate"] > 0.9999
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# any N: past the grid's resolution near the ends, the substitution s = u^N
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.3, 2.0])
+def test_huge_n_reaches_the_closed_form_limits(beta):
+    # identity optimum g(u) = e^(u/beta) / Z: Best-of-N -> g(1)/(1+g(1)), Worst-of-N -> 1/(1+g(0)) as N -> infinity.
+    z = beta * math.expm1(1 / beta)
+    g1, g0 = math.exp(1 / beta) / z, 1 / z
+    for n in (10**6, 10**7, 10**9):
+        assert th.win_rate(f"bon:{n}", "identity", beta) == pytest.approx(g1 / (1 + g1), abs=2e-6)
+        assert th.win_rate(f"won:{n}", "identity", beta) == pytest.approx(1 / (1 + g0), abs=2e-6)
+
+
+def test_large_n_switch_is_continuous_and_more_accurate_than_the_grid():
+    # Against an 8x finer grid: the substitution on the default grid is within 5e-7 where the trapezoid on it is
+    # off by 5e-5 at N = 1000.
+    fine = th.Grid.cosine(32001)
+    for spec, beta in (("exp:t=12.63", 0.31), ("negexp:t=5", 0.2)):
+        for inf in ("bon:65", "won:65", "bon:1000", "won:1000", "bon:100000"):
+            want = th.win_rate(inf, spec, beta, grid=fine)
+            assert th.win_rate(inf, spec, beta) == pytest.approx(want, abs=5e-7)
+        d = th._density(spec, beta)
+        trapezoid = 1.0 - 1000 * d.grid.integral(d.grid.u**999 * d.G**1000)
+        assert abs(trapezoid - th.win_rate("bon:1000", spec, beta, grid=fine)) > 1e-5
+        below, above = th.win_rate("bon:64", spec, beta), th.win_rate("bon:65", spec, beta)
+        assert abs(below - above) < 1e-4
+
+
+@pytest.mark.parametrize("spec", ["identity", "exp:t=12.63", "exp:t=1000", "log", "negexp:t=5"])
+def test_win_rates_of_increasing_transforms_stay_in_half_to_one_for_any_n(spec):
+    # The bon:10000000 printed win rates far below 1/2 (grid underflow).
+    beta = th.beta_for_kl(spec, 0.5)
+    for n in (1, 2, 64, 65, 10**4, 10**7, 10**12):
+        for kind in ("bon", "won"):
+            w = th.win_rate(f"{kind}:{n}", spec, beta)
+            assert 0.5 - 1e-7 <= w <= 1.0, (spec, kind, n, w)

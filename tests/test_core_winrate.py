@@ -145,7 +145,59 @@ def test_chunking_does_not_change_results(monkeypatch):
     a, b = rng.integers(0, 9, size=(50, 6)), rng.integers(0, 9, size=(50, 5))
     whole = wr.win_rates_dense(a, b, [1, 2, 5])
     monkeypatch.setattr(wr, "_CHUNK_ELEMENTS", 30)  # 2-3 prompts per chunk
+    monkeypatch.setattr(wr, "_TABLE_CHUNK_ELEMENTS", 30)
     assert wr.win_rates_dense(a, b, [1, 2, 5]) == whole
+    monkeypatch.setattr(wr, "_TABLE_ENTRIES", 0)  # the one-pass-per-N path gives the same numbers
+    other = wr.win_rates_dense(a, b, [1, 2, 5])
+    for key in ("bon", "won"):
+        for n in ("1", "2", "5"):
+            assert other[key][n]["win_rate"] == pytest.approx(whole[key][n]["win_rate"], abs=1e-14)
+            assert other[key][n]["stderr"] == pytest.approx(whole[key][n]["stderr"], abs=1e-14)
+
+
+@pytest.mark.parametrize("levels", [2, 3, 40, None])
+def test_many_prompts_against_brute_force_ties_at_every_density(monkeypatch, levels):
+    # Binary rewards tie in long runs (the walk gives way to binary search); a few levels tie at row ends; None:
+    # continuous rewards with +-inf mixed in. Small chunks put row boundaries everywhere.
+    import openrlhf_infalign.core.winrate as wr
+
+    monkeypatch.setattr(wr, "_TABLE_CHUNK_ELEMENTS", 37)
+    rng = np.random.default_rng(levels or 0)
+    m, k = 6, 7
+    if levels is None:
+        a, b = rng.normal(size=(40, m)), rng.normal(size=(40, k))
+        a[::7, 0], b[::5, -1], b[::9, 0] = np.inf, -np.inf, np.inf
+    else:
+        a, b = rng.integers(0, levels, size=(40, m)) * 1.0, rng.integers(0, levels, size=(40, k)) * 1.0
+    ns = list(range(1, 7))
+    bon, won = per_prompt_win_rates(a, b, ns)
+    for p in range(40):
+        for n in (1, 3, 6):
+            assert bon[n][p] == pytest.approx(brute_force(a[p], b[p], n), abs=1e-12)
+            assert won[n][p] == pytest.approx(brute_force(a[p], b[p], n, worst=True), abs=1e-12)
+
+
+def test_long_tie_runs_use_binary_search(monkeypatch):
+    import openrlhf_infalign.core.winrate as wr
+
+    a = np.array([[1.0] * 20 + [0.0] * 5])
+    b = np.array([[1.0] * 30 + [2.0] * 3])
+    want = per_prompt_win_rates(a, b, [1, 4, 20])
+    monkeypatch.setattr(wr, "_TIE_WALK", 1)
+    got = per_prompt_win_rates(a, b, [1, 4, 20])
+    for side in (0, 1):
+        for n in (1, 4, 20):
+            assert got[side][n][0] == pytest.approx(want[side][n][0], abs=1e-15)
+    assert want[0][1][0] == pytest.approx(brute_force(a[0], b[0], 1), abs=1e-12)
+
+
+def test_ragged_input_forms_agree():
+    # Lists of lists, lists of arrays, a 2-D array, rows of shape (1, M): one answer.
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 5, size=(9, 4)) * 1.0, rng.integers(0, 5, size=(9, 6)) * 1.0
+    want = win_rates_dense(a, b, [1, 2, 4])
+    for pol, ref in ((a.tolist(), b.tolist()), (list(a), list(b)), (a, b), ([r[None] for r in a], list(b))):
+        assert win_rates(pol, ref, [1, 2, 4]) == want
 
 
 def test_default_ns_and_bad_input():
@@ -191,3 +243,29 @@ def test_win_rates_tie_at_the_store_precision():
         results.append(ragged)
     assert results[0] == results[1] == results[2]
     assert results[0]["standard"]["win_rate"] == pytest.approx(0.5)  # (0.25 + 0.75) / 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# property: any small input, every N, against the brute force (hypothesis)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+values = st.sampled_from([-np.inf, -1.0, 0.0, 0.0, 0.5, 1.0, 1.0, 2.0, np.inf])
+prompt_rows = st.tuples(st.lists(values, min_size=1, max_size=6), st.lists(values, min_size=1, max_size=6))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(st.lists(prompt_rows, min_size=1, max_size=4))
+def test_any_small_input_matches_the_brute_force(prompts):
+    pol = [np.array(a) for a, _ in prompts]
+    ref = [np.array(b) for _, b in prompts]
+    top = max(min(len(a), len(b)) for a, b in zip(pol, ref))
+    ns = list(range(1, top + 1))
+    out = win_rates(pol, ref, ns)
+    for n in ns:
+        fit = [(a, b) for a, b in zip(pol, ref) if n <= min(len(a), len(b))]
+        for key, worst in (("bon", False), ("won", True)):
+            exact = [brute_force(a, b, n, worst) for a, b in fit]
+            assert out[key][str(n)]["win_rate"] == pytest.approx(np.mean(exact), abs=1e-12)
+            assert out[key][str(n)]["num_prompts"] == len(fit)

@@ -57,3 +57,12 @@ def test_export_without_prompts_writes_keys_only(tmp_path):
         warnings.simplefilter("ignore")
         back = ReferenceStore.open(import_jsonl(out, tmp_path / "st2", progress=False))
     np.testing.assert_array_equal(back.rewards_for_key(prompt_key("a")), [1.0, 2.0])
+
+
+def test_invalid_utf8_inside_a_string_names_file_and_line(tmp_path):
+    # pyarrow's reader accepts the bytes and fails only when the string is read: the checked reader names the line.
+    src = tmp_path / "refs.jsonl"
+    src.write_bytes(b'{"prompt": "a", "rewards": [1.0]}\n{"prompt": "b\xff", "rewards": [1.0]}\n')
+    with pytest.raises(ValueError, match=r"refs.jsonl:2: not valid JSON \('utf-8' codec can't decode"):
+        import_jsonl(src, tmp_path / "s", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["refs.jsonl"]

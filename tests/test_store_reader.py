@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from openrlhf_infalign.store import FORMAT_VERSION, ReferenceStore, StoreError, prompt_key, write_store
+from openrlhf_infalign.store.format import INDEX_FILES
 from openrlhf_infalign.store.reader import differing_fields
 
 
@@ -135,3 +136,123 @@ def test_keys_sharing_their_first_8_bytes(tmp_path, quiet):
         np.testing.assert_array_equal(s.rewards_for_key(k), [float(i)])
     assert s.rows_for_keys([prefix + f"{2:024x}", prefix + f"{10:024x}"], on_missing="raw").tolist() == [-1, -1]
     s.verify()
+
+
+def _damage(path, how):
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:  # flip one byte near the end, size unchanged
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate"])
+def test_open_refuses_a_missing_or_cut_short_parquet_file(tmp_path, quiet, make_data, how):
+    prompts, refs = make_data(20)
+    out = write_store(tmp_path / "s", None, refs, prompts=prompts)
+    _damage(out / "rewards.parquet", how)
+    pattern = "is missing" if how == "delete" else r"has \d+ bytes, \d+ were written"
+    with pytest.raises(StoreError, match=f"rewards.parquet {pattern}.*restore the store from a copy, or rebuild it"):
+        ReferenceStore.open(out)
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate"])
+def test_open_refuses_a_damaged_index_file_and_the_fix_works(tmp_path, quiet, make_data, how):
+    prompts, refs = make_data(20)
+    out = write_store(tmp_path / "s", None, refs, prompts=prompts)
+    want = np.array(ReferenceStore.open(out).values)
+    _damage(out / "index" / "offsets.npy", how)
+    if how == "delete":  # an incomplete index is rebuilt from the Parquet data, as a missing one
+        s = ReferenceStore.open(out)
+    else:
+        with pytest.raises(StoreError, match=r"index/offsets.npy has \d+ bytes.*delete .*index and open the store"):
+            ReferenceStore.open(out)
+        shutil.rmtree(out / "index")
+        s = ReferenceStore.open(out)
+    np.testing.assert_array_equal(s.values, want)
+    assert s.verify().digests
+
+
+@pytest.mark.parametrize("rel", ["rewards.parquet", "index/values.npy", "index/keys.npy"])
+def test_verify_finds_a_corrupt_byte_and_names_the_file(tmp_path, quiet, make_data, rel):
+    prompts, refs = make_data(20)
+    out = write_store(tmp_path / "s", None, refs, prompts=prompts)
+    report = ReferenceStore.open(out).verify()
+    assert report.digests and set(report.files) == {"rewards.parquet"} | {f"index/{f}" for f in INDEX_FILES}
+    assert "sha256" in report.summary()
+    _damage(out / rel, "flip")
+    s = ReferenceStore.open(out)  # same sizes: the quick check passes, verify does not
+    fix = "delete .*index and open the store again" if rel.startswith("index") else "restore the store"
+    with pytest.raises(StoreError, match=f"{rel} is corrupt: its sha256 differs.*{fix}"):
+        s.verify()
+
+
+def test_quick_check_on_an_open_store(tmp_path, quiet):
+    out = write_store(tmp_path / "s", [prompt_key("a")], [[1.0, 2.0]])
+    s = ReferenceStore.open(out)
+    s.quick_check()
+    (out / "rewards.parquet").unlink()
+    with pytest.raises(StoreError, match="rewards.parquet is missing"):
+        s.quick_check()
+    ReferenceStore.from_arrays([prompt_key("a")], [[1.0]]).quick_check()  # in memory: nothing to check
+
+
+def _as_older_store(out):
+    man = json.loads((out / "manifest.json").read_text())
+    del man["checksums"]
+    (out / "manifest.json").write_text(json.dumps(man))
+
+
+def test_a_store_without_checksums_verifies_what_it_can(tmp_path, quiet, make_data):
+    prompts, refs = make_data(20)
+    out = write_store(tmp_path / "s", None, refs, prompts=prompts)
+    _as_older_store(out)
+    report = ReferenceStore.open(out).verify()
+    assert not report.digests and "before file digests were recorded" in report.summary()
+    # Parquet rows that differ from the index are found by comparing them.
+    t = pq.read_table(out / "rewards.parquet")
+    vals = t.column("rewards").combine_chunks()
+    changed = pa.ListArray.from_arrays(vals.offsets, pa.array(vals.flatten().to_numpy() + 1, pa.float32()))
+    pq.write_table(t.set_column(2, "rewards", changed), out / "rewards.parquet")
+    with pytest.raises(StoreError, match="rewards.parquet and .*index hold different data"):
+        ReferenceStore.open(out).verify()
+    # Cut short: the Parquet footer is gone (open), a .npy file shorter than its header says (open).
+    _damage(out / "rewards.parquet", "truncate")
+    with pytest.raises(StoreError, match="rewards.parquet is truncated or not a Parquet file"):
+        ReferenceStore.open(out)
+    out2 = write_store(tmp_path / "t", None, refs, prompts=prompts)
+    _as_older_store(out2)
+    _damage(out2 / "index" / "values.npy", "truncate")
+    with pytest.raises(StoreError, match=r"values.npy: \d+ bytes, its header says \d+"):
+        ReferenceStore.open(out2)
+
+
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda m: [m], "expected a JSON object, got list"),
+        (lambda m: {**m, "num_prompts": "20"}, "'num_prompts' must be a non-negative integer"),
+        (lambda m: {**m, "num_rewards": -1}, "'num_rewards' must be a non-negative integer"),
+        (lambda m: {**m, "format_version": True}, "no integer format_version"),
+        (lambda m: {**m, "template": ["x"]}, "'template' must be a JSON object"),
+        (lambda m: {**m, "checksums": {"rewards.parquet": {"size": 1}}}, "'checksums' must map file names"),
+        (lambda m: {**m, "checksums": {"../etc/passwd": {"size": 1, "sha256": "0" * 64}}}, "not part of a store"),
+    ],
+)
+def test_damaged_manifest_fields_are_named(tmp_path, quiet, edit, pattern):
+    out = write_store(tmp_path / "s", [prompt_key("a")], [[1.0]])
+    man = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(edit(man)))
+    with pytest.raises(StoreError, match=pattern):
+        ReferenceStore.open(out)
+
+
+def test_manifest_that_is_not_utf8(tmp_path, quiet):
+    out = write_store(tmp_path / "s", [prompt_key("a")], [[1.0]])
+    (out / "manifest.json").write_bytes(b'{"format_version": 1, "x": "\xff"}')
+    with pytest.raises(StoreError, match=r"manifest.json: not UTF-8 text"):
+        ReferenceStore.open(out)

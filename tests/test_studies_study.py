@@ -149,6 +149,7 @@ def test_report_command_labels_each_run(tmp_path):
         str(tmp_path / n / "infalign_eval_exact.jsonl") for n in ("n0", "n1")
     ]
     assert flag(cmd, "--baseline") == "identity" and flag(cmd, "--out") == str(tmp_path / "compare")
+    assert "--overwrite" in cmd  # a resumed study writes its report again over its own
 
 
 def test_hook_check_summarises_z_over_runs(tmp_path):

@@ -21,6 +21,7 @@ import numpy as np
 
 from openrlhf_infalign import options
 from openrlhf_infalign.errors import UserError
+from openrlhf_infalign.files import check_input_file, check_output_file
 from openrlhf_infalign.options import option, parse_ns
 from openrlhf_infalign.store import ReferenceStore
 from openrlhf_infalign.store.rows import check_rewards, iter_reward_lists
@@ -47,6 +48,7 @@ class EvaluateSettings:
     )
     json: bool = option(False, flags=("--json",), help="print the result as one JSON object instead of a table")
     plot: Optional[str] = option(None, flags=("--plot",), metavar="OUT.png", help="also plot win rate vs N (PNG)")
+    overwrite: bool = option(False, flags=("--overwrite",), help="replace an existing --plot file")
     skip_missing: bool = option(
         False,
         flags=("--skip-missing",),
@@ -67,9 +69,7 @@ def read_rewards_jsonl(path) -> tuple[dict[str, list[np.ndarray]], dict[str, str
 
     A bad row raises StoreError naming its file and line (the row checks of `infalign store import`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    path = check_input_file(path, "rewards")
     rewards: dict[str, list[np.ndarray]] = {}
     prompts: dict[str, str] = {}
     from tqdm import tqdm
@@ -149,6 +149,8 @@ def load_pairs(policy_path, reference_path, skip_missing: bool):
 def run(args) -> int:
     from openrlhf_infalign.core.winrate import default_ns, win_rates
 
+    if args.plot is not None:  # before the work: a bad path fails in a moment, and never over an input
+        check_output_file(args.plot, overwrite=args.overwrite, flag="--plot", inputs=[args.policy, args.reference])
     keys, policy, reference, info = load_pairs(args.policy, args.reference, args.skip_missing)
     m = np.array([len(x) for x in policy])
     k = np.array([len(x) for x in reference])
@@ -174,6 +176,7 @@ def run(args) -> int:
             result,
             args.plot,
             title=f"{Path(args.policy).name} vs {Path(args.reference).name}: {len(keys)} prompts (bars: 95% CI)",
+            overwrite=args.overwrite,
         )
     if args.json:
         print(json.dumps(result))

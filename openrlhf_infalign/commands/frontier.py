@@ -13,7 +13,7 @@ from typing import Optional
 from openrlhf_infalign import options
 from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.core.planning import frontier
-from openrlhf_infalign.files import pyplot, save_figure
+from openrlhf_infalign.files import check_output_file, pyplot, save_figure
 from openrlhf_infalign.options import option, parse_floats
 
 
@@ -42,6 +42,7 @@ class FrontierSettings:
     plot: Optional[str] = option(
         None, flags=("--plot",), metavar="FILE.png", help="also plot win rate vs KL to this PNG"
     )
+    overwrite: bool = option(False, flags=("--overwrite",), help="replace an existing --plot file")
 
 
 def add_arguments(p) -> None:
@@ -63,7 +64,7 @@ def format_table(f: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_frontier(f: dict, path: str) -> None:
+def plot_frontier(f: dict, path: str, overwrite: bool = True) -> None:
     inf = InferenceProcedure.parse(f["inference"])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -79,15 +80,16 @@ def plot_frontier(f: dict, path: str) -> None:
     ax.set_title(f"infalign frontier --inference {f['inference']} --transform {f['transform']}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    save_figure(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, overwrite=overwrite)
 
 
 def run(args) -> int:
     args = options.settings_from_args(FrontierSettings, args)
+    if args.plot is not None:  # before the work: a bad path fails in a moment
+        check_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
     f = frontier(args.inference, args.transform, parse_floats(args.kl_budget, "--kl-budget"), k=args.k)
     if args.plot:
-        plot_frontier(f, args.plot)
+        plot_frontier(f, args.plot, overwrite=args.overwrite)
     print(json.dumps(f, indent=2, allow_nan=False) if args.json else format_table(f))
     if args.plot and not args.json:
         print(f"plot: {args.plot}")

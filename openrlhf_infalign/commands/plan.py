@@ -18,7 +18,7 @@ from openrlhf_infalign import options
 from openrlhf_infalign.adapter.planning import ESTIMATORS, plan_with_flags
 from openrlhf_infalign.core import planning
 from openrlhf_infalign.core.inference import InferenceProcedure
-from openrlhf_infalign.files import pyplot, save_figure
+from openrlhf_infalign.files import check_output_file, pyplot, save_figure
 from openrlhf_infalign.options import option
 
 
@@ -57,6 +57,7 @@ class PlanSettings:
         metavar="FILE.png",
         help="also write win rate vs KL curves (recommended exp/negexp, identity, log, optimal) to this PNG",
     )
+    overwrite: bool = option(False, flags=("--overwrite",), help="replace an existing --plot file")
 
 
 def add_arguments(p) -> None:
@@ -119,7 +120,7 @@ def direct_lines(d: Optional[dict], best: float) -> list[str]:
     ]
 
 
-def plot_plan(p: dict, path: str) -> None:
+def plot_plan(p: dict, path: str, overwrite: bool = True) -> None:
     import numpy as np
 
     inf = InferenceProcedure.parse(p["inference"])
@@ -145,15 +146,16 @@ def plot_plan(p: dict, path: str) -> None:
     ax.set_title(f"infalign plan --inference {p['inference']} --kl-budget {kl:g}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
-    save_figure(fig, path)
-    plt.close(fig)
+    save_figure(fig, path, overwrite=overwrite)
 
 
 def run(args) -> int:
     args = options.settings_from_args(PlanSettings, args)
+    if args.plot is not None:  # before the work: a bad path fails in a moment
+        check_output_file(args.plot, overwrite=args.overwrite, flag="--plot")
     p = plan_with_flags(args.inference, args.kl_budget, args.k, args.estimator, args.n_samples_per_prompt)
     if args.plot:
-        plot_plan(p, args.plot)
+        plot_plan(p, args.plot, overwrite=args.overwrite)
     print(dumps(p) if args.json else format_table(p))
     if args.plot and not args.json:
         print(f"plot: {args.plot}")

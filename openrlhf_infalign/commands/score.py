@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from openrlhf_infalign import options
-from openrlhf_infalign.files import write_json
+from openrlhf_infalign.files import check_input_file, check_output_file, write_json
 from openrlhf_infalign.options import option
 from openrlhf_infalign.store.format import DIGEST_BYTES
 from openrlhf_infalign.store.rows import iter_single_rewards
@@ -48,6 +48,7 @@ class ScoreSettings:
     )
     json: bool = option(False, flags=("--json",), help="print the JSON result to stdout instead of a table")
     out: Optional[str] = option(None, flags=("--out",), help="also write the JSON result to this file (atomically)")
+    overwrite: bool = option(False, flags=("--overwrite",), help="replace an existing --out file")
     head: int = option(20, flags=("--head",), help="rows shown in the table (text mode)")
 
 
@@ -57,8 +58,7 @@ def add_arguments(p) -> None:
 
 def read_samples(src: Path):
     """(digests (B,20) uint8, rewards float64, line numbers, prompts or None per row)."""
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: no such file")
+    check_input_file(src, "--jsonl")
     digests = bytearray()
     rewards: list[float] = []
     lines: list[int] = []
@@ -69,6 +69,8 @@ def read_samples(src: Path):
             rewards.append(r)
             lines.append(lineno)
             prompts.append(prompt)
+    if not rewards:
+        raise ValueError(f'{src}: no rows; give one row per sample, {{"prompt": ..., "reward": ...}}')
     dig = np.frombuffer(bytes(digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
     return dig, np.asarray(rewards, dtype=np.float64), lines, prompts
 
@@ -137,9 +139,11 @@ def score(args) -> dict:
 
 
 def run(args) -> int:
+    if args.out is not None:  # before the work: a bad path fails in a moment, and never over an input
+        check_output_file(args.out, overwrite=args.overwrite, flag="--out", inputs=[args.jsonl, args.store])
     res = score(args)
     if args.out:
-        write_json(Path(args.out), res, indent=1)
+        write_json(Path(args.out), res, indent=1, overwrite=args.overwrite)
     if args.json:
         json.dump(res, sys.stdout, allow_nan=False)
         sys.stdout.write("\n")

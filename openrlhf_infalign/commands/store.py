@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from openrlhf_infalign import options
+from openrlhf_infalign.errors import UserError
 from openrlhf_infalign.options import option
 
 
@@ -22,6 +23,8 @@ def _kv(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     k, v = text.split("=", 1)
+    if not k.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r} (no key)")
     try:
         val = json.loads(v)  # numbers, true/false, null, quoted strings
     except json.JSONDecodeError:
@@ -74,7 +77,12 @@ class StoreInfoSettings:
 
     store: str = option(flags=("store",), positional=True, help="store directory")
     json: bool = option(False, flags=("--json",), help="print one JSON object instead of text")
-    verify: bool = option(False, flags=("--verify",), help="also check every row (reads the whole store)")
+    verify: bool = option(
+        False,
+        flags=("--verify",),
+        help="also check every byte of every file against the digests recorded at write time, and every row "
+        "(reads the whole store); exit code 2 naming the bad file and the fix",
+    )
 
 
 @dataclass(kw_only=True)
@@ -109,32 +117,61 @@ def run(args) -> int:
     return {"import": _import, "info": _info, "export": _export}[args.store_command](args)
 
 
+def _read_manifest_arg(path: str) -> dict:
+    """--manifest: a JSON object; every way it can fail names the file and what to give instead."""
+    try:
+        raw = Path(path).read_bytes()
+    except IsADirectoryError:
+        raise UserError(f"--manifest {path} is a directory; give the JSON file (e.g. {Path(path) / 'manifest.json'})")
+    except OSError as e:
+        raise UserError(f"--manifest {path}: cannot read it ({e.strerror})") from None
+    try:
+        man = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"--manifest {path}: not UTF-8 text ({e.reason} at byte {e.start}); give a JSON file")
+    except json.JSONDecodeError as e:
+        raise UserError(f"--manifest {path}:{e.lineno}: invalid JSON ({e.msg}); give a JSON object")
+    if not isinstance(man, dict):
+        raise UserError(f"--manifest {path}: expected a JSON object, got {type(man).__name__}")
+    return man
+
+
 def _import(args) -> int:
     from openrlhf_infalign.store.jsonl import import_jsonl
 
-    man: dict = {}
-    if args.manifest:
-        with open(args.manifest) as f:
-            man = json.load(f)
-        if not isinstance(man, dict):
-            raise ValueError(f"{args.manifest}: expected a JSON object")
+    if args.k_min < 1:
+        raise UserError(f"--k-min {args.k_min}: the fewest reference rewards a prompt may have, an integer >= 1")
+
+    man: dict = _read_manifest_arg(args.manifest) if args.manifest else {}
     if args.policy_model is not None:
         man["policy_model"] = args.policy_model
     if args.reward_source is not None:
         man["reward_source"] = args.reward_source
-    if args.template:
-        man["template"] = {**(man.get("template") or {}), **dict(args.template)}
-    if args.sampling:
-        man["sampling"] = {**(man.get("sampling") or {}), **dict(args.sampling)}
     record = man.get("run_record")
-    if isinstance(record, dict):  # carried over by --manifest: what is given here overrides it there too
-        for section, given in (("template", args.template), ("sampling", args.sampling)):
-            record[section] = {**(record.get(section) or {}), **dict(given)}
+    if record is not None and not isinstance(record, dict):
+        raise UserError(f"--manifest {args.manifest}: 'run_record' must be an object, got {type(record).__name__}")
+    for section, given in (("template", args.template), ("sampling", args.sampling)):
+        # What is given here overrides what --manifest carried, in the run record too (training reads that).
+        for where, holder in (("", man), ("run_record.", record or {})):
+            have = holder.get(section)
+            if have is not None and not isinstance(have, dict):
+                raise UserError(
+                    f"--manifest {args.manifest}: '{where}{section}' must be an object of settings, got {have!r:.60}"
+                )
+            if given:
+                holder[section] = {**(have or {}), **dict(given)}
     for k in ("format_version", "created"):  # this new store's, not the source's
         man.pop(k, None)
     man["source"] = {"imported_from": str(Path(args.jsonl).resolve())}
     out = import_jsonl(
-        args.jsonl, args.out, manifest=man, k_min=args.k_min, overwrite=args.overwrite, progress=not args.no_progress
+        args.jsonl,
+        args.out,
+        manifest=man,
+        k_min=args.k_min,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        inputs=[args.manifest],
+        allow_empty=False,
     )
     from openrlhf_infalign.store import read_manifest
 
@@ -168,8 +205,7 @@ def _info(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reported below as a field
         s = ReferenceStore.open(args.store)
-    if args.verify:
-        s.verify()
+    report = s.verify() if args.verify else None  # a bad store raises StoreError: one line, exit code 2
     ks = s.k_stats()
     info = {
         "store": str(Path(args.store)),
@@ -180,6 +216,9 @@ def _info(args) -> int:
         "has_prompts": bool(s.manifest.get("has_prompts")),
         "disk_bytes": _dir_size(Path(args.store)),
         "verified": bool(args.verify),
+        "verify": (
+            None if report is None else {"summary": report.summary(), "files": report.files, "notes": report.notes}
+        ),
         "manifest": s.manifest,
     }
     if args.json:
@@ -200,8 +239,8 @@ def _info(args) -> int:
     print(f"  sampling     {json.dumps(m.get('sampling') or {})}")
     print(f"  template     {json.dumps(m.get('template') or {})}")
     _print_record(m)
-    if args.verify:
-        print("  verify       ok (every row checked)")
+    if report is not None:
+        print(f"  verify       {report.summary()}")
     return 0
 
 
@@ -221,11 +260,13 @@ def _print_record(manifest: dict) -> None:
 
 
 def _export(args) -> int:
+    from openrlhf_infalign.files import check_output_file
     from openrlhf_infalign.store.jsonl import export_jsonl
 
-    out = Path(args.jsonl)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    n = export_jsonl(args.store, out, include_prompts=not args.no_prompts, progress=not args.no_progress)
+    # Checked before any row is read; never into the store itself (its own files, or a stranger among them).
+    out = check_output_file(args.jsonl, overwrite=args.overwrite, flag="--jsonl", inputs=[args.store])
+    n = export_jsonl(
+        args.store, out, include_prompts=not args.no_prompts, progress=not args.no_progress, overwrite=args.overwrite
+    )
     print(f"wrote {out}: {n} prompts")
     return 0

@@ -18,7 +18,8 @@ import math
 
 import numpy as np
 
-from openrlhf_infalign.core.finite_k import beta_for_kl_k, expected_win_rate_k
+from openrlhf_infalign.core import finite_k
+from openrlhf_infalign.core.finite_k import K_MAX, beta_for_kl_k, expected_win_rate_k
 from openrlhf_infalign.core.inference import InferenceProcedure
 from openrlhf_infalign.core.theory import (
     as_grid,
@@ -30,9 +31,12 @@ from openrlhf_infalign.core.theory import (
 )
 from openrlhf_infalign.core.transforms import Transform, parse_transform, split_spec
 
-__all__ = ["plan", "frontier", "resolve_transform"]
+__all__ = ["plan", "frontier", "resolve_transform", "check_k", "N_OPTIMAL_MAX", "K_MAX"]
 
 T_MIN, T_MAX = 0.01, 1e4
+# The exact optimum's shape lives within ~1/N of the top of the calibrated scale: on the 4001-point grid it is
+# good to ~2e-4 in win rate up to N = 10,000 and not beyond, so plans for larger N leave it out (with a note).
+N_OPTIMAL_MAX = 10_000
 
 
 def _family(inf: InferenceProcedure) -> str | None:
@@ -81,12 +85,41 @@ def _point(grid, inf, tr: Transform, kl: float, k: int | None = None) -> dict:
 
 
 def check_k(k) -> int | None:
-    """K reference samples per prompt (None = the continuum); a one-line error below 2."""
+    """K reference samples per prompt (None = the continuum); a one-line error below 2 or above K_MAX."""
     if k is None:
         return None
-    if isinstance(k, bool) or not float(k).is_integer() or int(k) < 2:
+    try:
+        whole = not isinstance(k, bool) and float(k).is_integer()
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or int(k) < 2:
         raise ValueError(f"K (reference samples per prompt) must be an integer >= 2, got {k!r}")
-    return int(k)
+    return finite_k._check_k(int(k))
+
+
+def check_optimal_n(inf: InferenceProcedure) -> None:
+    """ValueError for an exact optimum the grid cannot resolve (N above N_OPTIMAL_MAX)."""
+    if inf.n > N_OPTIMAL_MAX:
+        raise ValueError(
+            f"the exact optimal transform is computed for N <= {N_OPTIMAL_MAX:,} only ({inf.spec}: its shape lies "
+            f"within ~1/N of the top of the calibrated scale, finer than the planner's grid); use auto or an "
+            f"exp:t / negexp:t transform"
+        )
+
+
+def _check_win_rates(out: dict) -> None:
+    # Every transform planned here is increasing, so its optimum dominates the base: win rates lie in [1/2, 1].
+    # A value outside is a numerical failure, never an answer to print.
+    found = [("recommended", out["recommended"]["win_rate"])]
+    found += [(name, b["win_rate"]) for name, b in out["baselines"].items()]
+    if "optimal" in out:
+        found.append(("optimal", out["optimal"]["win_rate"]))
+    for name, w in found:
+        if not (0.5 - 1e-6 <= w <= 1.0 + 1e-9):
+            raise ValueError(
+                f"internal error: the {name} win rate came out as {w:.6g}, outside [1/2, 1], for {out['inference']} "
+                f"at KL {out['kl']:g}; please report it with this command line"
+            )
 
 
 def plan(inference, kl: float, with_optimal: bool = True, grid=None, k: int | None = None) -> dict:
@@ -113,12 +146,25 @@ def plan(inference, kl: float, with_optimal: bool = True, grid=None, k: int | No
         b.pop("transform")
     out = {"inference": inf.spec, "kl": kl, "recommended": rec}
     notes: list[str] = []
+    if with_optimal and inf.n > N_OPTIMAL_MAX:
+        with_optimal = False
+        notes.append(
+            f"the exact optimum is left out: it is computed for N <= {N_OPTIMAL_MAX:,} only (its shape lies within "
+            "~1/N of the top of the calibrated scale); the recommended transform's win rate is exact"
+        )
     if with_optimal:
         beta0 = rec["beta"] if k is None else beta_for_kl(rec["transform"], kl)  # the continuum's beta
         start = optimum_density(rec["transform"], beta0, gr)[1]  # near the optimum
         opt, info = optimal_transform_for_kl(inf, kl, grid=gr, start=start)
         if k is not None:  # the continuum's optimal shape, read at the K+1 bin values
-            info = {**info, **_point(gr, inf, opt, kl, k), "kl": kl}
+            try:
+                info = {**info, **_point(gr, inf, opt, kl, k), "kl": kl}
+            except ValueError:
+                # A shape flat near the top saturates: on K bins it cannot spend the budget at all. Its best is
+                # all mass on those top bins (the smallest beta), as the continuum caps it too.
+                b = finite_k.BETA_MIN
+                won = expected_win_rate_k(inf, opt, b, k)
+                info = {**info, "beta": b, "win_rate": won, "kl": finite_k.expected_kl_k(opt, b, k), "saturated": True}
         out["optimal"] = {
             "win_rate": info["win_rate"],
             "beta": info["beta"],
@@ -141,6 +187,7 @@ def plan(inference, kl: float, with_optimal: bool = True, grid=None, k: int | No
     if rec["win_rate"] > 1 - 1e-6:
         notes.append("the recommended win rate is 1 to 6 digits: any t works here; a smaller KL budget suffices")
     out["notes"] = notes
+    _check_win_rates(out)
     return out
 
 
@@ -158,6 +205,7 @@ def frontier(inference, transform, kls, grid=None, k: int | None = None) -> dict
     name = spec.partition(":")[0].lower()
     points = []
     if name == "optimal" and not isinstance(transform, Transform):
+        check_optimal_n(inf)
         start = None
         for x in kls:
             tr, info = optimal_transform_for_kl(inf, x, grid=gr, start=start)
@@ -195,13 +243,15 @@ def resolve_transform(
         if inference is None or kl_budget is None:
             raise ValueError(f"transform {spec!r} needs an inference procedure and a KL budget")
         inf = InferenceProcedure.coerce(inference)
+        k = check_k(k)
         if name == "auto":
             p = plan(inf, kl_budget, with_optimal=False, k=k)
             rec = p["recommended"]
             return parse_transform(rec["transform"]), rec["beta"]
+        check_optimal_n(inf)
         tr, info = optimal_transform_for_kl(inf, kl_budget)
         return tr, (info["beta"] if k is None else beta_for_kl_k(tr, kl_budget, k))
     tr = parse_transform(spec)
     if kl_budget is None:
         return tr, None
-    return tr, beta_for_kl_k(tr, kl_budget, k)
+    return tr, beta_for_kl_k(tr, kl_budget, check_k(k))

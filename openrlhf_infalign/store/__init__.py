@@ -4,8 +4,9 @@ Written once, offline (`infalign calibrate`, `infalign store import`), read duri
 Format: see openrlhf_infalign/store/format.py. Never imports openrlhf.
 """
 
+from .commit import check_target
 from .format import FORMAT_VERSION, StoreError, digests_from_keys, prompt_digests, prompt_key
-from .reader import ReferenceStore, read_manifest
+from .reader import ReferenceStore, VerifyReport, read_manifest
 from .writer import Ragged, write_json, write_store
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "Ragged",
     "ReferenceStore",
     "StoreError",
+    "VerifyReport",
+    "check_target",
     "digests_from_keys",
     "prompt_digests",
     "prompt_key",

@@ -2,7 +2,8 @@
 
 A store is a directory:
 
-    DIR/manifest.json          format version, K, policy model, reward source, sampling, template settings, row count
+    DIR/manifest.json          format version, K, policy model, reward source, sampling, template settings, row count,
+                               each data file's size and sha256 (CHECKSUMS)
     DIR/rewards.parquet        the interchange data: prompt_key (sha1 hex), prompt (optional), rewards list<float32>
     DIR/index/keys.npy         (P, 20) uint8   sha1 digests, ascending (byte order) = the Parquet row order
     DIR/index/key_hi.npy       (P,)    uint64  first 8 digest bytes as a big-endian integer: the searchsorted column
@@ -25,6 +26,9 @@ MANIFEST = "manifest.json"
 PARQUET = "rewards.parquet"
 INDEX_DIR = "index"
 INDEX_FILES = ("keys.npy", "key_hi.npy", "values.npy", "offsets.npy")
+# Manifest key: {relative path: {"size": bytes, "sha256": hex}} of every data file, recorded at write time (stores
+# written before it existed lack it: they are checked for internal consistency instead).
+CHECKSUMS = "checksums"
 DIGEST_BYTES = 20
 HEX_CHARS = 2 * DIGEST_BYTES
 # Below this many reference samples per prompt the calibrated reward is coarse (steps of 1/K): warn.

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_open
+from ..files import atomic_open, check_input_file
+from .commit import check_target
 from .format import DIGEST_BYTES, PARQUET, StoreError, key_digest, prompt_digest
-from .reader import read_manifest
+from .reader import ReferenceStore
 from .rows import check_rewards, iter_reward_lists
 from .writer import Ragged, write_store
 
@@ -126,13 +127,11 @@ def read_reference_jsonl(src, *, progress: bool = True, k_min: int = 1, fast: bo
     fast: try pyarrow's JSON reader first; on anything unusual the file is re-read line by line with json.loads,
     which checks every row and names the bad line.
     """
-    src = Path(src)
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: no such file")
+    src = check_input_file(src, "reference rewards")
     if fast:
         try:
             return _read_fast(src, progress, k_min)
-        except _Fallback as e:
+        except (_Fallback, UnicodeError) as e:  # pyarrow keeps bad UTF-8 / lone surrogates until strings are used
             logger.info("%s: checked line-by-line read (%s)", src, e)
     digests = bytearray()
     prompts: list[str | None] = []
@@ -169,11 +168,27 @@ def read_reference_jsonl(src, *, progress: bool = True, k_min: int = 1, fast: bo
 
 
 def import_jsonl(
-    src, out_dir, *, manifest: dict | None = None, k_min: int = 1, overwrite: bool = False, progress: bool = True
+    src,
+    out_dir,
+    *,
+    manifest: dict | None = None,
+    k_min: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    inputs=(),
+    allow_empty: bool = True,
 ) -> Path:
-    """`infalign store import`: JSONL -> store (validated, atomic). Errors name the file and line."""
+    """`infalign store import`: JSONL -> store (validated, atomic). Errors name the file and line.
+
+    The output may replace only an earlier store (with overwrite), never src itself, a folder holding it, or any
+    of ``inputs`` (other files the caller read, e.g. a --manifest): checked before the JSONL is read.
+    allow_empty=False refuses a file without rows (the command: an empty store is a mistake, found at training)."""
     src = Path(src)
+    inputs = [src, *inputs]
+    check_target(out_dir, overwrite=overwrite, inputs=inputs)
     dig, rag, prompts, lines = read_reference_jsonl(src, progress=progress, k_min=k_min)
+    if not allow_empty and dig.shape[0] == 0:
+        raise StoreError(f"{src}: no rows; a store needs the reference rewards of at least one prompt")
     man = dict(manifest or {})
     man.setdefault("source", {"imported_from": str(src)})
     return write_store(
@@ -186,21 +201,38 @@ def import_jsonl(
         row_name=lambda i: f"{src}:{int(lines[i])}",
         k_min=k_min,
         verify_prompts=False,  # each row's prompt/key pair was checked while reading
+        inputs=inputs,
     )
 
 
-def export_jsonl(store_dir, out_path, *, include_prompts: bool = True, progress: bool = True) -> int:
-    """`infalign store export`: store -> JSONL (rows in store order), written atomically. Returns row count."""
+def export_jsonl(
+    store_dir, out_path, *, include_prompts: bool = True, progress: bool = True, overwrite: bool = True
+) -> int:
+    """`infalign store export`: store -> JSONL (rows in store order), written atomically. Returns row count.
+
+    The store gets the quick check first (every file's recorded size), so a cut-short store is named, not
+    exported in part; overwrite=False refuses an existing out_path."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     store_dir, out_path = Path(store_dir), Path(out_path)
-    man = read_manifest(store_dir)
-    pf = pq.ParquetFile(store_dir / PARQUET)
+    man = ReferenceStore.open(store_dir, warn_small_k=False).manifest
+    try:
+        return _export_rows(
+            pq.ParquetFile(store_dir / PARQUET), man, store_dir, out_path, include_prompts, progress, overwrite
+        )
+    except pa.ArrowException as e:
+        raise StoreError(
+            f"{store_dir / PARQUET}: not readable ({e}); check it with `infalign store info --verify`"
+        ) from None
+
+
+def _export_rows(pf, man: dict, store_dir: Path, out_path: Path, include_prompts, progress, overwrite) -> int:
     has_prompt = include_prompts and "prompt" in pf.schema_arrow.names
     cols = ["prompt_key", "rewards"] + (["prompt"] if has_prompt else [])
     n = 0
     with (
-        atomic_open(out_path, "w") as f,
+        atomic_open(out_path, "w", overwrite=overwrite) as f,
         _progress(man.get("num_prompts", 0), progress, f"export {store_dir.name}", "rows") as bar,
     ):
         for rg in range(pf.num_row_groups):

@@ -54,6 +54,13 @@ def parse_prompt_key(src: Path, lineno: int, row: dict) -> tuple[bytes, str | No
     key = row.get("prompt_key")
     if prompt is not None and not isinstance(prompt, str):
         raise row_error(src, lineno, f'"prompt" must be a string, got {type(prompt).__name__}')
+    if prompt is not None:
+        try:  # JSON can spell a lone surrogate ("\ud800"), which no UTF-8 text, hence no templated prompt, holds
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise row_error(
+                src, lineno, f'"prompt" is not valid Unicode text ({e.reason} at character {e.start})'
+            ) from None
     if key is not None:
         try:
             digest = key_digest(key)

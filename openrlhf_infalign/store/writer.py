@@ -1,27 +1,30 @@
 """Writing a reference reward store: validate, sort, write Parquet + index + manifest into a temp dir, then rename.
 
-The rename is the commit point: a kill at any earlier moment leaves the previous store (or nothing) at ``out_dir``
-and at most a hidden ``.NAME.partial-PID-*`` directory beside it, which the next write to the same place removes.
+The move into place is the commit point (commit.py: only over a store this project wrote, in one atomic swap): a
+kill at any earlier moment leaves the previous store (or nothing) at ``out_dir`` and at most a hidden
+``.NAME.partial-PID-*`` directory beside it, which the next write to the same place removes. The manifest records
+each file's size and sha256 (``checksums``), so that readers can tell a damaged file from a good one.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 import os
-import shutil
-import tempfile
-import uuid
 import warnings
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
 from ..files import write_json
+from .commit import check_target, commit_dir, recover
 from .format import (
+    CHECKSUMS,
     FORMAT_VERSION,
     INDEX_DIR,
+    INDEX_FILES,
     K_WARN,
     MANIFEST,
     PARQUET,
@@ -147,38 +150,6 @@ def _describe(i: int, row_name: Callable[[int], str], prompts, hexkeys: np.ndarr
     return text
 
 
-def _stale_partials(out_dir: Path, kind: str = "partial") -> list[Path]:
-    """Leftover temp dirs (kind partial/old) of earlier killed writes to out_dir whose writer process is gone."""
-    stale = []
-    for p in sorted(out_dir.parent.glob(f".{out_dir.name}.{kind}-*")):
-        try:
-            pid = int(p.name.rsplit(f".{kind}-", 1)[1].split("-", 1)[0])
-        except ValueError:
-            continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            stale.append(p)
-        except PermissionError:
-            pass
-    return stale
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
@@ -242,6 +213,7 @@ def write_store(
     row_name: Callable[[int], str] | None = None,
     k_min: int = 1,
     verify_prompts: bool = True,
+    inputs: Iterable = (),
 ) -> Path:
     """Write a reference reward store atomically; returns its path.
 
@@ -255,8 +227,11 @@ def write_store(
     Duplicated prompt keys: identical reward sets (as multisets) are merged into one row; different sets raise
     StoreError naming both rows. NaN/inf rewards, an empty reward list, or fewer than `k_min` rewards raise
     StoreError naming the row (`row_name(i)` describes input row i in messages, default "row i").
-    K below 16 warns. Existing ``out_dir``: StoreError unless overwrite=True. verify_prompts=False skips the
-    prompt -> key hash check (for callers that checked it already).
+    K below 16 warns. verify_prompts=False skips the prompt -> key hash check (for callers that checked it already).
+    Where it writes (commit.check_target, checked before any work and again before the commit): a new path or an
+    empty directory; an existing store only with overwrite=True, swapped in atomically; never a plain file, a
+    folder with other content, or a path that is, holds or sits inside one of ``inputs`` (the caller's input files
+    and folders, e.g. the JSONL being imported, the dataset and models of a calibration). Returns the real path.
     """
     row_name = row_name or _default_row_name
     out_dir = Path(out_dir)
@@ -275,10 +250,9 @@ def write_store(
             _check_prompts_match(digests, prompts, row_name)
         if all(p is None for p in prompts):
             prompts = None
-    recover(out_dir)
-    if out_dir.exists() and not overwrite:
-        if not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise StoreError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    inputs = list(inputs)
+    recover(Path(os.path.realpath(out_dir)))  # a store a killed writer left aside is put back first
+    check_target(out_dir, overwrite=overwrite, inputs=inputs)  # fail before the work, not after it
 
     rag = _to_ragged(rewards, n)
     values, offsets = rag.values, rag.offsets
@@ -362,7 +336,7 @@ def write_store(
     man.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     table = build_table(sd, out_values, out_offsets, out_prompts)
-    _commit_dir(out_dir, overwrite, lambda tmp: _write_all(tmp, table, sd, out_values, out_offsets, man))
+    commit_dir(out_dir, overwrite, lambda tmp: _write_all(tmp, table, sd, out_values, out_offsets, man), inputs=inputs)
     logger.info("wrote reference store %s: %d prompts, K %s", out_dir, sd.shape[0], man["k"])
     return out_dir
 
@@ -380,49 +354,26 @@ def _check_prompts_match(digests: np.ndarray, prompts: list, row_name) -> None:
             )
 
 
+def file_digest(path) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+STORE_FILES = (PARQUET,) + tuple(f"{INDEX_DIR}/{name}" for name in INDEX_FILES)
+
+
 def _write_all(tmp: Path, table, digests, values, offsets, manifest: dict) -> None:
     _write_parquet(tmp / PARQUET, table)
     write_index(tmp / INDEX_DIR, digests, values, offsets)
-    write_json(tmp / MANIFEST, manifest)
-
-
-def recover(out_dir: Path) -> None:
-    """Clean up after writers to out_dir that were killed: drop their temp dirs; if one died between its two
-    renames, the old (complete) store it moved aside is put back."""
-    if not out_dir.parent.is_dir():
-        return
-    for p in _stale_partials(out_dir):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in _stale_partials(out_dir, "old"):
-        if not out_dir.exists():
-            os.rename(p, out_dir)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _commit_dir(out_dir: Path, overwrite: bool, fill: Callable[[Path], None]) -> None:
-    """Run fill(tmp) on a fresh temp dir beside out_dir, then move it into place (the commit point)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    recover(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
-    try:
-        fill(tmp)
-        _fsync_dir(tmp)
-        if out_dir.exists() and overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-            # Two renames: the old store is moved aside (still complete) before the new one takes its name.
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
-                raise StoreError(f"{out_dir} appeared while writing; not replacing it (use overwrite)")
-            os.rename(tmp, out_dir)  # replaces an empty directory atomically
-        _fsync_dir(out_dir.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # Sizes let every open check in microseconds that no file was cut short; digests let verify() find any change.
+    sums = {}
+    for rel in STORE_FILES:
+        size, sha = file_digest(tmp / rel)
+        sums[rel] = {"size": size, "sha256": sha}
+    write_json(tmp / MANIFEST, {**manifest, CHECKSUMS: sums})

@@ -542,7 +542,7 @@ def report_command(out: Path, runs: Sequence[tuple], noise: Sequence[Path] = ())
         cmd += ["--label", arm]
     for r in noise:
         cmd += ["--noise", str(Path(r) / EXACT_LOG)]
-    cmd += ["--out", str(out / "compare")]
+    cmd += ["--out", str(out / "compare"), "--overwrite"]  # a resumed study redraws its own report
     if any(arm == "identity" for arm, _ in runs):
         cmd += ["--baseline", "identity"]
     return cmd

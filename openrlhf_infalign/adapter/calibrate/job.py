@@ -26,6 +26,7 @@ from typing import Callable, Dict, List
 from openrlhf_infalign.adapter.run_record import RECORD_KEY, run_record
 from openrlhf_infalign.files import write_json
 from openrlhf_infalign.store import StoreError, read_manifest, write_store
+from openrlhf_infalign.store.commit import check_target
 
 from .generate import make_generator
 from .prompts import load_prompts, load_tokenizer, unique_prompts
@@ -170,6 +171,34 @@ def plan_work(settings: CalibrateSettings, log: Callable[[str], None]) -> WorkPl
         settings_hash=_canonical_hash(hashed),
         shards=shards,
     )
+
+
+def _inputs(settings: CalibrateSettings) -> list[str]:
+    """The job's local inputs (policy, datasets, reward model or reward_func file): the store may never be written
+    over or around one of them. Hub ids and URLs do not exist locally and are skipped by the check."""
+    datasets = [part.split("@")[0].strip() for part in (settings.prompt_dataset or "").split(",")]
+    return [settings.policy, settings.reward_model, *settings.reward_urls, *datasets]
+
+
+def check_out(settings: CalibrateSettings) -> None:
+    """--out and its work dir, before any model or dataset is loaded: what commit.check_target allows (a new or
+    empty directory, or a store of ours; never a file, a folder with other content, or around an input), and a
+    work dir OUT.partial that is ours (settings.json and shards) or absent. Whether an existing store may be
+    replaced is decided once the settings hash is known (_published)."""
+    out = Path(settings.out)
+    check_target(out, overwrite=True, inputs=_inputs(settings))
+    work = Path(str(out) + WORK_SUFFIX)
+    if work.exists():
+        foreign = (
+            [p.name for p in work.iterdir() if not (p.name == "settings.json" or p.name.startswith(("shard-", ".")))]
+            if work.is_dir()
+            else [work.name]
+        )
+        if foreign:
+            raise CalibrationError(
+                f"{work} is where `infalign calibrate --out {out}` keeps its shards, but it holds other files "
+                f"({', '.join(sorted(foreign)[:5])}); move them away or choose another --out"
+            )
 
 
 def _published(plan: WorkPlan, log: Callable[[str], None]) -> bool:
@@ -335,6 +364,7 @@ def _publish(plan: WorkPlan, keys, prompts, rewards) -> None:
         prompts=prompts if s.store_prompts else None,
         manifest=manifest,
         overwrite=s.overwrite,
+        inputs=_inputs(s),
     )
     shutil.rmtree(plan.work, ignore_errors=True)
 
@@ -343,9 +373,11 @@ def run_calibration(settings: CalibrateSettings, log: Callable[[str], None] = pr
     """Run (or resume) the calibration job; returns a summary dict (also what `infalign calibrate` prints)."""
     t0 = time.time()
     settings.validate()
+    check_out(settings)  # seconds, not after the whole job: a bad --out fails before any model is loaded
     plan = plan_work(settings, log)
     if _published(plan, log):
         return {"out": str(plan.out), "up_to_date": True, "num_prompts": len(plan.prompts), "k": settings.k}
+    check_target(plan.out, overwrite=settings.overwrite, inputs=_inputs(settings))
     todo = _open_work_dir(plan, log)
     placement: Dict = {}
     gen_s, score_s = _generate_and_score(plan, todo, placement) if todo else (0.0, 0.0)
