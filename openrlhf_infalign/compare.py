@@ -9,6 +9,12 @@ at a lower KL are left out rather than averaged with earlier steps, which sortin
 its within-run evaluation standard error are interpolated linearly in KL, only inside [first KL, largest KL] of that
 run: outside it the value is NaN (no extrapolation). Records without a measured KL are left out.
 
+Sustained crossing (``crossing="sustained"``, `report --crossing sustained`): a KL level counts as reached only when
+two consecutive evaluations reach it, and the crossing is read at the lower of the two. An evaluation whose KL is
+above both neighbours' (a one-evaluation spike: the actor really was there, a conditional flipped for one update)
+then never defines a crossing; the last evaluation, with no successor, cannot confirm a level and is left out. The
+noise floor follows the same rule (the largest KL a noise run held for two consecutive evaluations).
+
 Runs are refused when the same run is given twice (the same evaluation log by path, the sampled and the exact log
 of one run directory, or logs with identical records: a copy), and an arm is refused when its runs were trained for
 different inference procedures, store K or transforms (they are not seeds of one arm).
@@ -120,18 +126,21 @@ def _check_distinct(runs: list[dict]) -> None:
         by_content[digest] = run["run"]
 
 
-def noise_floor(noise_runs: list[dict] | None = None, nats: float | None = None) -> dict | None:
-    """The noise floor, JSON-ready: {"nats", "source", "runs"}; None when neither is given.
+def noise_floor(
+    noise_runs: list[dict] | None = None, nats: float | None = None, crossing: str = "first"
+) -> dict | None:
+    """The noise floor, JSON-ready: {"nats", "source", "crossing", "runs"}; None when neither is given.
 
-    noise_runs (load_run dicts): runs of the noise control; the floor is the largest KL any of them reached at any
-    evaluation, and "runs" records each one's KL trajectory ({"run", "path", "max_kl", "step_of_max",
+    noise_runs (load_run dicts): runs of the noise control; the floor is the largest KL any of them reached, at any
+    evaluation ("first") or held for two consecutive evaluations ("sustained"); "runs" records each one's
+    ({"run", "path", "floor_kl": its KL by that rule, "max_kl" and "step_of_max": its largest at any evaluation,
     "trajectory": [{"step", "kl"}, ...]}). nats: a floor measured elsewhere ("runs" empty). Not both."""
     if noise_runs and nats is not None:
         raise ValueError("give the noise floor one way: --noise RUN (measured here) or --noise-floor NATS, not both")
     if nats is not None:
         if not (isinstance(nats, (int, float)) and math.isfinite(nats) and nats > 0):
             raise ValueError(f"--noise-floor {nats!r}: give the floor as a positive KL in nats, e.g. 0.3")
-        return {"nats": float(nats), "source": "given (--noise-floor)", "runs": []}
+        return {"nats": float(nats), "source": "given (--noise-floor)", "crossing": None, "runs": []}
     if not noise_runs:
         return None
     _check_distinct(noise_runs)
@@ -139,25 +148,31 @@ def noise_floor(noise_runs: list[dict] | None = None, nats: float | None = None)
     for run in noise_runs:
         points = [{"step": r["step"], "kl": float(r["kl"])} for r in run["records"] if r.get("kl") is not None]
         top = max(points, key=lambda p: p["kl"], default=None)
-        if top is None or top["kl"] <= 0:
+        held = crossings(run["records"], crossing)
+        if top is None or top["kl"] <= 0 or not held or held[-1]["kl"] <= 0:
             raise ValueError(
-                f"noise run {run['run']} has no evaluation with a KL above 0: it cannot measure a floor (was it "
-                "trained, and its KL measured?); give a run that trained, or --noise-floor NATS"
+                f"noise run {run['run']} has no evaluation with a KL above 0"
+                + (" held for two consecutive evaluations" if crossing == "sustained" else "")
+                + ": it cannot measure a floor (was it trained, and its KL measured?); give a run that trained, or "
+                "--noise-floor NATS"
             )
         entries.append(
             {
                 "run": run["run"],
                 "path": run.get("path"),
+                "floor_kl": float(held[-1]["kl"]),
                 "max_kl": top["kl"],
                 "step_of_max": top["step"],
                 "trajectory": points,
             }
         )
     n = len(entries)
+    reached = "reached at any evaluation" if crossing == "first" else "held for two consecutive evaluations"
     return {
-        "nats": max(e["max_kl"] for e in entries),
+        "nats": max(e["floor_kl"] for e in entries),
         "source": f"the largest KL {'the noise run' if n == 1 else f'any of the {n} noise runs'} (rewards "
-        "independent of the response) reached at any evaluation",
+        f"independent of the response) {reached}",
+        "crossing": crossing,
         "runs": entries,
     }
 
@@ -208,26 +223,41 @@ def metric_stat(record: dict, inference: str) -> dict | None:
     return (record.get(kind) or {}).get(n)
 
 
-def _first_crossings(records: list[dict]) -> list[dict]:
-    """Records in step order whose KL exceeds every earlier KL (see the module docstring)."""
+CROSSINGS = ("first", "sustained")
+
+
+def crossings(records: list[dict], crossing: str = "first") -> list[dict]:
+    """The records that define a run's trajectory, in step order, KL strictly increasing (module docstring):
+    "first": each record whose KL exceeds every earlier one; "sustained": of each two consecutive evaluations the
+    lower, when its KL exceeds every earlier such."""
+    measured = [r for r in sorted(records, key=lambda r: r["step"]) if r.get("kl") is not None]
+    if crossing == "first":
+        candidates = measured
+    elif crossing == "sustained":
+        candidates = [a if a["kl"] <= b["kl"] else b for a, b in zip(measured, measured[1:])]
+    else:
+        raise ValueError(f"crossing {crossing!r}: give one of {', '.join(CROSSINGS)}")
     kept, top = [], -math.inf
-    for r in sorted(records, key=lambda r: r["step"]):
-        kl = r.get("kl")
-        if kl is not None and kl > top:
+    for r in candidates:
+        if r["kl"] > top:
             kept.append(r)
-            top = kl
+            top = r["kl"]
     return kept
 
 
-def run_kl_range(records: list[dict]) -> tuple[float, float] | None:
-    """[first KL, largest KL] of a run's trajectory, or None when no evaluation has a measured KL."""
-    kept = _first_crossings(records)
+def run_kl_range(records: list[dict], crossing: str = "first") -> tuple[float, float] | None:
+    """[first KL, largest KL] of a run's trajectory, or None when no evaluation has a measured KL (or, sustained,
+    fewer than two)."""
+    kept = crossings(records, crossing)
     return (float(kept[0]["kl"]), float(kept[-1]["kl"])) if kept else None
 
 
-def trajectory(records: list[dict], inference: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(step, kl, win_rate, stderr) of a run's first-crossing trajectory for one metric, KL strictly increasing."""
-    pts = [(r["step"], r["kl"], metric_stat(r, inference)) for r in _first_crossings(records)]
+def trajectory(
+    records: list[dict], inference: str, crossing: str = "first"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(step, kl, win_rate, stderr) of a run's trajectory for one metric (first or sustained crossings), KL strictly
+    increasing."""
+    pts = [(r["step"], r["kl"], metric_stat(r, inference)) for r in crossings(records, crossing)]
     pts = [(s, k, st) for s, k, st in pts if st is not None]
     return (
         np.array([p[0] for p in pts], dtype=int),
@@ -298,9 +328,9 @@ def default_kl_grid(kl_range: tuple[float, float] | None, points: int = 4, start
     return grid
 
 
-def arm_at_kl(seeds: list[list[dict]], inference: str, grid) -> tuple[np.ndarray, np.ndarray]:
+def arm_at_kl(seeds: list[list[dict]], inference: str, grid, crossing: str = "first") -> tuple[np.ndarray, np.ndarray]:
     """(mean, se) of one arm at the grid KLs: each seed's trajectory interpolated, then aggregated."""
-    curves = [trajectory(records, inference) for records in seeds]
+    curves = [trajectory(records, inference, crossing) for records in seeds]
     win = np.array([interpolate(kl, w, grid) for _, kl, w, _ in curves])
     err = np.array([interpolate(kl, e, grid) for _, kl, _, e in curves])
     return aggregate_seeds(win, err)
@@ -327,7 +357,12 @@ def _json_list(a) -> list:
 
 
 def compare_runs(
-    runs: list[dict], baseline: str | None = None, kl_grid=None, default_n: int = 4, noise: dict | None = None
+    runs: list[dict],
+    baseline: str | None = None,
+    kl_grid=None,
+    default_n: int = 4,
+    noise: dict | None = None,
+    crossing: str = "first",
 ) -> dict:
     """Arms side by side at matched KL, JSON-ready (NaN written as null).
 
@@ -337,8 +372,11 @@ def compare_runs(
     transform is identity, else the first arm). kl_grid: matched KLs (default: default_kl_grid of the range
     every arm covers, from twice the noise floor up; empty, with a note, when there is none). noise: noise_floor's
     dict (or None); the result carries it as "noise_floor", and per grid KL "inside_noise_floor" and
-    "below_twice_noise_floor" (lists beside "kl_grid"; null without a floor).
+    "below_twice_noise_floor" (lists beside "kl_grid"; null without a floor). crossing: which evaluations define
+    each run's trajectory ("first" or "sustained", module docstring); the result says which.
     """
+    if crossing not in CROSSINGS:
+        raise ValueError(f"crossing {crossing!r}: give one of {', '.join(CROSSINGS)}")
     _check_distinct(runs)
     arms: dict[str, list[dict]] = {}
     for run in runs:
@@ -351,10 +389,12 @@ def compare_runs(
         ranges = []
         seeds = []
         for run in members:
-            rng = run_kl_range(run["records"])
+            rng = run_kl_range(run["records"], crossing)
             if rng is None:
                 raise ValueError(
-                    f"run {run['run']} has no evaluation with a measured KL: it cannot be put at matched KL"
+                    f"run {run['run']} has no evaluation with a measured KL"
+                    + (" (sustained crossings need two)" if crossing == "sustained" else "")
+                    + ": it cannot be put at matched KL"
                 )
             ranges.append(rng)
             last = run["records"][-1]
@@ -411,7 +451,7 @@ def compare_runs(
 
     metrics = {}
     for spec in compared_metrics([run["records"] for run in runs], default_n):
-        values = {label: arm_at_kl([m["records"] for m in arms[label]], spec, grid) for label in labels}
+        values = {label: arm_at_kl([m["records"] for m in arms[label]], spec, grid, crossing) for label in labels}
         base_mean, base_se = values[baseline]
         table = {}
         for label in labels:
@@ -427,6 +467,7 @@ def compare_runs(
         "baseline": baseline,
         "kl_grid": grid,
         "kl_grid_source": grid_source,
+        "crossing": crossing,
         "noise_floor": noise,
         "inside_noise_floor": inside,
         "below_twice_noise_floor": below_twice,

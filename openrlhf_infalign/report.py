@@ -336,9 +336,10 @@ def plot_arms_vs_kl(
     k: int | None = None,
     noise_floor: float | None = None,
     overwrite: bool = True,
+    crossing: str = "first",
 ) -> Path:
-    """One metric against KL for several arms: per arm a colour, its seeds as thin lines (first-crossing
-    trajectories), the seed mean with a +-1 se band (compare.arm_at_kl), and beneath, the frontier of each arm's
+    """One metric against KL for several arms: per arm a colour, its seeds as thin lines (their first- or
+    sustained-crossing trajectories), the seed mean with a +-1 se band (compare.arm_at_kl), and beneath, the frontier of each arm's
     transform and of identity (K-aware with ``k``). arms: label -> the seeds' records; matched KLs drawn faint;
     with a noise floor (nats), KL inside it shaded and twice it marked."""
     from openrlhf_infalign.core.planning import check_k
@@ -348,7 +349,7 @@ def plot_arms_vs_kl(
     fig, ax = plt.subplots(figsize=(7.6, 4.6))
     label = compare.metric_name(inference)
     colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arms)}
-    seed_kls = [compare.trajectory(records, inference)[1] for seeds in arms.values() for records in seeds]
+    seed_kls = [compare.trajectory(records, inference, crossing)[1] for seeds in arms.values() for records in seeds]
     kl_top = max([float(k.max()) for k in seed_kls if k.size] + [1e-3, 2.1 * (noise_floor or 0.0)]) * 1.1
     specs: dict[str, tuple] = {}
     for arm, spec in transforms.items():
@@ -368,15 +369,15 @@ def plot_arms_vs_kl(
         ax.plot(ck, cw, color=color, linestyle=":", linewidth=1.2, alpha=0.8, zorder=1, label=name)
     for arm, seeds in arms.items():
         color = colors[arm]
-        ranges = [compare.run_kl_range(records) for records in seeds]
+        ranges = [compare.run_kl_range(records, crossing) for records in seeds]
         for records in seeds:
-            _, kl, win, _ = compare.trajectory(records, inference)
+            _, kl, win, _ = compare.trajectory(records, inference, crossing)
             ax.plot(kl, win, color=color, linewidth=0.7, alpha=0.35, marker=".", markersize=3, zorder=2)
         span = compare.common_kl_range(ranges) if len(ranges) > 1 else ranges[0]
         if span is None or span[1] <= span[0]:
             continue
         grid = np.linspace(span[0], span[1], 64)
-        mean, se = compare.arm_at_kl(seeds, inference, grid)
+        mean, se = compare.arm_at_kl(seeds, inference, grid, crossing)
         ax.fill_between(grid, mean - se, mean + se, color=color, alpha=0.2, linewidth=0, zorder=3)
         name = f"{arm} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
         ax.plot(grid, mean, color=color, linewidth=2, zorder=4, label=name)
@@ -402,8 +403,15 @@ def _pm(value, se, signed: bool = False) -> str:
 
 
 def noise_floor_words(floor: dict) -> str:
-    """One sentence: the floor, how it was found, and each noise run's largest KL."""
-    runs = "; ".join(f"{r['run']}: {r['max_kl']:.3g} at step {r['step_of_max']}" for r in floor["runs"])
+    """One sentence: the floor, how it was found, and each noise run's KL by that rule (and its largest at any
+    evaluation, where a one-evaluation spike went higher)."""
+
+    def one(r: dict) -> str:
+        held = r.get("floor_kl", r["max_kl"])
+        spike = f" (one evaluation: {r['max_kl']:.3g} at step {r['step_of_max']})" if r["max_kl"] > held else ""
+        return f"{r['run']}: {held:.3g}{spike}" if spike else f"{r['run']}: {held:.3g} at step {r['step_of_max']}"
+
+    runs = "; ".join(one(r) for r in floor["runs"])
     return f"Noise floor {floor['nats']:.3g} nats: {floor['source']}" + (f"; per run: {runs}." if runs else ".")
 
 
@@ -420,6 +428,12 @@ def compare_markdown(result: dict) -> str:
     base = result["baseline"]
     floor = result.get("noise_floor")
     lines = ["| arm | transform | seeds | final KL per seed | KL covered by every seed |", "|---|---|---:|---|---|"]
+    if result.get("crossing") == "sustained":
+        lines = [
+            "Trajectories: sustained crossings (a KL level counts when two consecutive evaluations reach it, read at "
+            "the lower; one-evaluation spikes and the unconfirmed last evaluation left out).",
+            "",
+        ] + lines
     for arm in result["arms"]:
         finals = ", ".join("-" if r["final_kl"] is None else f"{r['final_kl']:.3f}" for r in arm["runs"])
         span = "none" if arm["kl_range"] is None else "{:.3f} to {:.3f}".format(*arm["kl_range"])

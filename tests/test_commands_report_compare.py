@@ -157,6 +157,25 @@ def exact_study(tmp_path):
     return tmp_path, logs, noise
 
 
+def test_crossing_sustained_reads_the_floor_held_for_two_evaluations(exact_study, capsys):
+    # The study's call adds --crossing sustained: each noise run's spike at step 3 is held only once, so the floor is
+    # what they held at steps 3 and 9 together (0.15, 0.1), and the per-run words give the spike beside it.
+    tmp, logs, noise = exact_study
+    argv = ["report", *map(str, logs["ctrl"]), "--noise", str(noise[0]), "--noise", str(noise[1])]
+    argv += ["--crossing", "sustained", "--out", str(tmp / "cmp"), "--json"]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["crossing"] == "sustained" and got["noise_floor"]["crossing"] == "sustained"
+    assert got["noise_floor"]["nats"] == 0.15
+    assert [(r["floor_kl"], r["max_kl"]) for r in got["noise_floor"]["runs"]] == [(0.15, 0.2), (0.1, 0.25)]
+    md = (tmp / "cmp" / "summary.md").read_text()
+    assert "Trajectories: sustained crossings" in md and "held for two consecutive evaluations" in md
+    assert f"{noise[0]}: 0.15 (one evaluation: 0.2 at step 3)" in md
+    with pytest.raises(SystemExit) as bad:
+        main(argv[:-1] + ["--crossing", "last"])
+    assert bad.value.code == 2
+
+
 def test_noise_floor_from_noise_runs_in_the_json_markdown_and_default_grid(exact_study, capsys):
     # The study script's call: exact logs, one --label per run, identity the baseline, the noise control's logs.
     tmp, logs, noise = exact_study
@@ -214,7 +233,7 @@ def test_a_floor_in_nats_and_the_shaded_figure(three_runs, capsys, monkeypatch):
     monkeypatch.setattr(report, "save_figure", keep)
     assert main(["report", *runs, "--noise-floor", "0.9", "--out", str(tmp / "o"), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
-    assert got["noise_floor"] == {"nats": 0.9, "source": "given (--noise-floor)", "runs": []}
+    assert got["noise_floor"] == {"nats": 0.9, "source": "given (--noise-floor)", "crossing": None, "runs": []}
     legend, xlim = drawn["bon_4_vs_kl.png"]
     assert "noise floor (KL <= 0.9)" in legend and "2x noise floor (1.8)" in legend and xlim[1] >= 1.8
     assert got["kl_grid"] == [] and any("below twice the noise floor (1.8 nats)" in n for n in got["notes"])

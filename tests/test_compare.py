@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from openrlhf_infalign import compare
+from openrlhf_infalign import compare, report
 
 
 def rec(step, kl, bon4, se=0.01, std=None, inference="bon:4", transform="exp:t=10"):
@@ -184,7 +184,12 @@ def test_noise_floor_is_the_largest_kl_any_noise_run_reached_with_each_trajector
     )
     assert [(r["run"], r["max_kl"], r["step_of_max"]) for r in floor["runs"]] == [("na", 0.35, 10), ("nb", 0.25, 5)]
     assert floor["runs"][1]["trajectory"] == [{"step": 0, "kl": 0.0}, {"step": 5, "kl": 0.25}]  # null KL left out
-    assert compare.noise_floor(nats=0.3) == {"nats": 0.3, "source": "given (--noise-floor)", "runs": []}
+    assert compare.noise_floor(nats=0.3) == {
+        "nats": 0.3,
+        "source": "given (--noise-floor)",
+        "crossing": None,
+        "runs": [],
+    }
     assert compare.noise_floor() is None
     with pytest.raises(ValueError, match="not both"):
         compare.noise_floor([run("na", a)], nats=0.3)
@@ -263,3 +268,50 @@ def test_log_files_label_by_run_directory_and_two_logs_of_one_run_are_refused(tm
     with pytest.raises(ValueError, match="is the same run as"):  # a directory and its own log file
         compare.compare_runs([sampled, compare.load_run(tmp_path / "ctrl_s0" / "infalign_eval.jsonl")])
     assert [a["label"] for a in compare.compare_runs([exact_run, other])["arms"]] == ["ctrl_s0", "calib_seed1"]
+
+
+def test_sustained_crossings_leave_a_one_evaluation_spike_out():
+    # Step 10 is a spike (0.7, between 0.1 and 0.2): first crossings read it as the run reaching 0.7 with a low win
+    # rate; sustained crossings need two consecutive evaluations at a level and read the lower of them.
+    records = [rec(0, 0.0, 0.5), rec(5, 0.1, 0.55), rec(10, 0.7, 0.52), rec(15, 0.2, 0.6), rec(20, 0.3, 0.65)]
+    first = compare.crossings(records, "first")
+    assert [r["step"] for r in first] == [0, 5, 10]
+    sustained = compare.crossings(records, "sustained")
+    # pairs (0,5) -> 0, (5,10) -> 5, (10,15) -> 15, (15,20) -> 15 again: never twice; the last alone confirms nothing
+    assert [r["step"] for r in sustained] == [0, 5, 15]
+    assert compare.run_kl_range(records, "sustained") == (0.0, 0.2)
+    steps, kl, win, _ = compare.trajectory(records, "bon:4", "sustained")
+    assert steps.tolist() == [0, 5, 15] and kl.tolist() == [0.0, 0.1, 0.2] and win.tolist() == [0.5, 0.55, 0.6]
+    # A steady climb loses only its last evaluation.
+    climb = [rec(s, s / 100, 0.5 + s / 100) for s in range(0, 25, 5)]
+    assert [r["step"] for r in compare.crossings(climb, "sustained")] == [0, 5, 10, 15]
+    assert compare.crossings([rec(0, 0.0, 0.5)], "sustained") == []
+    with pytest.raises(ValueError, match="crossing 'last'"):
+        compare.crossings(records, "last")
+    # At matched KL 0.15 the sustained trajectory interpolates between steps 5 and 15, the first one hits the spike.
+    out = compare.compare_runs([run("r", records)], kl_grid=[0.15], crossing="sustained")
+    assert out["crossing"] == "sustained"
+    assert out["metrics"]["BoN_4"]["arms"]["a"]["win_rate"] == [pytest.approx(0.575)]
+    out = compare.compare_runs([run("r", records)], kl_grid=[0.15])
+    assert out["crossing"] == "first"
+    assert out["metrics"]["BoN_4"]["arms"]["a"]["win_rate"][0] < 0.55
+    with pytest.raises(ValueError, match="sustained crossings need two"):
+        compare.compare_runs([run("one", [rec(0, 0.0, 0.5)])], crossing="sustained")
+
+
+def test_sustained_noise_floor_is_the_largest_kl_held_for_two_evaluations():
+    a = [rec(0, 0.0, 0.5), rec(5, 0.02, 0.5), rec(10, 0.44, 0.5), rec(15, 0.03, 0.5), rec(20, 0.025, 0.5)]
+    b = [rec(0, 0.0, 0.5), rec(5, 0.015, 0.5), rec(10, 0.02, 0.5)]
+    floor = compare.noise_floor([run("na", a), run("nb", b)], crossing="sustained")
+    assert floor["nats"] == 0.03 and floor["crossing"] == "sustained"
+    assert "held for two consecutive evaluations" in floor["source"]
+    entry = floor["runs"][0]
+    assert (entry["floor_kl"], entry["max_kl"], entry["step_of_max"]) == (0.03, 0.44, 10)
+    words = report.noise_floor_words(floor)
+    assert (
+        "na: 0.03 (one evaluation: 0.44 at step 10)" in words
+        and "nb: 0.015 (one evaluation: 0.02 at step 10)" in words
+    )
+    assert compare.noise_floor([run("na", a), run("nb", b)])["nats"] == 0.44  # first: any evaluation
+    with pytest.raises(ValueError, match="held for two consecutive evaluations"):
+        compare.noise_floor([run("nc", [rec(0, 0.0, 0.5), rec(5, 0.3, 0.5)])], crossing="sustained")

@@ -8,7 +8,7 @@ standard errors (also printed). The record schema the training hook writes is do
 openrlhf_infalign/evallog.py.
 
 Several runs: runs sharing a --label are seeds of one arm, compared at matched KL (openrlhf_infalign/compare.py
-says how: first-crossing trajectories interpolated linearly, never extrapolated; seed mean and standard error;
+says how: first- or sustained-crossing (--crossing) trajectories interpolated linearly, never extrapolated; seed mean and standard error;
 differences to the baseline arm). Writes <metric>_vs_kl.png for BoN_N and WoN_N (N = 4 and the N the runs
 trained for) and standard, summary.md (also printed) and compare.json (printed with --json).
 
@@ -86,6 +86,15 @@ class ReportSettings:
         group="noise",
         help="the noise floor in nats, measured elsewhere (instead of --noise)",
     )
+    crossing: str = option(
+        "first",
+        flags=("--crossing",),
+        choices=("first", "sustained"),
+        group="noise",
+        help="which evaluations define a run's KL trajectory and the noise floor: 'first', each one above every "
+        "earlier KL; 'sustained', a KL counts once two consecutive evaluations reach it (a one-evaluation KL spike "
+        "then defines nothing)",
+    )
     label: Optional[List[str]] = option(
         None,
         flags=("--label",),
@@ -154,7 +163,7 @@ def _noise_floor(args) -> dict | None:
     from openrlhf_infalign.compare import noise_floor
 
     runs = [_load(p, what="noise run") for p in args.noise or []]
-    return noise_floor(runs, args.noise_floor)
+    return noise_floor(runs, args.noise_floor, crossing=args.crossing)
 
 
 def _outputs(out: Path, names: list[str], args, inputs: list) -> dict[str, Path]:
@@ -303,7 +312,7 @@ def run_compare(args) -> int:
     grid = _kl_grid(args.kl_grid)
     runs = [_load(p, args.label[i] if args.label is not None else None) for i, p in enumerate(paths)]
     floor = _noise_floor(args)
-    result = compare.compare_runs(runs, baseline=args.baseline, kl_grid=grid, noise=floor)
+    result = compare.compare_runs(runs, baseline=args.baseline, kl_grid=grid, noise=floor, crossing=args.crossing)
     if args.label is None:
         by_name: dict[str, set] = {}
         for r in runs:
@@ -345,6 +354,7 @@ def run_compare(args) -> int:
                 k=k,
                 noise_floor=floor["nats"] if floor else None,
                 overwrite=args.overwrite,
+                crossing=args.crossing,
             )
         )
     table = report.compare_markdown(result)

@@ -102,7 +102,9 @@ class StudySettings(pipeline.DemoSettings):
     k: int = option(16, flags=("--k",), help="reference samples per prompt of the EVAL store")
     train_k: int = option(32, flags=("--train-k",), help="reference samples per prompt of the TRAIN (CTRL) store")
     eval_samples: int = option(8, flags=("--eval-samples",), help="eval samples per prompt")
-    eval_every: int = option(2, flags=("--eval-every",), help="--eval.steps (the actor is saved and evaluated exactly)")
+    eval_every: int = option(
+        2, flags=("--eval-every",), help="--eval.steps (the actor is saved and evaluated exactly)"
+    )
     episodes: int = option(11, flags=("--episodes",), help="passes over the training prompts (6 steps each)")
     max_steps: Optional[int] = option(None, flags=("--max-steps",), help="cap on PPO steps (smoke test); default: all")
     tilt_kl: float = option(
@@ -434,8 +436,9 @@ def _summary(out: Path, args, arms: Sequence[str], plans, raw: dict, phases, t_s
         "steps_per_run": run_steps(args),
         "raw_reward_scale": raw,
         "plans": {k: {"recommended": v["recommended"], "optimal": v["optimal"]} for k, v in plans.items()},
-        # the largest KL a no-signal run reached at any evaluation: compared KLs must be at least twice this
-        "noise_floor": {"nats": max(r["max_kl"] for r in noise), "runs": [r["run"] for r in noise]} if noise else None,
+        # the largest KL a no-signal run held for two consecutive evaluations: compared KLs must be at least twice
+        # this; a one-evaluation spike (a conditional flipped for one update) is recorded in "runs", not the floor
+        "noise_floor": study_noise_floor([Path(r["run"]) for r in noise]) if noise else None,
         "hook_check": hook_check([run_path(out, a, s) for a in arms if a != "noise" for s in range(args.seeds)]),
         "shared_phases": phases,
         "arms": per_arm,
@@ -534,6 +537,14 @@ def _mean(xs) -> Optional[float]:
     return float(np.mean(xs)) if xs else None
 
 
+def study_noise_floor(noise_runs: Sequence[Path]) -> dict | None:
+    """compare.noise_floor of the noise runs' exact logs, sustained crossings (what the report is given)."""
+    from openrlhf_infalign.compare import load_run, noise_floor
+
+    logs = [Path(r) / EXACT_LOG for r in noise_runs if (Path(r) / EXACT_LOG).is_file()]
+    return noise_floor([load_run(p) for p in logs], crossing="sustained") if logs else None
+
+
 def report_command(out: Path, runs: Sequence[tuple], noise: Sequence[Path] = ()) -> List[str]:
     """``infalign report`` of the finished runs' exact logs side by side, one --label per run (its arm), identity the
     baseline, the noise runs as the noise floor."""
@@ -542,7 +553,7 @@ def report_command(out: Path, runs: Sequence[tuple], noise: Sequence[Path] = ())
         cmd += ["--label", arm]
     for r in noise:
         cmd += ["--noise", str(Path(r) / EXACT_LOG)]
-    cmd += ["--out", str(out / "compare"), "--overwrite"]  # a resumed study redraws its own report
+    cmd += ["--crossing", "sustained", "--out", str(out / "compare"), "--overwrite"]  # a resumed study redraws it
     if any(arm == "identity" for arm, _ in runs):
         cmd += ["--baseline", "identity"]
     return cmd
@@ -609,7 +620,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for seed in range(args.seeds)
             if exact_finished(run_path(out, arm, seed), last)
         ]
-        noise = [run_path(out, "noise", s) for s in range(args.seeds) if exact_finished(run_path(out, "noise", s), last)]
+        noise = [
+            run_path(out, "noise", s) for s in range(args.seeds) if exact_finished(run_path(out, "noise", s), last)
+        ]
         summary = _summary(out, args, arms, plans, raw, phases, t_start)
         if args.report and len(finished) >= 2:
             rep = run_phase("report", report_command(out, finished, noise), out / "logs", timeout=600.0)
@@ -621,7 +634,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tilt += ["--tilt-kl", str(args.tilt_kl), "--tilt-out", str(out / "tilt.json")]
             rep = run_phase("tilt", tilt, out / "logs", timeout=900.0)
             tilt_figure(json.loads((out / "tilt.json").read_text()), finished, out / "tilt.png")
-            summary["tilt"] = {"seconds": rep["seconds"], "json": str(out / "tilt.json"), "figure": str(out / "tilt.png")}
+            summary["tilt"] = {
+                "seconds": rep["seconds"],
+                "json": str(out / "tilt.json"),
+                "figure": str(out / "tilt.png"),
+            }
         if args.report:
             # the same optimisation on tabular policies (docs/replay.md): quantile cells (no limit of the policy
             # class), the pairs as an autoregressive table, and as a product pi1(w1) pi2(w2) (what the LM is early)
