@@ -1,5 +1,6 @@
 """The study's command building (arms -> flags) and its resumability check; no training."""
 
+import json
 import numpy as np
 import pytest
 
@@ -13,8 +14,18 @@ PLANS = {
         "recommended": {"transform": "exp:t=17.32", "kl_coef": 0.2443},
         "optimal": {"kl_coef": 0.2405},
         "baselines": {"identity": {"kl_coef": 0.1226}, "log": {"kl_coef": 0.0212}},
-        "direct": {"openrlhf_args": ["--reward_wrapper", "infalign.direct", "--infalign.inference", "bon:4",
-                                     "--infalign.kl_budget", "1", "--algo.kl.init_coef", "0.0544"]},
+        "direct": {
+            "openrlhf_args": [
+                "--reward_wrapper",
+                "infalign.direct",
+                "--infalign.inference",
+                "bon:4",
+                "--infalign.kl_budget",
+                "1",
+                "--algo.kl.init_coef",
+                "0.0544",
+            ]
+        },
         "openrlhf_args": [
             "--reward_wrapper",
             "infalign.ctrl",
@@ -150,6 +161,7 @@ def test_report_command_labels_each_run(tmp_path):
     ]
     assert flag(cmd, "--baseline") == "identity" and flag(cmd, "--out") == str(tmp_path / "compare")
     assert "--overwrite" in cmd  # a resumed study writes its report again over its own
+    assert flag(cmd, "--crossing") == "sustained"  # a one-evaluation KL spike sets neither a crossing nor the floor
 
 
 def test_hook_check_summarises_z_over_runs(tmp_path):
@@ -181,3 +193,27 @@ def test_last_eval_step():
     assert study.run_steps(args) == 66 and study.last_eval_step(args) == 66
     args = study.parse(["--max-steps", "3"])
     assert study.last_eval_step(args) == 2  # upstream evaluates every --eval.steps, not at the end
+
+
+def test_shared_fingerprint_tells_a_rebuilt_base_or_store_from_the_one_a_run_trained_on(tmp_path):
+    # A resumed study reuses a finished run only when it trained on these very models and stores: a shared phase
+    # rebuilt since (a new setting field, a different fit) gives another fingerprint, and the run is trained again.
+    out = tmp_path / "study"
+    (out / "policy").mkdir(parents=True)
+    (out / "policy" / "model.safetensors").write_bytes(b"weights")
+    for name in ("prompts/train.jsonl", "stores/train/rewards.parquet", "stores/eval/rewards.parquet"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(name.encode())
+    first = study.shared_fingerprint(out)
+    assert study.shared_fingerprint(out) == first and len(first) == 40
+    (out / "stores" / "eval" / "rewards.parquet").write_bytes(b"resampled")
+    assert study.shared_fingerprint(out) != first
+    (out / "stores" / "eval" / "rewards.parquet").write_bytes(b"stores/eval/rewards.parquet")
+    assert study.shared_fingerprint(out) == first
+    (out / "policy" / "model.safetensors").write_bytes(b"refit")
+    assert study.shared_fingerprint(out) != first
+    run = out / "runs" / "identity_s0"
+    run.mkdir(parents=True)
+    assert study.trained_on(run) is None  # no record: not reused
+    (run / "study_run.json").write_text(json.dumps({"shared_fingerprint": first}))
+    assert study.trained_on(run) == first

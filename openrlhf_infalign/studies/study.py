@@ -27,6 +27,7 @@ missing); an unfinished one is cleared and re-run. Runs go seed by seed (every a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -261,6 +262,31 @@ def run_finished(run_dir: Path, steps: int) -> bool:
     return bool(records) and max(r["step"] for r in records) >= steps
 
 
+#: What every run of a study trains from and is judged by: the base policy, the prompts and both stores.
+SHARED_FILES = ("policy/model.safetensors", "prompts", "stores/train", "stores/eval")
+
+
+def shared_fingerprint(out: Path) -> str:
+    """sha1 over the bytes of SHARED_FILES (a folder: its files in name order). A run records the fingerprint it
+    trained on; a finished run whose record differs (the shared phase was rebuilt since) is trained again, never
+    put beside runs of another base policy or store."""
+    h = hashlib.sha1()
+    for name in SHARED_FILES:
+        path = out / name
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            h.update(str(f.relative_to(out)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def trained_on(run_dir: Path) -> Optional[str]:
+    """The shared fingerprint a run recorded (study_run.json), None when it recorded none."""
+    return (_load_json(run_dir / "study_run.json") or {}).get("shared_fingerprint")
+
+
 def raw_coef_scale(store_dir: Path) -> dict:
     """Within-prompt standard deviation of the raw reward over that of the calibrated reward, on the train store.
 
@@ -343,7 +369,7 @@ def _plans(out: Path, args) -> Dict[str, dict]:
     return plans
 
 
-def _train_one(out: Path, args, arm: str, seed: int, plans, raw_scale: float) -> dict:
+def _train_one(out: Path, args, arm: str, seed: int, plans, raw_scale: float, fingerprint: str) -> dict:
     run_dir = run_path(out, arm, seed)
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run: its eval log is appended to, never reused
     cmd = run_command(out, args, arm, seed, plans, raw_scale)
@@ -361,6 +387,7 @@ def _train_one(out: Path, args, arm: str, seed: int, plans, raw_scale: float) ->
     result["steps_completed"] = len(parsed["steps"])
     result["step_seconds"] = [round(s["metrics"].get("timing/step_total", float("nan")), 3) for s in parsed["steps"]]
     result["eval_seconds"] = [round(e["seconds"], 2) for e in parsed["evals"]]
+    result["shared_fingerprint"] = fingerprint
     write_text(run_dir / "study_run.json", json.dumps(result, indent=2, default=str) + "\n")
     return result
 
@@ -590,15 +617,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{raw['calibrated_within_prompt_sd']:.3f}: raw arm coefficient = identity's x {raw['scale']:.3f}"
         )
         steps, last = run_steps(args), last_eval_step(args)
+        fingerprint = shared_fingerprint(out)
         for seed in range(args.seeds):
             for arm in arms:
                 run_dir = run_path(out, arm, seed)
-                if run_finished(run_dir, last):
+                done = run_finished(run_dir, last)
+                if done and trained_on(run_dir) == fingerprint:
                     say(f"{arm} seed {seed}: finished before, not re-run")
                 else:
+                    if done:
+                        say(
+                            f"{arm} seed {seed}: finished before on other models or stores (its shared fingerprint "
+                            f"{trained_on(run_dir) or 'is not recorded'}, now {fingerprint[:12]}): trained again"
+                        )
                     say(f"{arm} seed {seed}: training {steps} steps ({' '.join(arm_flags(arm, plans, raw['scale']))})")
                     try:
-                        r = _train_one(out, args, arm, seed, plans, raw["scale"])
+                        r = _train_one(out, args, arm, seed, plans, raw["scale"], fingerprint)
                         say(f"{arm} seed {seed}: {r['seconds']:.0f}s, peak PSS {r.get('peak_tree_pss_mb', 0):.0f} MiB")
                     except PhaseError as e:
                         say(f"{arm} seed {seed}: FAILED ({str(e)[-300:]}); going on")
