@@ -52,12 +52,17 @@ def check_output_file(path, *, overwrite: bool = True, flag: str | None = None, 
             )
     if not overwrite and (p.exists() or p.is_symlink()):
         raise OutputPathError(f"{name} exists; pass --overwrite to replace it, or choose another path")
+    check_parent_is_dir(p, name)
+    return p
+
+
+def check_parent_is_dir(p: Path, name: str, error: type = None) -> None:
+    """The nearest existing ancestor of p is a directory (a file in place of a parent is named, with the fix)."""
     anc = p.parent
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
     if not anc.is_dir():
-        raise OutputPathError(f"{name}: {anc} is a file, not a directory; choose a path inside a directory")
-    return p
+        raise (error or OutputPathError)(f"{name}: {anc} is a file, not a directory; choose a path inside a directory")
 
 
 def check_input_file(path, what: str = "input") -> Path:
@@ -78,11 +83,7 @@ def check_output_dir(path, *, flag: str | None = None) -> Path:
     name = f"{flag} {p}" if flag else str(p)
     if p.exists() and not p.is_dir():
         raise OutputPathError(f"{name} is a file; this output is a directory (its files are written into it)")
-    anc = p.parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
-        raise OutputPathError(f"{name}: {anc} is a file, not a directory; choose a path inside a directory")
+    check_parent_is_dir(p, name)
     return p
 
 

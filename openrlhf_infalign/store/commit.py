@@ -31,6 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..files import check_parent_is_dir
 from .format import INDEX_DIR, INDEX_FILES, MANIFEST, PARQUET, StoreError
 
 __all__ = ["check_target", "commit_dir", "exchange", "index_problem", "recover", "store_problem", "wait_for_writer"]
@@ -186,11 +187,7 @@ def check_target(out_dir, *, overwrite: bool, inputs: Iterable = (), problem=sto
             if not overwrite:
                 raise StoreError(f"{given} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     else:
-        anc = real.parent
-        while not anc.exists() and anc != anc.parent:
-            anc = anc.parent
-        if not anc.is_dir():
-            raise StoreError(f"{given}: {anc} is a file, not a directory; choose a path inside a directory")
+        check_parent_is_dir(real, str(given), StoreError)
     return real
 
 
