@@ -174,6 +174,7 @@ def test_hook_check_summarises_z_over_runs(tmp_path):
     got = study.hook_check([tmp_path / "a", tmp_path / "b", tmp_path / "missing"])
     z = got["z"]["bon_4"]
     assert z["n"] == 4 and z["mean"] == pytest.approx(-0.5) and z["max_abs"] == 4.0 and z["beyond_3"] == 1
+    assert z["beyond_3_if_normal"] == pytest.approx(4 * 0.0027, abs=0.005)
     assert z["sd"] == pytest.approx(np.std([1.0, -1.0, 2.0, -4.0], ddof=1))
     assert got["z_given_store"]["bon_4"]["max_abs"] == 2.0 and got["z"]["kl"]["n"] == 4
     assert study.hook_check([tmp_path / "missing"]) is None

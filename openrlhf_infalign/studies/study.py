@@ -477,7 +477,7 @@ def hook_check(runs: Sequence[Path]) -> Optional[dict]:
     """The evaluation hook's estimates against the exact values, over every evaluation after step 0 of these runs.
 
     Per metric: how many evaluations, the mean and spread of z = (estimate - exact) / stated stderr, the largest
-    |z|, and the same for z against the exact expectation given the eval store (the hook's sampling error alone).
+    |z|, how many lie beyond 3 (and how many a standard normal would put there), and the same for z against the exact expectation given the eval store (the hook's sampling error alone).
     """
     z: Dict[str, List[float]] = {}
     zs: Dict[str, List[float]] = {}
@@ -507,6 +507,8 @@ def hook_check(runs: Sequence[Path]) -> Optional[dict]:
             "sd": float(a.std(ddof=1)) if a.size > 1 else None,
             "max_abs": float(np.abs(a).max()),
             "beyond_3": int((np.abs(a) > 3).sum()),
+            # what a standard normal z would give: a few beyond 3 in hundreds of evaluations are expected
+            "beyond_3_if_normal": round(float(a.size * math.erfc(3 / math.sqrt(2))), 2),
         }
 
     return {
