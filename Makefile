@@ -14,7 +14,8 @@ setup: $(VENV)/.setup-done
 demo: setup
 	$(PY) -m openrlhf_infalign.demo.pipeline --out demo_out
 
-# `make study`: raw reward vs calibration vs CTRL, 5 arms x 3 seeds on the same CPU path (~80-110 min; not in `make test`).
+# `make study`: raw reward, calibration, CTRL, log-CDF and the direct objective with the noise control, 9 arms x 3
+# seeds through the real loop, evaluated exactly (~80 min on 2 cores; not in `make test`; docs/study.md).
 study: setup
 	$(PY) -m openrlhf_infalign.studies.study --out study_out
 
