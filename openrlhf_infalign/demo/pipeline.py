@@ -111,9 +111,10 @@ class DemoSettings:
     )
     fit_steps: int = option(300, flags=("--fit-steps",), help="SFT steps of the base policy")
     base_coupling: float = option(
-        0.0,
+        1.0,
         flags=("--base-coupling",),
-        help="pairs: how much the base's second word depends on its first (0: independent, uniform; demo/pairs.py)",
+        help="pairs: how much the base's second word depends on its first (0: independent, uniform; demo/pairs.py); "
+        "coupled, the model's state at the second word carries the first and CTRL's tilt can form",
     )
     reward: str = option(
         "func", flags=("--reward",), choices=["func", "rm"], help="reward: rule reward_func .py or tiny RM (words)"

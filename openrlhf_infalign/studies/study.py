@@ -108,6 +108,12 @@ class StudySettings(pipeline.DemoSettings):
     )
     episodes: int = option(11, flags=("--episodes",), help="passes over the training prompts (6 steps each)")
     max_steps: Optional[int] = option(None, flags=("--max-steps",), help="cap on PPO steps (smoke test); default: all")
+    base_coupling: float = option(
+        0.0,
+        flags=("--base-coupling",),
+        help="how much the base's second word depends on its first (demo/pairs.py); docs/study.md's table is 0, "
+        "its follow-up 1",
+    )
     tilt_kl: float = option(
         0.15, flags=("--tilt-kl",), help="KL (nats) at which each arm's reweighting of the base is drawn (tilt.png)"
     )
