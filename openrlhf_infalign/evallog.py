@@ -47,6 +47,8 @@ import math
 import os
 from pathlib import Path
 
+from openrlhf_infalign.files import json_object
+
 EVAL_LOG = "infalign_eval.jsonl"
 #: The exact evaluation of a run's checkpoints (studies/exact.py), same schema, beside EVAL_LOG.
 EXACT_LOG = "infalign_eval_exact.jsonl"
@@ -119,14 +121,12 @@ def load_eval_log(path) -> list[dict]:
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); delete or fix the line")
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg}); a crashed run may leave a cut line: delete it")
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            rec = json_object(
+                raw,
+                where,
+                utf8_fix="delete or fix the line",
+                json_fix="a crashed run may leave a cut line: delete it",
+            )
             step = rec.get("step")
             if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**63:
                 raise ValueError(f"{where}: 'step' must be a non-negative integer, got {str(step)[:30]}")

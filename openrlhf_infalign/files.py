@@ -65,6 +65,22 @@ def check_parent_is_dir(p: Path, name: str, error: type = None) -> None:
         raise (error or OutputPathError)(f"{name}: {anc} is a file, not a directory; choose a path inside a directory")
 
 
+def json_object(
+    raw: bytes, where: str, *, utf8_fix: str, json_fix: str, json_line: bool = False, error: type = ValueError
+) -> dict:
+    """One JSON object from bytes; an error names ``where`` (a file, or file:line) and says the fix. ``json_line``:
+    ``where`` is a whole file, and a JSON error names its line too."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); {utf8_fix}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{where}{f':{e.lineno}' if json_line else ''}: invalid JSON ({e.msg}); {json_fix}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def check_input_file(path, what: str = "input") -> Path:
     """A file the command reads: there, and a file (a folder given for it is named as such, not 'no such file')."""
     p = Path(path)

@@ -16,6 +16,7 @@ from typing import List, Optional
 
 from openrlhf_infalign import options
 from openrlhf_infalign.errors import UserError
+from openrlhf_infalign.files import json_object
 from openrlhf_infalign.options import option
 
 
@@ -125,15 +126,14 @@ def _read_manifest_arg(path: str) -> dict:
         raise UserError(f"--manifest {path} is a directory; give the JSON file (e.g. {Path(path) / 'manifest.json'})")
     except OSError as e:
         raise UserError(f"--manifest {path}: cannot read it ({e.strerror})") from None
-    try:
-        man = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise UserError(f"--manifest {path}: not UTF-8 text ({e.reason} at byte {e.start}); give a JSON file")
-    except json.JSONDecodeError as e:
-        raise UserError(f"--manifest {path}:{e.lineno}: invalid JSON ({e.msg}); give a JSON object")
-    if not isinstance(man, dict):
-        raise UserError(f"--manifest {path}: expected a JSON object, got {type(man).__name__}")
-    return man
+    return json_object(
+        raw,
+        f"--manifest {path}",
+        utf8_fix="give a JSON file",
+        json_fix="give a JSON object",
+        json_line=True,
+        error=UserError,
+    )
 
 
 def _import(args) -> int:
