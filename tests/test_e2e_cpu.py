@@ -137,8 +137,8 @@ def test_weight_sync_reaches_the_vllm_engine(demo):
 
 def test_training_raises_the_held_out_best_of_n_win_rate(demo):
     """What the demo is for: the policy, trained on CTRL rewards of the TRAINING prompts, wins Best-of-4 more often on
-    the disjoint EVAL prompts than the base policy did at step 0. With the defaults the rise measured is about 6
-    combined standard errors (docs/demo.md); this asserts only that the final value is higher."""
+    the disjoint EVAL prompts than the base policy did at step 0. With the defaults the hook's rise is about 5.5
+    combined standard errors (0.511 -> 0.668, docs/demo.md); this asserts only that the final value is higher."""
     summary = demo["summary"]
     train_prompts = {json.loads(line)["input"] for line in (demo["out"] / "prompts" / "train.jsonl").open()}
     eval_prompts = {json.loads(line)["input"] for line in (demo["out"] / "prompts" / "eval.jsonl").open()}
