@@ -99,3 +99,17 @@ def test_summary_takes_first_and_final_best_of_n_from_the_eval_log(tmp_path):
         "first": {"step": 0, "win_rate": 0.5, "stderr": 0.02},
         "final": {"step": 8, "kl": 0.4, "win_rate": 0.6, "stderr": 0.02},
     }
+
+
+def test_end_vs_plan_averages_the_last_third_of_the_run():
+    # A run at rest moves from one evaluation to the next; its end point is the mean of the last third.
+    def rec(step, kl, w):
+        return {"step": step, "kl": kl, "bon": {"4": {"win_rate": w}}}
+
+    exact = [rec(0, 0.0, 0.5), rec(12, 0.05, 0.6), rec(24, 0.08, 0.66), rec(36, 0.09, 0.68), rec(48, 0.07, 0.64)]
+    end = pipeline.end_vs_plan(exact, {"kl": 0.1, "win_rate": 0.7}, "bon:4")
+    assert end["steps"] == [36, 48]
+    assert end["kl"] == pytest.approx(0.08) and end["kl_ratio"] == pytest.approx(0.8)
+    assert end["win_rate"] == pytest.approx(0.66) and end["win_rate_gap"] == pytest.approx(-0.04)
+    assert end["last"] == {"step": 48, "kl": 0.07, "win_rate": 0.64}
+    assert pipeline.end_vs_plan(exact, {"kl": 0.1, "win_rate": 0.7}, "won:4")["win_rate"] is None

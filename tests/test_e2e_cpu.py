@@ -165,8 +165,10 @@ def test_exact_evaluation_of_every_checkpoint_agrees_with_the_hook(demo):
 
 
 def test_the_run_ends_near_its_plan(demo):
-    """The demo's promise: the planned KL and Best-of-4 win rate are where the run ends (docs/demo.md gives the
-    measured end point; the bounds here are wider than that, for the run-to-run spread of the last checkpoint)."""
+    """The demo's promise: the planned KL and Best-of-4 win rate are where the run ends: the exact evaluations of the
+    run's last third, averaged (docs/demo.md gives the measured end points; the bounds here are wider, for the
+    run-to-run spread)."""
     end = demo["summary"]["end_vs_plan"]
-    assert 0.5 <= end["kl_ratio"] <= 1.5, end
-    assert abs(end["win_rate_gap"]) <= 0.08, end
+    assert end["steps"][-1] == demo["summary"]["train"]["steps_completed"] and len(end["steps"]) >= 3, end
+    assert 0.6 <= end["kl_ratio"] <= 1.4, end
+    assert abs(end["win_rate_gap"]) <= 0.06, end
