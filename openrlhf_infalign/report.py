@@ -407,9 +407,9 @@ def noise_floor_words(floor: dict) -> str:
     evaluation, where a one-evaluation spike went higher)."""
 
     def one(r: dict) -> str:
-        held = r.get("floor_kl", r["max_kl"])
-        spike = f" (one evaluation: {r['max_kl']:.3g} at step {r['step_of_max']})" if r["max_kl"] > held else ""
-        return f"{r['run']}: {held:.3g}{spike}" if spike else f"{r['run']}: {held:.3g} at step {r['step_of_max']}"
+        if r["max_kl"] > r["floor_kl"]:
+            return f"{r['run']}: {r['floor_kl']:.3g} (one evaluation: {r['max_kl']:.3g} at step {r['step_of_max']})"
+        return f"{r['run']}: {r['floor_kl']:.3g} at step {r['step_of_max']}"
 
     runs = "; ".join(one(r) for r in floor["runs"])
     return f"Noise floor {floor['nats']:.3g} nats: {floor['source']}" + (f"; per run: {runs}." if runs else ".")

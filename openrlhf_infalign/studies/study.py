@@ -256,16 +256,18 @@ def last_eval_step(args) -> int:
     return run_steps(args) // args.eval_every * args.eval_every
 
 
-def run_finished(run_dir: Path, steps: int) -> bool:
-    """A run is finished when its evaluation log is readable and has its last evaluation (at ``steps`` or later)."""
-    log = eval_log_path(run_dir)
-    if not log.is_file():
-        return False
+def _log_reaches(log: Path, steps: int) -> bool:
+    """The evaluation log is readable and holds an evaluation at ``steps`` or later."""
     try:
         records = load_eval_log(log)
-    except ValueError:
+    except (OSError, ValueError):
         return False
     return bool(records) and max(r["step"] for r in records) >= steps
+
+
+def run_finished(run_dir: Path, steps: int) -> bool:
+    """A run is finished when its evaluation log is readable and has its last evaluation (at ``steps`` or later)."""
+    return _log_reaches(eval_log_path(run_dir), steps)
 
 
 #: What every run of a study trains from and is judged by: the base policy, the prompts and both stores.
@@ -400,11 +402,7 @@ def _train_one(out: Path, args, arm: str, seed: int, plans, raw_scale: float, fi
 
 def exact_finished(run_dir: Path, steps: int) -> bool:
     """The run's exact evaluation exists and reaches its last evaluation."""
-    try:
-        records = load_eval_log(run_dir / EXACT_LOG)
-    except (OSError, ValueError):
-        return False
-    return bool(records) and max(r["step"] for r in records) >= steps
+    return _log_reaches(run_dir / EXACT_LOG, steps)
 
 
 def _exact_one(out: Path, args, arm: str, seed: int) -> dict:
