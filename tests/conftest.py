@@ -100,6 +100,25 @@ def ref_rows():
     return _ref_rows
 
 
+@pytest.fixture(scope="session")
+def upstream_args():
+    """A function of flags giving OpenRLHF's own parsed and validated args (upstream's parser and checks through our
+    console, stopped at train()), with the two required model paths filled in. A fresh namespace per call: tests
+    change it."""
+
+    def parse(*flags: str):
+        from openrlhf_infalign.adapter.console import run_train_ppo
+
+        seen = []
+        rc = run_train_ppo(
+            ["--actor.model_name_or_path", "policy", "--reward.model_name_or_path", "rm", *flags], train=seen.append
+        )
+        assert rc == 0 and len(seen) == 1
+        return seen[0]
+
+    return parse
+
+
 # ---- two Ray nodes -----------------------------------------------------------------------------------------------
 
 

@@ -23,7 +23,6 @@ from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
 
 from openrlhf_infalign.adapter import trainer as T  # noqa: E402
-from openrlhf_infalign.adapter.console import run_train_ppo  # noqa: E402
 from openrlhf_infalign.adapter.evaluation import InfAlignEvalMixin  # noqa: E402
 from openrlhf_infalign.adapter.launch import InfAlignState  # noqa: E402
 from openrlhf_infalign.adapter.wrapper import INFO_TRANSFORMED, CTRLRewardWrapper  # noqa: E402
@@ -32,14 +31,6 @@ from openrlhf_infalign.core.transforms import parse_transform  # noqa: E402
 from openrlhf_infalign.store import ReferenceStore, prompt_key  # noqa: E402
 
 PROMPTS = ["Q : a A :", "Q : b A :"]
-
-
-def real_args(*flags):
-    seen = []
-    rc = run_train_ppo(["--actor.model_name_or_path", "policy", "--reward.model_name_or_path", "rm", *flags],
-                       train=seen.append)  # fmt: skip
-    assert rc == 0
-    return seen[0]
 
 
 class _Strategy:
@@ -92,8 +83,8 @@ def test_class_construction_mro_and_ray_rewrap():
     assert isinstance(T.InfAlignPPOTrainerAsyncActor, ray.actor.ActorClass)
 
 
-def test_real_constructor_installs_wrapper_in_experience_maker(no_data_plumbing, state):
-    args = real_args("--algo.advantage.estimator", "reinforce", "--algo.kl.init_coef", "0.02")
+def test_real_constructor_installs_wrapper_in_experience_maker(no_data_plumbing, state, upstream_args):
+    args = upstream_args("--algo.advantage.estimator", "reinforce", "--algo.kl.init_coef", "0.02")
     trainer = build(args, infalign_state=state)
     assert trainer.infalign is state
     maker = trainer.experience_maker
@@ -116,17 +107,17 @@ def test_real_constructor_installs_wrapper_in_experience_maker(no_data_plumbing,
     torch.testing.assert_close(torch.stack([e.returns[0, 0] for e in out]), expected)
 
 
-def test_without_state_trainer_is_upstream(no_data_plumbing):
-    trainer = build(real_args("--algo.advantage.estimator", "reinforce"))
+def test_without_state_trainer_is_upstream(no_data_plumbing, upstream_args):
+    trainer = build(upstream_args("--algo.advantage.estimator", "reinforce"))
     assert trainer.infalign is None
     assert "compute_advantages_and_returns" not in vars(trainer.experience_maker)
 
 
-def test_fit_runs_step0_evaluation_first(no_data_plumbing, state, monkeypatch):
+def test_fit_runs_step0_evaluation_first(no_data_plumbing, state, monkeypatch, upstream_args):
     calls = []
     monkeypatch.setattr(T.UpstreamPPOTrainer, "fit", lambda self, global_step=0: calls.append(("fit", global_step)))
     monkeypatch.setattr(InfAlignEvalMixin, "infalign_initial_evaluate", lambda self, *a: calls.append(("eval0",)))
-    trainer = build(real_args("--algo.advantage.estimator", "reinforce"), infalign_state=state)
+    trainer = build(upstream_args("--algo.advantage.estimator", "reinforce"), infalign_state=state)
     trainer.fit()
     assert calls == [("eval0",), ("fit", 0)]
     calls.clear()
@@ -187,7 +178,7 @@ def test_state_ships_by_value(state):
     assert copy.inference.spec == "bon:4" and len(copy.eval_store) == 2
 
 
-def test_no_double_wrapping_on_a_patched_openrlhf(no_data_plumbing, state, monkeypatch):
+def test_no_double_wrapping_on_a_patched_openrlhf(no_data_plumbing, state, monkeypatch, upstream_args):
     # With adapter/patches/ applied, upstream's maker carries the wrapper natively (reward_wrapper attribute): leave it be.
     orig_init = RemoteExperienceMaker.__init__
 
@@ -196,6 +187,6 @@ def test_no_double_wrapping_on_a_patched_openrlhf(no_data_plumbing, state, monke
         self.reward_wrapper = state.wrapper
 
     monkeypatch.setattr(RemoteExperienceMaker, "__init__", patched_init)
-    trainer = build(real_args("--algo.advantage.estimator", "reinforce"), infalign_state=state)
+    trainer = build(upstream_args("--algo.advantage.estimator", "reinforce"), infalign_state=state)
     assert trainer.infalign is state
     assert "compute_advantages_and_returns" not in vars(trainer.experience_maker)

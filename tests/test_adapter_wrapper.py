@@ -22,7 +22,6 @@ from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
 from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
 
-from openrlhf_infalign.adapter.console import run_train_ppo  # noqa: E402
 from openrlhf_infalign.adapter.upstream.experience_maker import install_reward_wrapper  # noqa: E402
 from openrlhf_infalign.adapter.wrapper import (  # noqa: E402
     INFO_CALIBRATED,
@@ -37,17 +36,6 @@ from openrlhf_infalign.store import ReferenceStore, prompt_key  # noqa: E402
 
 N_PROMPTS, N_SAMPLES, K = 6, 4, 16
 PROMPTS = [f"Q : prompt number {i} {'x' * i} A :" for i in range(N_PROMPTS)]
-
-
-def real_args(*flags: str):
-    """OpenRLHF's own parsed + validated args (upstream parser and checks via our console, stopped at train())."""
-    seen = []
-    rc = run_train_ppo(
-        ["--actor.model_name_or_path", "policy", "--reward.model_name_or_path", "rm", *flags],
-        train=lambda args: seen.append(args),
-    )
-    assert rc == 0 and len(seen) == 1
-    return seen[0]
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +120,8 @@ def advantages(experiences):
     "estimator", ["gae", "rloo", "group_norm", "reinforce_baseline", "reinforce", "dr_grpo", "flash_reinforce"]
 )
 @pytest.mark.parametrize("shape", ["B", "B1"])
-def test_wrapped_reward_reaches_advantages(estimator, shape, store, refs):
-    args = real_args(
+def test_wrapped_reward_reaches_advantages(estimator, shape, store, refs, upstream_args):
+    args = upstream_args(
         "--algo.advantage.estimator",
         estimator,
         "--rollout.n_samples_per_prompt",
@@ -197,8 +185,8 @@ def test_rewards_keep_shape_device_and_dtype(store, refs):
     np.testing.assert_allclose(w(prompts, np.array([0.3, -2.0]))[0], expected)
 
 
-def test_missing_prompt_fails_with_key_and_text(store, refs):
-    args = real_args("--algo.advantage.estimator", "rloo", "--rollout.n_samples_per_prompt", str(N_SAMPLES))
+def test_missing_prompt_fails_with_key_and_text(store, refs, upstream_args):
+    args = upstream_args("--algo.advantage.estimator", "rloo", "--rollout.n_samples_per_prompt", str(N_SAMPLES))
     maker = new_maker(args)
     install_reward_wrapper(maker, CTRLRewardWrapper(store, parse_transform("identity")))
     exps = make_experiences(maker, raw_rewards(refs), "B")
@@ -247,8 +235,8 @@ def test_digest_cache_is_bounded(store, monkeypatch):
     assert set(w._digest_cache) == set(long)
 
 
-def test_install_is_per_instance_and_idempotent(store):
-    args = real_args("--algo.advantage.estimator", "reinforce")
+def test_install_is_per_instance_and_idempotent(store, upstream_args):
+    args = upstream_args("--algo.advantage.estimator", "reinforce")
     a, b = new_maker(args), new_maker(args)
     w = CTRLRewardWrapper(store, parse_transform("identity"))
     install_reward_wrapper(a, w)

@@ -22,7 +22,6 @@ from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
 from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
 
-from openrlhf_infalign.adapter.console import run_train_ppo  # noqa: E402
 from openrlhf_infalign.adapter.upstream.experience_maker import install_reward_wrapper  # noqa: E402
 from openrlhf_infalign.adapter.wrapper import (  # noqa: E402
     INFO_CALIBRATED,
@@ -37,16 +36,6 @@ from openrlhf_infalign.store import ReferenceStore, prompt_key  # noqa: E402
 
 N_PROMPTS, N_SAMPLES, K = 5, 6, 16
 PROMPTS = [f"Q : direct prompt {i} {'y' * i} A :" for i in range(N_PROMPTS)]
-
-
-def real_args(*flags: str):
-    seen = []
-    rc = run_train_ppo(
-        ["--actor.model_name_or_path", "policy", "--reward.model_name_or_path", "rm", *flags],
-        train=lambda args: seen.append(args),
-    )
-    assert rc == 0 and len(seen) == 1
-    return seen[0]
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +126,8 @@ def in_upstream_order(exps, values):
 
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_baseline", "dr_grpo", "reinforce", "gae", "flash_reinforce"])
 @pytest.mark.parametrize("inference", ["bon:4", "won:3"])
-def test_direct_rewards_reach_advantages_in_upstreams_grouping(estimator, inference, store, refs):
-    args = real_args(
+def test_direct_rewards_reach_advantages_in_upstreams_grouping(estimator, inference, store, refs, upstream_args):
+    args = upstream_args(
         "--algo.advantage.estimator",
         estimator,
         "--rollout.n_samples_per_prompt",
@@ -167,9 +156,9 @@ def test_direct_rewards_reach_advantages_in_upstreams_grouping(estimator, infere
     np.testing.assert_allclose(direct.reshape(-1, N_SAMPLES).sum(-1), 0.0, atol=1e-6)
 
 
-def test_groups_follow_the_index_not_the_list_order(store, refs):
+def test_groups_follow_the_index_not_the_list_order(store, refs, upstream_args):
     """The same batch handed over in two orders trains each sample on the same reward."""
-    args = real_args("--algo.advantage.estimator", "rloo", "--rollout.n_samples_per_prompt", str(N_SAMPLES),
+    args = upstream_args("--algo.advantage.estimator", "rloo", "--rollout.n_samples_per_prompt", str(N_SAMPLES),
                      "--rollout.micro_batch_size", "4")  # fmt: skip
     raw = raw_rewards(refs)
     got = []
@@ -180,8 +169,8 @@ def test_groups_follow_the_index_not_the_list_order(store, refs):
     np.testing.assert_array_equal(got[0], got[1])
 
 
-def test_a_group_of_mixed_prompts_is_refused_with_its_positions(store, refs):
-    args = real_args("--algo.advantage.estimator", "rloo", "--rollout.n_samples_per_prompt", str(N_SAMPLES))
+def test_a_group_of_mixed_prompts_is_refused_with_its_positions(store, refs, upstream_args):
+    args = upstream_args("--algo.advantage.estimator", "rloo", "--rollout.n_samples_per_prompt", str(N_SAMPLES))
     maker = new_maker(args)
     install_reward_wrapper(maker, DirectRewardWrapper(store, "bon:4", N_SAMPLES))
     exps = make_experiences(maker, raw_rewards(refs), shuffle=False)
@@ -191,7 +180,7 @@ def test_a_group_of_mixed_prompts_is_refused_with_its_positions(store, refs):
     assert "--rollout.n_samples_per_prompt 6" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_ragged_batches_and_unknown_positions_are_refused(store, refs):
+def test_ragged_batches_and_unknown_positions_are_refused(store, refs, upstream_args):
     w = DirectRewardWrapper(store, "bon:4", N_SAMPLES)
     prompts = [PROMPTS[0]] * N_SAMPLES + [PROMPTS[1]] * 3  # 9 samples: not groups of 6
     with pytest.raises(ValueError, match="a rollout batch of 9 samples does not split into prompt groups of"):
@@ -201,7 +190,7 @@ def test_ragged_batches_and_unknown_positions_are_refused(store, refs):
         w(prompts, torch.zeros(N_SAMPLES), index=np.array([0, 1, 2, 3, 4, 4]))
     with pytest.raises(ValueError, match="not 0..5"):
         w(prompts, torch.zeros(N_SAMPLES), index=np.arange(1, N_SAMPLES + 1))
-    args = real_args("--algo.advantage.estimator", "rloo", "--rollout.n_samples_per_prompt", str(N_SAMPLES))
+    args = upstream_args("--algo.advantage.estimator", "rloo", "--rollout.n_samples_per_prompt", str(N_SAMPLES))
     exps = make_experiences(new_maker(args), raw_rewards(refs))
     exps[1].index = None
     with pytest.raises(ValueError, match="experience 1 has no sample index"):
